@@ -1,0 +1,167 @@
+"""The Scorer contract and the scorer registry.
+
+Every eviction policy, heuristic or learned, is a ``Scorer``: it reads a ``ScoringView`` of cached
+entries and returns one score per entry, higher = keep. The env, the leaderboard and the inference
+cache call scorers only through this contract, so the same object works in all three.
+
+Third-party scorers register through the ``kvp_gym.scorers`` entry-point group (see pyproject.toml)
+or at run time with ``register(name, factory)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+OPTIONAL_INPUTS = ("queries", "attention", "future_importance")
+
+
+@dataclasses.dataclass
+class ScoringView:
+    """What a scorer sees of a cache. B = batch, H = KV heads in the view, N = cached entries.
+
+    keys, values:        [B, H, N, d]   post-RoPE, as the attention kernel sees them
+    positions:           [B, N]         true token positions of the entries (long)
+    mask:                [B, N]         True for real entries, False for padding
+    layer:               [B]            layer index of each batch row (long)
+    kv_heads:            [B, H]         KV-head index of each head in the view (long)
+    num_layers:          int            layers of the model the view comes from
+    num_kv_heads:        int            KV heads per layer of that model
+
+    Optional inputs (None unless the scorer declares it needs them and the caller can give them):
+    queries:             [B, H, G, w, d] the last w queries of each KV head's group (post-RoPE), in
+                                         ascending position order: the last one is the current token
+    query_positions:     [B, w]          their true positions (long); causal: query p sees keys <= p
+    attention:           [B, H, G, N]    attention each entry has received so far, summed over all
+                                         past queries, per query head of the group
+    future_importance:   [B, H, N]       true future attention (only where the future is known)
+
+    Padded entries (mask False) hold arbitrary keys, values and positions; scorers must not trust them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    layer: torch.Tensor
+    kv_heads: torch.Tensor
+    num_layers: int
+    num_kv_heads: int
+    queries: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    future_importance: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 4:
+            raise ValueError(f"ScoringView.keys must be [B, H, N, d], got shape {tuple(self.keys.shape)}")
+        if self.values.shape[:3] != self.keys.shape[:3]:
+            raise ValueError(
+                f"ScoringView.values {tuple(self.values.shape)} does not match keys {tuple(self.keys.shape)}"
+            )
+        b, h, n, _ = self.keys.shape
+        if tuple(self.positions.shape) != (b, n):
+            raise ValueError(f"ScoringView.positions must be [B, N] = {(b, n)}, got {tuple(self.positions.shape)}")
+        if tuple(self.mask.shape) != (b, n):
+            raise ValueError(f"ScoringView.mask must be [B, N] = {(b, n)}, got {tuple(self.mask.shape)}")
+        if tuple(self.kv_heads.shape) != (b, h):
+            raise ValueError(f"ScoringView.kv_heads must be [B, H] = {(b, h)}, got {tuple(self.kv_heads.shape)}")
+        if tuple(self.layer.shape) != (b,):
+            raise ValueError(f"ScoringView.layer must be [B] = {(b,)}, got {tuple(self.layer.shape)}")
+        d = self.keys.shape[3]
+        if self.queries is not None:
+            if self.queries.dim() != 5 or self.queries.shape[:2] != (b, h) or self.queries.shape[4] != d:
+                raise ValueError(f"ScoringView.queries must be [B, H, G, w, d] = [{b}, {h}, G, w, {d}], got {tuple(self.queries.shape)}")
+            w = self.queries.shape[3]
+            if self.query_positions is not None and tuple(self.query_positions.shape) != (b, w):
+                raise ValueError(f"ScoringView.query_positions must be [B, w] = {(b, w)}, got {tuple(self.query_positions.shape)}")
+        if self.attention is not None and (self.attention.dim() != 4 or self.attention.shape[:2] != (b, h) or self.attention.shape[3] != n):
+            raise ValueError(f"ScoringView.attention must be [B, H, G, N] = [{b}, {h}, G, {n}], got {tuple(self.attention.shape)}")
+        if self.future_importance is not None and tuple(self.future_importance.shape) != (b, h, n):
+            raise ValueError(f"ScoringView.future_importance must be [B, H, N] = {(b, h, n)}, got {tuple(self.future_importance.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, H, N)."""
+        b, h, n, _ = self.keys.shape
+        return b, h, n
+
+    def require(self, scorer_name: str, *inputs: str) -> None:
+        """Raise a clear error if any of the named optional inputs is missing."""
+        missing = [name for name in inputs if getattr(self, name) is None]
+        if "queries" in inputs and self.queries is not None and self.query_positions is None:
+            missing.append("query_positions")
+        if missing:
+            raise MissingInputError(
+                f"scorer {scorer_name!r} needs the input(s) {missing}, which the caller did not provide "
+                f"(env: pass obs_queries=w / obs_attention=True; cache: the input must be computable live)"
+            )
+
+
+class MissingInputError(ValueError):
+    """A scorer was called without an optional input it declared it needs."""
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores cached entries; higher = keep. ``needs`` lists the optional ScoringView inputs it reads."""
+
+    needs: ClassVar[frozenset[str]]
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        """Return scores [B, H, N] (float). Scores of padded entries are ignored by every consumer."""
+        ...
+
+
+_registry: dict[str, Callable[..., Scorer]] = {}
+_entry_points_loaded = False
+
+
+def register(name: str, factory: Callable[..., Scorer], *, overwrite: bool = False) -> None:
+    """Register a scorer factory (a class or a function returning a Scorer) under ``name``."""
+    _load_entry_points()
+    key = name.lower()
+    if key in _registry and not overwrite and _registry[key] is not factory:
+        raise ValueError(f"a scorer named {name!r} is already registered ({_registry[key]!r})")
+    _registry[key] = factory
+
+
+def available() -> list[str]:
+    """Names of all registered scorers, sorted."""
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def get(name: str, **config: Any) -> Scorer:
+    """Build the scorer registered as ``name`` with ``config`` (its dataclass fields)."""
+    _load_entry_points()
+    key = name.lower()
+    if key not in _registry:
+        raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(available())}")
+    return _registry[key](**config)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry in entry_points(group="kvp_gym.scorers"):
+        _registry.setdefault(entry.name.lower(), _LazyFactory(entry))
+
+
+class _LazyFactory:
+    """Imports an entry point's target only when the scorer is first built."""
+
+    def __init__(self, entry: Any) -> None:
+        self.entry = entry
+
+    def __call__(self, **config: Any) -> Scorer:
+        return self.entry.load()(**config)
+
+    def __repr__(self) -> str:
+        return f"<entry point {self.entry.value}>"

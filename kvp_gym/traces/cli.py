@@ -1,0 +1,59 @@
+"""`kvp-gym traces generate|info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvp_gym.models import DEFAULT_MODEL
+
+app = typer.Typer(help="Generate and inspect trace sets (post-RoPE Q/K/V of a real model over real text).")
+
+
+@app.command()
+def generate(
+    source: str = typer.Option(..., help="Text source: ruler | dialogue | prose."),
+    n: int = typer.Option(..., help="Number of sequences."),
+    length: int = typer.Option(1024, help="Tokens per sequence."),
+    split: str = typer.Option("train", help="train | test (disjoint topics and seeds)."),
+    out: Path = typer.Option(..., help="Output directory (rerun the same command to resume)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model name or local checkpoint directory."),
+    seed: int | None = typer.Option(None, help="Seed (default: 0 for train, 1 for test)."),
+) -> None:
+    """Run the model once per sequence and store Q/K/V of every layer (fp16, safetensors)."""
+    from kvp_gym.traces.generate import generate_traces
+
+    dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed)
+    print_summary(dataset)
+
+
+@app.command()
+def info(directory: Path = typer.Argument(..., help="Trace set directory."), verify: bool = typer.Option(False, help="Check every file's sha256.")) -> None:
+    """Print a summary of a trace set: sequences, tokens, bytes, model, sources."""
+    from kvp_gym.traces import TraceDataset
+
+    print_summary(TraceDataset(directory, verify=verify))
+
+
+def print_summary(dataset) -> None:
+    """A table of what a trace set holds."""
+    manifest = dataset.manifest
+    params = manifest["params"]
+    spec = dataset.spec
+    sources: dict[str, int] = {}
+    for record in dataset.records:
+        meta = record.get("meta", {})
+        key = f"{meta.get('source', params['source'])}/{meta.get('task', '-')}"
+        sources[key] = sources.get(key, 0) + 1
+    table = Table(title=f"trace set {dataset.directory}", show_header=False)
+    table.add_row("model", f"{spec.name} ({spec.num_layers} layers, {spec.num_heads} heads, {spec.num_kv_heads} KV heads, d={spec.head_dim})")
+    table.add_row("split / seed", f"{params['split']} / {params['seed']}")
+    table.add_row("sequences", f"{len(dataset)} of {params['n']}")
+    table.add_row("tokens", f"{dataset.num_tokens:,} (lengths {min(dataset.lengths)}..{max(dataset.lengths)})")
+    table.add_row("bytes", f"{dataset.num_bytes / 1e6:,.1f} MB ({dataset.num_bytes / dataset.num_tokens * 1000 / 1e6:.1f} MB per 1k tokens)")
+    table.add_row("sources", ", ".join(f"{key} x{count}" for key, count in sorted(sources.items())))
+    table.add_row("created", manifest.get("created", "?"))
+    Console().print(table)

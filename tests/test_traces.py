@@ -1,0 +1,137 @@
+"""Trace sets: round trip, resume after a kill, atomic writes, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvp_gym.cli import app
+from kvp_gym.traces import TraceDataset, TraceError, generate_traces
+from kvp_gym.traces.generate import TraceWriter, token_losses
+
+
+def test_random_trace_round_trip(tiny_traces):
+    assert len(tiny_traces) == 3
+    trace = tiny_traces[2]
+    assert trace.length == 96 and trace.tokens.dtype == torch.long
+    assert trace.q(1).shape == (4, 96, 16) and trace.k(1).shape == (2, 96, 16) and trace.v(0).shape == (2, 96, 16)
+    assert trace._file.get_slice("k.0").get_dtype() == "F16"
+    assert trace.loss[0] == 0 and (trace.loss[1:] > 0).all() and (trace.entropy[1:] > 0).all()
+    manifest = tiny_traces.manifest
+    assert manifest["model"]["num_kv_heads"] == 2 and "torch" in manifest["versions"]
+    assert all(len(record["sha256"]) == 64 for record in manifest["sequences"])
+    for index in range(3):
+        tiny_traces[index].verify()
+
+
+def test_token_losses_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    loss, entropy = token_losses(logits, torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(loss, torch.tensor([0.0, torch.log(torch.tensor(2.0)), torch.log1p(torch.exp(torch.tensor(-2.0)))]))
+    assert entropy[0] == 0 and abs(entropy[1] - torch.log(torch.tensor(2.0))) < 1e-6
+
+
+@pytest.fixture
+def prose_set(tmp_path, tiny_model_dir):
+    def make(directory, n=3):
+        return generate_traces(directory, "prose", n=n, length=64, split="test", model_name=str(tiny_model_dir), show_progress=False)
+
+    return make
+
+
+def test_text_source_traces_and_info(tmp_path, prose_set):
+    dataset = prose_set(tmp_path / "prose")
+    assert len(dataset) == 3 and all(length == 64 for length in dataset.lengths)
+    assert dataset[0].meta["source"] == "prose"
+    result = CliRunner().invoke(app, ["traces", "info", str(tmp_path / "prose")])
+    assert result.exit_code == 0, result.output
+    assert "sequences" in result.output and "192" in result.output
+
+
+def test_resume_after_kill_leaves_no_partial_file(tmp_path, prose_set, monkeypatch):
+    directory = tmp_path / "resume"
+    original_add = TraceWriter.add
+    calls = {"n": 0}
+
+    def add_then_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(TraceWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prose_set(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert [record["file"] for record in manifest["sequences"]] == ["seq_00000.safetensors"]
+    first_bytes = (directory / "seq_00000.safetensors").read_bytes()
+    monkeypatch.setattr(TraceWriter, "add", original_add)
+    dataset = prose_set(directory)
+    assert len(dataset) == 3
+    assert (directory / "seq_00000.safetensors").read_bytes() == first_bytes
+    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*"))
+
+
+def test_mixing_parameters_is_refused(tmp_path, prose_set, tiny_model_dir):
+    prose_set(tmp_path / "set", n=1)
+    with pytest.raises(TraceError, match="refusing to mix"):
+        generate_traces(tmp_path / "set", "prose", n=1, length=32, split="test", model_name=str(tiny_model_dir), show_progress=False)
+
+
+def test_bad_generate_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--source"):
+        generate_traces(tmp_path, "poetry", n=1, length=64)
+    with pytest.raises(ValueError, match="--split"):
+        generate_traces(tmp_path, "prose", n=1, length=64, split="dev")
+    with pytest.raises(ValueError, match="--n"):
+        generate_traces(tmp_path, "prose", n=0, length=64)
+
+
+@pytest.fixture
+def copy_of(tiny_traces, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(tiny_traces.directory, directory)
+    return directory
+
+
+def test_missing_manifest_names_the_directory(tmp_path):
+    with pytest.raises(TraceError, match="no trace set at .*nowhere"):
+        TraceDataset(tmp_path / "nowhere")
+
+
+def test_truncated_file_names_the_file(copy_of):
+    path = copy_of / "seq_00001.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    dataset = TraceDataset(copy_of)
+    with pytest.raises(TraceError, match="seq_00001.safetensors"):
+        dataset[1]
+    assert dataset[0].length == 96
+
+
+def test_tampered_file_fails_verification(copy_of):
+    path = copy_of / "seq_00002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="checksum mismatch for .*seq_00002"):
+        TraceDataset(copy_of, verify=True)
+
+
+def test_missing_file_and_bad_manifest(copy_of):
+    (copy_of / "seq_00000.safetensors").unlink()
+    with pytest.raises(TraceError, match="seq_00000.safetensors .*missing"):
+        TraceDataset(copy_of)[0]
+    (copy_of / "manifest.json").write_text("{not json")
+    with pytest.raises(TraceError, match="corrupt manifest"):
+        TraceDataset(copy_of)
+
+
+def test_layer_out_of_range(tiny_traces):
+    with pytest.raises(IndexError, match="layer 2 out of range"):
+        tiny_traces[0].k(2)
+    with pytest.raises(IndexError, match="trace index 3"):
+        tiny_traces[3]
