@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 
+from kvp_gym.data import TextSample, encode_sample, make_samples
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
 from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, sha256_of
@@ -69,13 +70,6 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 512) -
         loss[start + 1 : stop + 1] = -log_probs.gather(1, tokens[start + 1 : stop + 1, None])[:, 0]
         entropy[start + 1 : stop + 1] = -(log_probs.exp() * log_probs).sum(-1)
     return loss, entropy
-
-
-def char_to_token(offsets: list[tuple[int, int]], char: int | None) -> int | None:
-    """Index of the first token starting at or after ``char`` (None if there is none)."""
-    if char is None:
-        return None
-    return next((index for index, (start, _) in enumerate(offsets) if start >= char), None)
 
 
 def _check_arguments(source: str, split: str, n: int, length: int) -> None:
@@ -138,7 +132,6 @@ class TraceWriter:
 
 
 def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any) -> list[dict[str, Any]]:
-    from kvp_gym.data import make_samples  # TEMP-LAZY
     """Text samples of the set, made once and kept in samples.json (dialogue generation is the slow part)."""
     path = directory / SAMPLES_FILE
     if path.exists():
@@ -157,15 +150,13 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
     return records
 
 
-def _tokenize(tokenizer: Any, sample: dict[str, Any], length: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token ids [T] (truncated to ``length``) and the sample's metadata with token offsets."""
-    encoded = tokenizer(sample["text"], add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor(encoded["input_ids"][:length])
-    offsets = [tuple(pair) for pair in encoded["offset_mapping"][: len(ids)]]
-    meta = {key: value for key, value in sample.items() if key != "text"}
-    meta["question_token"] = char_to_token(offsets, sample.get("question_start"))
-    meta["answer_token"] = char_to_token(offsets, sample.get("answer_start"))
-    return ids, meta
+def _tokenize(tokenizer: Any, record: dict[str, Any], length: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token ids [T] (truncated to ``length``) and the sample's metadata with its token offsets."""
+    encoded = encode_sample(tokenizer, TextSample.from_dict(record))
+    meta = {key: value for key, value in record.items() if key not in ("text", "prompt")}
+    meta["question_token"] = encoded.question_token
+    meta["answer_token"] = encoded.answer_token
+    return torch.tensor(encoded.input_ids[:length]), meta
 
 
 def generate_traces(

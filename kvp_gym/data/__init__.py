@@ -1,0 +1,64 @@
+"""Text sources: the first stage of the flow (text tasks -> model -> traces -> ...).
+
+Three sources, all generated or shipped locally (nothing is fetched at run time):
+
+- ``ruler``: RULER-style synthetic long-context tasks with exact answers (:func:`make_ruler`);
+- ``dialogue``: multi-turn dialogues, the project's prompts answered by the model (:func:`make_dialogues`);
+- ``prose``: windows of Python's own documentation, ``pydoc_data.topics`` (:func:`make_prose`).
+
+Every source returns :class:`TextSample` objects built to a target token length (never above it)
+with train/test splits that share no topics, keys or names. :func:`make_samples` dispatches by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import SPLITS, count_tokens, split_of
+from .dialogue import dialogue_topics, make_dialogues
+from .prose import make_prose, prose_topics
+from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer
+from .sample import EncodedSample, TextSample, encode_sample
+
+SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose")
+
+__all__ = [
+    "HAYSTACKS",
+    "SOURCES",
+    "SPLITS",
+    "TASKS",
+    "EncodedSample",
+    "TextSample",
+    "count_tokens",
+    "dialogue_topics",
+    "encode_sample",
+    "make_dialogues",
+    "make_prose",
+    "make_ruler",
+    "make_samples",
+    "prose_topics",
+    "score_answer",
+    "split_of",
+]
+
+
+def make_samples(
+    source: str,
+    tokenizer: Any,
+    n: int,
+    split: str,
+    seed: int,
+    target_tokens: int,
+    model: Any = None,
+    **options: Any,
+) -> list[TextSample]:
+    """`n` samples of `source` ("ruler", "dialogue" or "prose"); `options` go to that source's maker
+    (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p, progress).
+    `model` is needed by "dialogue" only."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "ruler":
+        return make_ruler(tokenizer, n, split, seed, target_tokens, **options)
+    if source == "dialogue":
+        return make_dialogues(model, tokenizer, n, split, seed, target_tokens, **options)
+    return make_prose(tokenizer, n, split, seed, target_tokens, **options)

@@ -1,0 +1,132 @@
+"""Multi-turn dialogues: the project's user prompts, assistant turns sampled from the instruct model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import (
+    Message,
+    check_request,
+    content_starts,
+    count_tokens,
+    render_messages,
+    sample_rng,
+    split_of,
+    torch_seed,
+    truncate_to_tokens,
+)
+from .sample import TextSample
+from .topics import TOPICS, Topic
+
+MIN_REPLY_TOKENS = 16  # no new user turn unless the reply gets at least this many tokens
+
+
+def dialogue_topics(split: str) -> list[Topic]:
+    """The topics of a split (train and test share none)."""
+    return [topic for topic in TOPICS if split_of(topic.title) == split]
+
+
+def make_dialogues(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    split: str,
+    seed: int,
+    target_tokens: int,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    progress: bool = False,
+) -> list[TextSample]:
+    """`n` dialogues of about `target_tokens` tokens (never more).
+
+    Each dialogue walks a seeded order of the split's topics, asking each topic's user turns in order;
+    the model answers every turn (seeded sampling). Turns stop when the next reply would not get
+    MIN_REPLY_TOKENS; the rendered text is then cut to `target_tokens`.
+    question_start/answer_start point at the last user and assistant turns; meta["message_starts"]
+    lists [role, char offset] for every turn.
+    """
+    check_request(n, split, target_tokens)
+    if model is None:
+        raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return [
+        _make_one(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, sampling)
+        for index in tqdm(range(n), desc=f"dialogues ({split})", disable=not progress)
+    ]
+
+
+def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:
+    """(topic title, user prompt) in a seeded topic order, each topic's turns in sequence."""
+    topics = dialogue_topics(split)
+    sample_rng("dialogue", split, seed, index).shuffle(topics)
+    for topic in topics:
+        for turn in topic.turns:
+            yield topic.title, turn
+
+
+def _make_one(
+    model: Any,
+    tokenizer: Any,
+    split: str,
+    seed: int,
+    index: int,
+    target_tokens: int,
+    max_new_tokens: int,
+    sampling: dict[str, Any],
+) -> TextSample:
+    messages: list[Message] = []
+    titles: list[str] = []
+    for turn, (title, prompt) in enumerate(_user_turns(split, seed, index)):
+        asked = messages + [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer(
+            render_messages(tokenizer, asked, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
+        room = target_tokens - len(prompt_ids)
+        if room < MIN_REPLY_TOKENS:
+            break
+        torch.manual_seed(torch_seed("dialogue", split, seed, index, turn))
+        reply = _generate(model, tokenizer, prompt_ids, min(max_new_tokens, room), sampling)
+        messages = asked + [{"role": "assistant", "content": reply}]
+        if title not in titles:
+            titles.append(title)
+    if not messages:
+        raise ValueError(
+            f"target_tokens={target_tokens} is too small for source 'dialogue': "
+            f"the first user turn leaves no room for a reply of {MIN_REPLY_TOKENS} tokens"
+        )
+    full = render_messages(tokenizer, messages)
+    starts = content_starts(full, messages)
+    text = truncate_to_tokens(tokenizer, full, target_tokens)
+    meta = {
+        "seed": seed,
+        "index": index,
+        "target_tokens": target_tokens,
+        "n_tokens": count_tokens(tokenizer, text),
+        "topics": titles,
+        "turns": len(messages) // 2,
+        "message_starts": [[m["role"], s] for m, s in zip(messages, starts) if s <= len(text)],
+    }
+    question_start, answer_start = (min(start, len(text)) for start in starts[-2:])
+    return TextSample(text, "dialogue", "dialogue", split, [], question_start, answer_start, meta)
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, sampling: dict[str, Any]
+) -> str:
+    """One sampled assistant reply to the rendered conversation `prompt_ids`."""
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    eos = tokenizer.eos_token_id
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        **sampling,
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
