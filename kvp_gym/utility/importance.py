@@ -31,15 +31,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> 
     """Causal softmax attention of queries start..stop-1 over all keys.
 
     q [Hq, T, d], k [Hkv, T, d] -> A [Hq, stop - start, T] (zeros above the diagonal), fp32.
+    Only the keys a query can see (positions < stop) are multiplied.
     """
     num_heads, length, dim = q.shape
     group = num_heads // k.shape[0]
-    keys = k.repeat_interleave(group, dim=0)
+    keys = k[:, :stop].repeat_interleave(group, dim=0)
     scores = torch.matmul(q[:, start:stop], keys.transpose(1, 2)) / math.sqrt(dim)
-    query_pos = torch.arange(start, stop)[:, None]
-    future_key = torch.arange(length)[None, :] > query_pos
-    scores = scores.masked_fill(future_key, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    future_key = torch.arange(stop)[None, :] > torch.arange(start, stop)[:, None]
+    probs = torch.softmax(scores.masked_fill(future_key, float("-inf")), dim=-1)
+    return torch.nn.functional.pad(probs, (0, length - stop))
 
 
 def _group_aggregate(probs: torch.Tensor, num_kv_heads: int, agg: str) -> torch.Tensor:

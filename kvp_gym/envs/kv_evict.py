@@ -1,0 +1,254 @@
+"""KVEvict-v0: KVP's eviction problem as a one-step ranking bandit.
+
+An episode is one cache prefix of n tokens on one KV head of one layer of a real trace. The agent
+sees the n cached entries (padded to N = ``max_tokens``) and scores them; the ranking induced by the
+scores (higher = keep) is the eviction decision for every budget at once, and the reward is minus
+its budget-agnostic cost relative to the ideal ranking (kvp_gym.envs.reward).
+
+The batched ``KVEvictCore`` does all the work for E rows at once; ``KVEvictEnv`` is it with E = 1,
+and the native vector env (kv_evict_vector.py) is it with E = num_envs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from kvp_gym.envs.episodes import (
+    BatchedCore,
+    LayerCache,
+    TraceSource,
+    check_choice,
+    check_common,
+    check_scores,
+    episode_options,
+    episode_ranges,
+    gather_observation,
+    grouped,
+    layer_layout,
+    layer_tensors,
+    observation_space,
+    sample_episodes,
+    shared_layer_cache,
+    unbatch,
+)
+from kvp_gym.envs.reward import (
+    BUDGET_FRACTIONS,
+    cost_of_sorted,
+    curve_of_sorted,
+    kept_fraction_at,
+    normalized_cost,
+    optimal_sorted,
+    sorted_importance,
+)
+
+REWARDS = ("cost_ratio", "neg_cost")
+
+
+def prefix_range(
+    lengths: np.ndarray, max_tokens: int, sink: int, recent: int,
+    prefix: tuple[int, int] | None, min_prefix: int | None, max_prefix: int | None,
+) -> tuple[int, int]:
+    """The prefix lengths (lo, hi) episodes sample from, checked against N and the traces' lengths."""
+    if prefix is not None:
+        if min_prefix is not None or max_prefix is not None:
+            raise ValueError("prefix: give either prefix=(lo, hi) or min_prefix/max_prefix, not both")
+        min_prefix, max_prefix = prefix
+    shortest = int(lengths.min())
+    lo = sink + recent + 16 if min_prefix is None else min_prefix
+    hi = min(max_tokens, shortest - 1) if max_prefix is None else max_prefix
+    if lo < sink + recent + 1:
+        raise ValueError(f"min_prefix={lo} leaves no token to rank: it must be > sink + recent = {sink + recent}")
+    if hi > max_tokens:
+        raise ValueError(f"max_prefix={hi} exceeds max_tokens={max_tokens} (the padded observation size N)")
+    if hi > shortest - 1:
+        raise ValueError(
+            f"prefix range ({lo}, {hi}) is outside the traces' lengths: the shortest trace has {shortest} "
+            f"tokens, so prefixes must be < {shortest} (a prefix needs at least one future token)"
+        )
+    if lo > hi:
+        raise ValueError(f"prefix range ({lo}, {hi}) is empty (min_prefix > max_prefix)")
+    return lo, hi
+
+
+class KVEvictCore:
+    """KVEvict-v0 episodes on E = ``num_rows`` rows, batched; G = ``group_size`` consecutive rows share one.
+
+    Arguments are those of ``KVEvictEnv`` (see its docstring).
+    """
+
+    def __init__(
+        self,
+        traces: Any = None,
+        *,
+        layer: int | None = None,
+        kv_head: int | None = None,
+        prefix: tuple[int, int] | None = None,
+        min_prefix: int | None = None,
+        max_prefix: int | None = None,
+        max_tokens: int = 512,
+        sink: int = 4,
+        recent: int = 16,
+        agg: str = "max",
+        horizon: int | None = None,
+        reward: str = "cost_ratio",
+        obs_queries: int = 0,
+        obs_attention: bool = False,
+        obs_future: bool = False,
+        curve: bool = False,
+        model: Any = None,
+        cache_gb: float = 1.0,
+        num_rows: int = 1,
+        group_size: int = 1,
+    ) -> None:
+        self.source = TraceSource(traces, model)
+        spec = self.source.spec
+        check_common(spec, layer, kv_head, agg, horizon, sink, obs_queries)
+        check_choice("reward", reward, REWARDS)
+        if recent < 0:
+            raise ValueError(f"recent must be >= 0, got {recent}")
+        self.lo, self.hi = prefix_range(self.source.lengths, max_tokens, sink, recent, prefix, min_prefix, max_prefix)
+        if obs_queries > self.lo:
+            raise ValueError(f"obs_queries={obs_queries} exceeds the shortest prefix {self.lo} (min_prefix)")
+        self.size, self.sink, self.recent = max_tokens, sink, recent
+        self.layer, self.kv_head, self.reward, self.curve = layer, kv_head, reward, curve
+        self.obs_queries, self.obs_future = obs_queries, obs_future
+        self.num_rows, self.group_size = num_rows, group_size
+        self.observation_space = observation_space(
+            spec, max_tokens, int(self.source.lengths.max()), obs_queries, obs_attention, obs_future
+        )
+        self.cache = self._layer_cache(agg, horizon, bool(obs_queries), obs_attention, cache_gb)
+
+    def _layer_cache(self, agg: str, horizon: int | None, queries: bool, attention: bool, cache_gb: float) -> LayerCache:
+        """Per (trace, layer): keys/values [Hkv, N, d] and importance at every prefix n in [lo, hi]."""
+        source, spec, width = self.source, self.source.spec, self.size
+        prefixes = torch.arange(self.lo, self.hi + 1)
+        layout = layer_layout(spec, len(prefixes), width, queries, attention)
+
+        def build(trace: int, layer: int) -> dict[str, torch.Tensor]:
+            return layer_tensors(source.traces[trace], layer, prefixes, width, agg, horizon, queries, attention)
+
+        key = ("KVEvict", source.key, width, self.lo, self.hi, agg, horizon, queries, attention)
+        return shared_layer_cache(
+            key, lambda: LayerCache(build, layout, len(source), spec.num_layers, cache_gb * 2**30)
+        )
+
+    def reset(self, rng: np.random.Generator, rows: torch.Tensor | None = None,
+              options: dict[str, Any] | None = None) -> None:
+        """New episodes on every row (every step ends every episode, so ``rows`` is always all)."""
+        groups = self.num_rows // self.group_size
+        episode = sample_episodes(rng, groups, len(self.source), self.source.spec, self.layer, self.kv_head)
+        episode["n"] = rng.integers(self.lo, self.hi + 1, size=groups)
+        ranges = dict(episode_ranges(len(self.source), self.source.spec), n=(self.lo, self.hi))
+        episode.update(episode_options(options, ranges, groups))
+        trace, layer, head, n = (grouped(episode[key], self.group_size) for key in ("trace", "layer", "kv_head", "n"))
+        index = torch.arange(self.size)
+        real = index < n[:, None]
+        self._ranked = real & (index >= self.sink) & (index < (n - self.recent)[:, None])
+        slot = self.cache.lookup(trace, layer)
+        self._obs, self._importance = gather_observation(
+            self.cache, slot, layer, head, n - self.lo, index.expand(len(n), -1), real,
+            real & ~self._ranked, n, self.obs_queries, self.obs_future,
+        )
+        self._identity = {"trace": trace, "layer": layer, "kv_head": head, "n": n}
+
+    @property
+    def ranked(self) -> torch.Tensor:
+        """[E, N] the unprotected real entries U = [sink, n - recent), which the action ranks."""
+        return self._ranked
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        return self._obs
+
+    def identity(self) -> dict[str, torch.Tensor]:
+        return dict(self._identity)
+
+    def step(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards [E] of the rankings ``scores [E, N]`` (higher = keep); every episode terminates."""
+        ranked = sorted_importance(scores, self._importance, self._ranked)
+        best = optimal_sorted(self._importance, self._ranked)
+        cost, optimal = cost_of_sorted(ranked), cost_of_sorted(best)
+        ratio = normalized_cost(cost, optimal, best.double().sum(-1))
+        curve = curve_of_sorted(ranked)
+        kept = kept_fraction_at(curve, self._ranked)
+        info = dict(self._identity, cost_ratio=ratio, cost=cost, optimal_cost=optimal)
+        for column, fraction in enumerate(BUDGET_FRACTIONS):
+            info[f"kept_fraction_{round(fraction * 100)}"] = kept[:, column]
+        if self.curve:
+            info["curve"] = curve
+        reward = -ratio if self.reward == "cost_ratio" else -cost
+        return reward, torch.ones(len(reward), dtype=torch.bool), info
+
+
+class CoreEnv(gym.Env):
+    """A single Gymnasium env driven by a batched core with one row (no logic of its own)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, core: BatchedCore) -> None:
+        self.core = core
+        self.observation_space = core.observation_space
+        self.action_space = spaces.Box(-1.0, 1.0, (core.size,), np.float32)
+        self._needs_reset = True
+
+    @property
+    def model_spec(self):
+        """The ModelSpec of the traces (layers, heads, KV heads, head dim)."""
+        return self.core.source.spec
+
+    @property
+    def traces(self):
+        """The Trace objects episodes are drawn from; info["trace"] indexes this list."""
+        return self.core.source.traces
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.core.reset(self.np_random, options=options)
+        self._needs_reset = False
+        return unbatch(self.core.observation()), unbatch(self.core.identity())
+
+    def step(self, action: Any):
+        if self._needs_reset:
+            raise RuntimeError("the episode is over (or never started): call reset() before step()")
+        scores = check_scores(action, None, self.core.size, self.core.ranked)
+        reward, terminated, info = self.core.step(scores)
+        self._needs_reset = bool(terminated[0])
+        return unbatch(self.core.observation()), float(reward[0]), bool(terminated[0]), False, unbatch(info)
+
+
+class KVEvictEnv(CoreEnv):
+    """KVEvict-v0: rank the cached entries of one KV head; reward = -cost(sigma) / cost(sigma*).
+
+    Arguments (all optional):
+      traces          trace directory, TraceDataset, or a list of them (None: the default trace set,
+                      generated once into $KVP_GYM_HOME)
+      layer, kv_head  fix them (one agent per head) or None to sample per episode
+      prefix          (lo, hi) range of the prefix length n (or min_prefix / max_prefix); default
+                      lo = sink + recent + 16, hi = min(max_tokens, shortest trace - 1)
+      max_tokens      N, the padded observation size (default 512)
+      sink, recent    protected first / last tokens (4, 16): kept by every policy, never ranked
+      agg             "max" (KVP) or "mean" (ForesightKV) over the query heads of the group
+      horizon         future queries counted in the importance (None: the rest of the trace)
+      reward          "cost_ratio" (-cost/cost*, <= -1, -1 is optimal) or "neg_cost" (-cost)
+      obs_queries     w > 0 adds queries [G, w, d] (queries at positions n-w..n-1) and query_positions [w]
+      obs_attention   adds attention [G, N]: attention each entry received from queries j < n
+      obs_future      adds future_importance [N]: the true I (cheating: for the oracle / upper bound)
+      curve           adds the kept-fraction curve [N] to the step info
+      model           a model name or ModelSpec the traces must come from
+      cache_gb        memory for the per-(trace, layer) tensors (LRU beyond it)
+
+    Observation: keys, values [N, d] float32; positions [N] int64; mask [N] int8 (1 = real entry,
+    0 = padding); protected [N] int8 (1 = sink/recent: real but not ranked); layer, kv_head
+    (Discrete); plus the optional keys above. Action: [N] float32 scores, higher = keep (any finite
+    value; the Box(-1, 1) bounds are for SB3's samplers; padded and protected entries are ignored).
+    Reset info: trace, layer, kv_head, n. Step info: the same plus cost_ratio, cost, optimal_cost,
+    kept_fraction_10/25/50 (share of the future attention over U kept by the top 10/25/50 % of U),
+    and curve if asked. ``reset(options={"trace": i, "layer": l, "kv_head": h, "n": n})`` pins any of them.
+    """
+
+    def __init__(self, traces: Any = None, **kwargs: Any) -> None:
+        super().__init__(KVEvictCore(traces, **kwargs))
