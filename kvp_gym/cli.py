@@ -7,10 +7,14 @@ from importlib.metadata import entry_points
 
 import typer
 
+from kvp_gym.cache.cli import app as generate_app
+from kvp_gym.eval.cli import app as leaderboard_app
 from kvp_gym.traces.cli import app as traces_app
 
 app = typer.Typer(help="kvp-gym: learned KV-cache eviction as an RL benchmark.", no_args_is_help=True)
 app.add_typer(traces_app, name="traces")
+app.add_typer(generate_app)
+app.add_typer(leaderboard_app)
 
 for _entry in entry_points(group="kvp_gym.commands"):
     _command = _entry.load()

@@ -1,0 +1,174 @@
+"""What evicting costs and saves: prefill vs scoring + compaction time, decode speed, bytes kept.
+
+    python benchmarks/cache_overhead.py                  # SmolLM2-135M at 1k and 2k prompt tokens
+    python benchmarks/cache_overhead.py --tiny           # a tiny random GQA Llama (e.g. on a GPU box)
+
+For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the time the evicting
+prefill spends in the ``kvp_evict`` hand-off (``EvictingLayer.observe``: positions and padding, plus
+the query window for SnapKV/TOVA and the attention accumulation for H2O); the scoring + compaction of
+all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA); their sum relative to
+the stock prefill (goal <= 2%). Then decode tokens/s with the full cache and with 25% and
+10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
+time on CUDA, this process's CPU time on CPU (so that other jobs on a shared box do not count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvp_gym import scorers
+from kvp_gym.cache import EvictingCache
+from kvp_gym.cache.layer import EvictingLayer
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """Wall time (synchronised) on CUDA; this process's CPU time on CPU, robust to other jobs on the box."""
+    if device.type == "cuda":
+        def wall() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return wall
+    return time.process_time
+
+
+def load(tiny: bool, device: torch.device) -> tuple[LlamaForCausalLM, torch.Tensor]:
+    """The model and a long token sequence (Python's documentation prose, or random ids for --tiny)."""
+    if tiny:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config).eval().to(device), torch.randint(3, 4096, (1, 8192))
+    import pydoc_data.topics
+
+    from kvp_gym.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    text = "\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    return model.to(device), tokenizer(text[:60000], return_tensors="pt").input_ids
+
+
+def make_scorer(name: str, model: LlamaForCausalLM):
+    config = model.config
+    if name == "mlp":  # the per-head MLP agent, untrained weights: same cost as a trained one
+        return scorers.get("mlp", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                           head_dim=config.head_dim).to(model.device)
+    return scorers.get(name)
+
+
+@contextlib.contextmanager
+def hand_off_timer(device: torch.device) -> Iterator[list[float]]:
+    """While active, adds the time spent in ``EvictingLayer.observe`` (the kvp_evict hand-off) to ``spent[0]``."""
+    now, original, spent = clock(device), EvictingLayer.observe, [0.0]
+
+    def observe(self, *args, **kwargs) -> None:
+        start = now()
+        original(self, *args, **kwargs)
+        spent[0] += now() - start
+
+    EvictingLayer.observe = observe
+    try:
+        yield spent
+    finally:
+        EvictingLayer.observe = original
+
+
+def stock_prefill(model, ids, repeats) -> float:
+    """Median time of a prefill on transformers' own sdpa attention and DynamicCache, after a warm-up."""
+    now = clock(ids.device)
+    model.set_attn_implementation("sdpa")
+    times = []
+    for _ in range(repeats + 1):
+        start = now()
+        model(ids, past_key_values=DynamicCache(config=model.config))
+        times.append(now() - start)
+    return statistics.median(times[1:])
+
+
+def compression_cost(model, ids, scorer, budget, use_triton, repeats) -> tuple[float, float]:
+    """Medians (time in the prefill's hand-off, scoring + compaction of all layers), after a warm-up."""
+    now = clock(ids.device)
+    hand_offs, flushes = [], []
+    for _ in range(repeats + 1):
+        cache = EvictingCache(scorer, budget, config=model.config, use_triton=use_triton)
+        with hand_off_timer(ids.device) as spent:
+            model(ids, past_key_values=cache)
+        start = now()
+        cache.flush()
+        flushes.append(now() - start)
+        hand_offs.append(spent[0])
+    return statistics.median(hand_offs[1:]), statistics.median(flushes[1:])
+
+
+def decode_speed(model, ids, make_cache: Callable[[], object], steps: int) -> tuple[float, object]:
+    """Greedy decode tokens/s after a prefill (prefill excluded), and the cache."""
+    now = clock(ids.device)
+    cache = make_cache()
+    token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    start = now()
+    for _ in range(steps):
+        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    return steps / (now() - start), cache
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a tiny random GQA Llama instead of SmolLM2")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--policies", nargs="+", default=["knorm", "streamingllm", "snapkv", "h2o", "mlp"])
+    parser.add_argument("--decode-policy", default="knorm")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: no spin-waiting in CPU time)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    model, tokens = load(args.tiny, device)
+    paths = [False, True] if device.type == "cuda" else [False]
+    print(f"model: {'tiny random GQA Llama' if args.tiny else 'SmolLM2-135M'} on {device}, "
+          f"{model.config.num_hidden_layers} layers x {model.config.num_key_value_heads} KV heads, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{'wall' if device.type == 'cuda' else 'process CPU'} time, median of {args.repeats}")
+    for length in args.lengths:
+        ids = tokens[:, :length].to(device)
+        budget = length // 4
+        stock = stock_prefill(model, ids, args.repeats)
+        print(f"\n== prompt {length} tokens: stock prefill {stock * 1e3:.0f} ms; budget {budget} (25%) ==")
+        print(f"{'policy':<14}{'path':<8}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}")
+        for name in args.policies:
+            scorer = make_scorer(name, model)
+            for use_triton in paths:
+                hand_off, flush = compression_cost(model, ids, scorer, budget, use_triton, args.repeats)
+                print(f"{name:<14}{'triton' if use_triton else 'torch':<8}{hand_off * 1e3:>8.1f}ms"
+                      f"{flush * 1e3:>13.1f}ms{(hand_off + flush) / stock:>10.2%}")
+        model.set_attn_implementation("sdpa")
+        full_speed, full_cache = decode_speed(model, ids, lambda: DynamicCache(config=model.config), args.decode_steps)
+        full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)
+        print(f"decode ({args.decode_steps} tokens, greedy): full cache {full_speed:.1f} tok/s, "
+              f"K/V {full_bytes / 1e6:.2f} MB")
+        for fraction in (0.25, 0.10):
+            for use_triton in paths:
+                def evicting(fraction=fraction, use_triton=use_triton):
+                    return EvictingCache(make_scorer(args.decode_policy, model), int(length * fraction),
+                                         config=model.config, use_triton=use_triton)
+
+                speed, cache = decode_speed(model, ids, evicting, args.decode_steps)
+                report = cache.report()
+                print(f"  {args.decode_policy} budget {fraction:.0%} ({'triton' if use_triton else 'torch'}): "
+                      f"{speed:.1f} tok/s, K/V {report.bytes_stored / 1e6:.2f} MB of {report.bytes_full / 1e6:.2f} MB "
+                      f"({report.saved_fraction:.1%} saved)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Export: the inference cache. ``EvictingCache`` evicts for real inside ``model.generate`` with any Scorer."""
+
+from kvp_gym.cache.attention import ATTN_IMPLEMENTATION
+from kvp_gym.cache.evicting_cache import CacheReport, EvictingCache
+
+__all__ = ["ATTN_IMPLEMENTATION", "CacheReport", "EvictingCache"]

@@ -1,0 +1,196 @@
+"""``EvictingCache``: a transformers ``Cache`` that evicts for real, driven by any ``Scorer``.
+
+Design (transformers 5.x, Llama-style attention):
+
+* Equal counts, per-head token sets. After prefill (and, with ``every=L``, whenever L more tokens
+  have been appended) every layer keeps, per (batch row, KV head), the ``budget`` entries the scorer
+  ranks highest; the first ``sink`` and last ``recent`` real tokens are always kept (within the
+  budget). The rest is physically dropped: stored K/V shrink to [B, H, budget, d]. Heads keep
+  different tokens but every head of every layer stores the same number of entries, because
+  transformers builds one causal mask per forward from layer 0's sizes.
+* Lazy compression. A compression becomes due at the end of a forward and is applied at the start of
+  the next one (in each layer's ``update``), so the forward that made it due attended over the full
+  K/V, as kvpress compresses after the prefill attention. ``flush()`` applies pending compressions now.
+* True positions. ``get_seq_length()`` is the number of tokens seen, so new tokens get their true
+  RoPE positions; ``get_mask_sizes`` reports the stored length and offset ``seen - stored``, as
+  transformers' sliding-window layer does. Kept entries stay in sequence order.
+* Live scorer inputs. The cache switches the model's config to the ``kvp_evict`` attention (sdpa plus
+  a hand-off, bit-identical outputs; see ``kvp_gym.cache.attention``): it shows each layer the true
+  position ids and the padding of new tokens and, when the scorer needs them, the last
+  ``query_window`` queries (SnapKV, TOVA) or the attention each entry has received (H2O, computed only
+  then).
+* Padding. Left-padded entries rank below every real entry. Kept entries stay in order, so the
+  padding that must be kept (a row shorter than the budget) sits in the first slots, exactly where
+  transformers' 2D-mask offset arithmetic looks for it: batches with left padding stay correct.
+
+Scorers get a ``ScoringView`` of a layer: one row per batch row with all KV heads while the heads
+hold the same positions (the first compression), else one row per (batch row, KV head) with H = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvp_gym.cache.attention import use_evicting_attention
+from kvp_gym.cache.layer import EvictingLayer, EvictionSettings
+from kvp_gym.scorers import Scorer
+
+LIVE_INPUTS = frozenset({"queries", "attention"})
+DEFAULT_QUERY_WINDOW = 64
+
+
+class EvictingCache(Cache):
+    """A KV cache that keeps the ``budget`` best entries per KV head by ``scorer``.
+
+    Args:
+        scorer: any ``kvp_gym.scorers.Scorer`` (heuristic or trained agent).
+        budget: entries kept per (layer, batch row, KV head), protected tokens included.
+        config: the model's own config object (``model.config``); its attention is switched to
+            ``kvp_evict`` (sdpa with a hand-off to this cache, identical outputs).
+        sink, recent: the first/last real tokens that are always kept.
+        every: None compresses once, after the first forward (the prefill); L re-compresses back to
+            the budget whenever L tokens were appended since (the streaming setting): between forwards
+            a layer stores at most ``budget + L - 1`` entries.
+        query_window: queries kept for scorers that need them (default: the scorer's ``window_size``
+            if it has one, else 64).
+        use_triton: the compaction kernel (None: Triton on CUDA, torch otherwise).
+
+    Use: ``model.generate(**inputs, past_key_values=EvictingCache(scorer, 256, config=model.config))``.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        budget: int,
+        *,
+        config: PreTrainedConfig,
+        sink: int = 4,
+        recent: int = 16,
+        every: int | None = None,
+        query_window: int | None = None,
+        use_triton: bool | None = None,
+    ) -> None:
+        text_config = config.get_text_config(decoder=True)
+        _check_full_attention(text_config)
+        name = type(scorer).__name__
+        _check_scorer(scorer, name)
+        _check_budget(budget, sink, recent, every)
+        window = query_window if query_window is not None else getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW)
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"query_window must be a positive int, got {window!r}")
+        self.settings = EvictionSettings(
+            scorer=scorer,
+            scorer_name=name,
+            budget=budget,
+            sink=sink,
+            recent=recent,
+            every=every,
+            query_window=window,
+            num_layers=text_config.num_hidden_layers,
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+            use_triton=use_triton,
+        )
+        super().__init__(layers=[EvictingLayer(i, self.settings) for i in range(self.settings.num_layers)])
+        use_evicting_attention(config)
+
+    def flush(self) -> None:
+        """Apply pending compressions now (they otherwise happen at the start of the next forward)."""
+        for layer in self.layers:
+            if layer.pending:
+                layer.compress()
+
+    def report(self) -> CacheReport:
+        """What the cache holds and saved (pending compressions are applied first)."""
+        self.flush()
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            raise RuntimeError("the cache is empty: run a forward pass first")
+        bytes_stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+        bytes_full = sum(
+            layer.keys.nbytes * layer.seen // layer.keys.shape[-2]
+            + layer.values.nbytes * layer.seen // layer.values.shape[-2]
+            for layer in layers
+        )
+        return CacheReport(
+            seen=layers[0].seen,
+            stored=layers[0].keys.shape[-2],
+            kept=torch.stack([(layer.positions >= 0).sum(-1).cpu() for layer in layers]),
+            bytes_stored=bytes_stored,
+            bytes_full=bytes_full,
+            peak_stored=max(layer.peak_stored for layer in layers),
+            compressions=layers[0].compressions,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheReport:
+    """What an ``EvictingCache`` holds.
+
+    seen:          tokens seen per sequence (padding included)
+    stored:        entries stored per (layer, batch row, KV head), kept padding included
+    kept:          [L, B, H] real (non-padding) tokens kept
+    bytes_stored:  bytes of the K/V tensors actually stored
+    bytes_full:    bytes a full (non-evicting) cache would hold for the same tokens
+    peak_stored:   most entries a layer held at once (what attention saw; the prompt during prefill)
+    compressions:  compressions applied per layer
+    """
+
+    seen: int
+    stored: int
+    kept: torch.Tensor
+    bytes_stored: int
+    bytes_full: int
+    peak_stored: int
+    compressions: int
+
+    @property
+    def saved_fraction(self) -> float:
+        """Fraction of the full cache's K/V bytes not stored."""
+        return 1.0 - self.bytes_stored / self.bytes_full if self.bytes_full else 0.0
+
+    def __str__(self) -> str:
+        layers, batch, heads = self.kept.shape
+        return (
+            f"KV cache: {self.stored} of {self.seen} tokens stored per KV head ({layers} layers x {heads} KV heads"
+            f"{f' x {batch} sequences' if batch > 1 else ''}), {_megabytes(self.bytes_stored)} instead of "
+            f"{_megabytes(self.bytes_full)}: {self.saved_fraction:.1%} saved"
+        )
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _check_full_attention(config: PreTrainedConfig) -> None:
+    """Only models whose stock cache is all full-attention layers (no sliding, linear or shared layers)."""
+    layers = DynamicCache(config=config).layers
+    other = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if other:
+        raise ValueError(f"EvictingCache supports full-attention layers only; this model also has {other}")
+
+
+def _check_scorer(scorer: Scorer, name: str) -> None:
+    if not callable(getattr(scorer, "score", None)) or not hasattr(scorer, "needs"):
+        raise TypeError(f"{name} is not a Scorer (needs a `needs` set and a `score(view)` method)")
+    impossible = set(scorer.needs) - LIVE_INPUTS
+    if impossible:
+        raise ValueError(
+            f"scorer {name} needs {sorted(impossible)}, which an inference cache cannot compute "
+            f"(only {sorted(LIVE_INPUTS)} are computed live; future attention is known only from a full trace)"
+        )
+
+
+def _check_budget(budget: int, sink: int, recent: int, every: int | None) -> None:
+    if sink < 0 or recent < 0:
+        raise ValueError(f"sink and recent must be >= 0, got sink={sink}, recent={recent}")
+    if budget < max(1, sink + recent):
+        raise ValueError(
+            f"budget={budget} is smaller than the protected tokens (sink={sink} + recent={recent}); "
+            f"use budget >= {max(1, sink + recent)} or protect fewer tokens"
+        )
+    if every is not None and every < 1:
+        raise ValueError(f"every must be >= 1 decoding steps (or None for one compression), got {every}")

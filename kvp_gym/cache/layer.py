@@ -1,0 +1,354 @@
+"""One layer of the evicting cache: stores K/V, the true position of every entry, and what the scorer
+needs (recent queries, attention received); compresses to the budget when due.
+
+Shapes: B = batch, H = KV heads, Hq = query heads, G = Hq // H, S = stored entries, q = new tokens,
+w = query window, d = head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvp_gym.cache.attention import ATTN_IMPLEMENTATION, hand_off
+from kvp_gym.kernels import select_and_compact
+from kvp_gym.scorers import Scorer, ScoringView
+
+_FLOAT_MAX = torch.finfo(torch.float32).max
+_ATTENTION_CHUNK = 256  # queries per softmax block when accumulating attention (bounds memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionSettings:
+    """What every layer of one cache shares (validated by ``EvictingCache``)."""
+
+    scorer: Scorer
+    scorer_name: str
+    budget: int
+    sink: int
+    recent: int
+    every: int | None
+    query_window: int
+    num_layers: int
+    num_kv_heads: int
+    use_triton: bool | None
+
+    @property
+    def needs_queries(self) -> bool:
+        return "queries" in self.scorer.needs
+
+    @property
+    def needs_attention(self) -> bool:
+        return "attention" in self.scorer.needs
+
+
+@dataclasses.dataclass
+class QueryWindow:
+    """The last w queries seen: queries [B, Hq, w, d], positions [B, w] (true), valid [B, w] (not padding)."""
+
+    queries: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @staticmethod
+    def last(queries: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, size: int) -> QueryWindow:
+        """The last ``size`` of the given queries, copied (a view would keep the whole forward's queries alive)."""
+        return QueryWindow(queries[..., -size:, :].clone(), positions[:, -size:].clone(), valid[:, -size:].clone())
+
+    def extend(self, queries: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, size: int) -> QueryWindow:
+        return QueryWindow.last(
+            torch.cat([self.queries, queries], dim=-2),
+            torch.cat([self.positions, positions], dim=-1),
+            torch.cat([self.valid, valid], dim=-1),
+            size,
+        )
+
+    def trailing_real(self) -> int:
+        """How many of the last queries are real in every batch row (left padding makes early ones fake)."""
+        return int(self.valid.all(dim=0).flip(0).cumprod(0).sum())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QueryWindow:
+        return QueryWindow(fn(self.queries), fn(self.positions), fn(self.valid))
+
+
+class EvictingLayer(DynamicLayer):
+    """A full-attention cache layer that keeps at most ``budget`` entries per KV head after compressing.
+
+    ``keys``/``values`` [B, H, S, d] hold the kept entries in sequence order; ``positions`` [B, H, S]
+    their true positions (-1 for padding). All heads (and all layers) store the same S. A compression
+    becomes due at the end of a forward and is applied lazily, at the start of the next ``update``,
+    so the forward that made it due attended over the full K/V.
+    """
+
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, settings: EvictionSettings) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.settings = settings
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.window: QueryWindow | None = None
+        self.attention: torch.Tensor | None = None  # [B, Hq, S] attention received, summed over queries
+        self.is_initialized = False
+        self.seen = 0
+        self.forwards = 0
+        self.pending = False
+        self.observed = True
+        self.peak_stored = 0
+        self.compressions = 0
+
+    # -- what transformers asks -----------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Compress if due, append the new entries [B, H, q, d]; return the K/V this forward attends over."""
+        self._check_observed()
+        if self.pending:
+            self.compress()
+        b, h, q, _ = key_states.shape
+        provisional = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            # contiguous like DynamicLayer's concatenation, so that attention runs the same kernels
+            self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+            self.positions = provisional.clone()
+            self.is_initialized = True
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, provisional], dim=-1)
+        self.seen += q
+        self.forwards += 1
+        self.observed = False
+        self.peak_stored = max(self.peak_stored, self.keys.shape[-2])
+        self.pending = self._compression_due()
+        hand_off(self)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (not stored): the model derives the positions of new tokens from it."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the next forward, after its pending compression."""
+        stored = self.stored_length
+        return stored + query_length, self.seen - stored
+
+    @property
+    def stored_length(self) -> int:
+        """Entries per head the next forward will find (the budget if a compression is pending)."""
+        if not self.is_initialized:
+            return 0
+        return self.settings.budget if self.pending else self.keys.shape[-2]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an EvictingCache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    # -- what the kvp_evict attention shows -----------------------------------------------------
+    def holds(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` is what this layer just returned from ``update`` (same entry count)."""
+        return self.is_initialized and key.shape[-2] == self.keys.shape[-2]
+
+    def observe(
+        self,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Record true positions and padding of the q new entries, and the queries/attention the scorer needs.
+
+        query [B, Hq, q, d] post-RoPE; attention_mask [B, 1, q, S] (bool, True = attend) or None (causal,
+        no padding); position_ids [B or 1, q] (the RoPE positions).
+        """
+        b, _, q, _ = query.shape
+        s = self.keys.shape[-2]
+        visible = _as_bool(attention_mask)
+        positions = self.positions[:, 0, s - q :] if position_ids is None else position_ids.expand(b, q)
+        real = torch.ones_like(positions, dtype=torch.bool) if visible is None else visible[:, 0, -1, s - q :]
+        if visible is not None:
+            if self.forwards == 1:
+                _require_left_padding(real)
+            positions = positions.masked_fill(~real, -1)
+        self.positions[:, :, s - q :] = positions[:, None, :]
+        if self._collecting:
+            if self.settings.needs_queries:
+                self._record_queries(query, positions, real)
+            if self.settings.needs_attention:
+                self._accumulate_attention(query, visible, scaling)
+        self.observed = True
+
+    # -- compression -----------------------------------------------------------------------------
+    def compress(self) -> None:
+        """Keep the top-``budget`` entries of every head by the scorer (sink and recent tokens first)."""
+        self._check_observed()
+        settings = self.settings
+        valid = self.positions >= 0
+        scores = self._score(valid)
+        priority = torch.where(valid, scores.clamp(-_FLOAT_MAX, _FLOAT_MAX), -math.inf)
+        kept = select_and_compact(
+            priority, self.keys, self.values, settings.budget, self._protected(valid), use_triton=settings.use_triton
+        )
+        self.keys, self.values = kept.keys, kept.values
+        self.positions = self.positions.gather(-1, kept.indices)
+        if settings.every is None:  # one-shot: nothing will be compressed again
+            self.window = self.attention = None
+        elif self.attention is not None:
+            b, h, budget = kept.indices.shape
+            grouped = self.attention.view(b, h, -1, self.attention.shape[-1])
+            index = kept.indices[:, :, None, :].expand(b, h, grouped.shape[2], budget)
+            self.attention = grouped.gather(-1, index).reshape(b, -1, budget)
+        self.pending = False
+        self.compressions += 1
+
+    @property
+    def _collecting(self) -> bool:
+        """Whether this forward's queries/attention can still feed a compression."""
+        return self.settings.every is not None or self.forwards == 1
+
+    def _compression_due(self) -> bool:
+        stored, budget, every = self.keys.shape[-2], self.settings.budget, self.settings.every
+        if self.forwards == 1:
+            return stored > budget
+        return every is not None and stored >= budget + every
+
+    def _protected(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, H, S] the first ``sink`` and last ``recent`` real entries of each row (entries are in order)."""
+        from_start = valid.cumsum(-1)
+        from_end = valid.flip(-1).cumsum(-1).flip(-1)
+        return valid & ((from_start <= self.settings.sink) | (from_end <= self.settings.recent))
+
+    def _score(self, valid: torch.Tensor) -> torch.Tensor:
+        """Scores [B, H, S] from the scorer, checked for shape and NaN."""
+        b, h, s, _ = self.keys.shape
+        view = self._view()
+        scores = self.settings.scorer.score(view)
+        if tuple(scores.shape) != tuple(view.shape):
+            raise ValueError(
+                f"scorer {self.settings.scorer_name!r} returned scores of shape {tuple(scores.shape)} "
+                f"for a view of shape {view.shape} (layer {self.layer_idx})"
+            )
+        scores = scores.float().reshape(b, h, s)
+        if bool((scores.isnan() & valid).any()):
+            raise ValueError(f"scorer {self.settings.scorer_name!r} returned NaN scores at layer {self.layer_idx}")
+        return scores
+
+    def _view(self) -> ScoringView:
+        """The ScoringView of this layer's entries.
+
+        Shared positions (always true for the first compression): one view row per batch row, all H
+        heads. Otherwise (heads kept different tokens): one row per (batch row, head), H = 1.
+        """
+        b, h, s, d = self.keys.shape
+        settings = self.settings
+        shared = bool((self.positions == self.positions[:, :1]).all())
+        rows, heads = (b, h) if shared else (b * h, 1)
+        positions = self.positions[:, 0] if shared else self.positions.reshape(rows, s)
+        kv_heads = torch.arange(h, device=self.device)
+        queries = query_positions = attention = None
+        if settings.needs_queries:
+            w = self.window.trailing_real()
+            queries = self.window.queries[..., -w:, :].reshape(rows, heads, -1, w, d)
+            query_positions = self.window.positions[:, -w:]
+            if not shared:
+                query_positions = query_positions.repeat_interleave(h, dim=0)
+        if settings.needs_attention:
+            attention = self.attention.reshape(rows, heads, -1, s)
+        return ScoringView(
+            keys=self.keys.reshape(rows, heads, s, d),
+            values=self.values.reshape(rows, heads, s, d),
+            positions=positions.clamp(min=0),
+            mask=positions >= 0,
+            layer=torch.full((rows,), self.layer_idx, dtype=torch.long, device=self.device),
+            kv_heads=kv_heads.expand(b, h) if shared else kv_heads.repeat(b)[:, None],
+            num_layers=settings.num_layers,
+            num_kv_heads=settings.num_kv_heads,
+            queries=queries,
+            query_positions=query_positions,
+            attention=attention,
+        )
+
+    def _record_queries(self, query: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> None:
+        size = self.settings.query_window
+        if self.window is None:
+            self.window = QueryWindow.last(query, positions, real, size)
+        else:
+            self.window = self.window.extend(query, positions, real, size)
+
+    def _accumulate_attention(self, query: torch.Tensor, visible: torch.Tensor | None, scaling: float) -> None:
+        """Add this forward's softmax attention, summed over its queries, to ``attention`` [B, Hq, S].
+
+        Queries go in chunks; a chunk only reaches the slots up to its last query (causality).
+        """
+        b, hq, q, d = query.shape
+        h, s = self.keys.shape[1], self.keys.shape[-2]
+        received = torch.zeros(b, h, hq // h, s, dtype=torch.float32, device=self.device)
+        for start in range(0, q, _ATTENTION_CHUNK):
+            stop = min(q, start + _ATTENTION_CHUNK)
+            end = s - q + stop  # new token i sits at slot s - q + i
+            chunk = query[:, :, start:stop].float().reshape(b, h, hq // h, stop - start, d) * scaling
+            logits = torch.einsum("bhgcd,bhsd->bhgcs", chunk, self.keys[:, :, :end].float())
+            if visible is None:
+                slots = torch.arange(end, device=self.device)
+                hidden = slots[None, :] > (s - q + torch.arange(start, stop, device=self.device))[:, None]
+            else:
+                hidden = ~visible[:, :, start:stop, :end].unsqueeze(2)
+            bias = torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, -math.inf)
+            probs = logits.add_(bias).softmax(dim=-1)
+            if visible is not None:
+                probs.nan_to_num_(0.0)  # a padding query sees no key: its row adds nothing
+            received[..., :end] += probs.sum(dim=-2)
+        before = torch.zeros(b, hq, q, dtype=torch.float32, device=self.device)
+        if self.attention is not None:
+            before = torch.cat([self.attention, before], dim=-1)
+        self.attention = before + received.reshape(b, hq, s)
+
+    def _check_observed(self) -> None:
+        if not self.observed:
+            raise RuntimeError(
+                f"EvictingCache layer {self.layer_idx}: the model did not run the {ATTN_IMPLEMENTATION!r} attention, "
+                "so the cache cannot see positions, padding or queries. Build the cache with the model's own "
+                "config object: EvictingCache(..., config=model.config)"
+            )
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension operation (beam reorder, repeat, select) to every per-row tensor."""
+        if not self.is_initialized:
+            return
+        self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
+        if self.attention is not None:
+            self.attention = fn(self.attention)
+        if self.window is not None:
+            self.window = self.window.map(fn)
+
+
+def _as_bool(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 4D mask as bool (True = attend); additive float masks use 0 for 'attend'."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask == 0
+
+
+def _require_left_padding(real: torch.Tensor) -> None:
+    """real [B, q]: padding may only precede the real tokens of a row (decoder-only left padding)."""
+    if bool((real[:, 1:] < real[:, :-1]).any()):
+        raise ValueError(
+            "EvictingCache supports left padding only (padding after real tokens found); "
+            "set tokenizer.padding_side = 'left'"
+        )

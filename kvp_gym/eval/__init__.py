@@ -1,0 +1,1 @@
+"""Evaluation: the leaderboard (ranking quality on the env, downstream quality with the real model)."""

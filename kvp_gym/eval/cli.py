@@ -1,0 +1,41 @@
+"""`kvp-gym leaderboard`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer()
+
+
+@app.command()
+def leaderboard(
+    suite: str = typer.Option("full", help="Benchmark suite: full | demo (smaller: 2 traces per source, 2 budgets)."),
+    checkpoint: list[Path] = typer.Option([], "--checkpoint", help="A trained scorer checkpoint to include (repeatable)."),
+    policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: every heuristic and the oracle)."),
+    out: Path = typer.Option(Path("leaderboard"), help="Output directory: LEADERBOARD.md, results.json/csv, plots."),
+    downstream: bool = typer.Option(True, help="Also run the real model with the compressed cache (perplexity, RULER accuracy)."),
+) -> None:
+    """Evaluate every policy on one held-out suite and write LEADERBOARD.md, CSV/JSON and plots.
+
+    Resumes if interrupted; a rerun of the same suite reuses and reproduces every number.
+    """
+    from kvp_gym.eval.leaderboard import run_leaderboard
+    from kvp_gym.eval.report import ranking_table, write_report
+    from kvp_gym.eval.suite import get_suite
+
+    try:
+        chosen = get_suite(suite)
+    except KeyError as error:
+        raise typer.BadParameter(str(error.args[0]), param_hint="--suite") from error
+    names = [name.strip() for name in policies.split(",")] if policies else None
+    try:
+        results = run_leaderboard(chosen, out, names, checkpoint, downstream=downstream)
+    except KeyError as error:
+        raise typer.BadParameter(str(error.args[0]), param_hint="--policies") from error
+    path = write_report(results, out)
+    typer.echo(f"\nmean cost ratio (lower is better, oracle = 1):")
+    for row in ranking_table(results):
+        typer.echo(f"  {row['policy']:<24} {row['cost_ratio']:.3f}")
+    typer.echo(f"\nwrote {path} and its plots")

@@ -1,0 +1,96 @@
+"""Downstream quality: the real model generating with a compressed cache (EvictingCache).
+
+Compression happens once, after the prefill, as KVP evaluates. Every number here comes from a real
+forward pass of the model over held-out test traces' tokens:
+
+- perplexity: prefill the first ``ppl_prefix`` tokens, compress to the budget, then score the rest
+  of the trace (teacher forcing) with the compressed cache;
+- RULER accuracy: greedy answer after compressing either the context alone (the question comes
+  after the compression: "outside") or the context plus the question ("inside"). As in RULER, the
+  prompt ends with the answer's prefix (the assistant text before the first expected answer, e.g.
+  "The special magic number is"), so the model answers rather than restates the question.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvp_gym.cache import EvictingCache
+from kvp_gym.data import score_answer
+from kvp_gym.scorers import Scorer
+from kvp_gym.traces import Trace
+
+QUESTION_PLACEMENTS = ("outside", "inside")
+
+
+def make_cache(model: PreTrainedModel, scorer: Scorer | None, budget: int | None, sink: int, recent: int):
+    """A full DynamicCache (scorer None) or an EvictingCache keeping ``budget`` entries per KV head."""
+    if scorer is None:
+        return DynamicCache(config=model.config)
+    return EvictingCache(scorer, budget, config=model.config, sink=sink, recent=recent)
+
+
+@torch.inference_mode()
+def continuation_nll(
+    model: PreTrainedModel, trace: Trace, prefix: int, scorer: Scorer | None, budget: int | None, sink: int, recent: int
+) -> tuple[float, int]:
+    """(sum of NLL, token count) of tokens[prefix + 1:] after compressing the first ``prefix`` tokens.
+
+    Token ``prefix`` itself is predicted by the prefill's last logits, identical for every policy, so
+    it is left out: every counted token was predicted through the compressed cache.
+    """
+    tokens = trace.tokens[None]
+    cache = make_cache(model, scorer, budget, sink, recent)
+    model(tokens[:, :prefix], past_key_values=cache, use_cache=True)
+    logits = model(tokens[:, prefix:-1], past_key_values=cache, use_cache=True).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits.float(), tokens[0, prefix + 1 :], reduction="sum")
+    return float(nll), int(tokens.shape[1] - prefix - 1)
+
+
+@torch.inference_mode()
+def ruler_answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    trace: Trace,
+    placement: str,
+    scorer: Scorer | None,
+    budget: int | None,
+    sink: int,
+    recent: int,
+    max_new_tokens: int,
+) -> tuple[str, float]:
+    """(greedy answer, RULER string-match score) of a RULER test trace with a compressed cache."""
+    if placement not in QUESTION_PLACEMENTS:
+        raise ValueError(f"placement must be one of {QUESTION_PLACEMENTS}, got {placement!r}")
+    meta = trace.meta
+    prompt = trace.tokens[: answer_prefix_end(tokenizer, trace)][None]
+    # generate needs at least one uncached prompt token, so "inside" leaves the last one for it.
+    compressed = meta["question_token"] if placement == "outside" else meta["answer_token"] - 1
+    cache = make_cache(model, scorer, budget, sink, recent)
+    model(prompt[:, :compressed], past_key_values=cache, use_cache=True)
+    output = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    answer = tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+    return answer, score_answer(answer, meta)
+
+
+def answer_prefix_end(tokenizer: PreTrainedTokenizerBase, trace: Trace) -> int:
+    """Token index where the first expected answer starts inside the trace's assistant turn."""
+    start, tokens, first = trace.meta["answer_token"], trace.tokens, trace.meta["answer"][0]
+    for end in range(start, trace.length):
+        if first in tokenizer.decode(tokens[start : end + 1]):
+            return end
+    raise ValueError(f"the answer {first!r} is not in the assistant turn of {trace!r}")
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count) if count else float("nan")

@@ -1,0 +1,142 @@
+"""`kvp-gym leaderboard`: every policy on one held-out suite, ranking and downstream quality.
+
+Work is split into small units (the ranking grid of one trace; one policy x trace x budget x
+question placement downstream); each unit's result is written atomically to ``out/records`` as it
+finishes, so an interrupted run resumes where it stopped and a rerun reuses what is done. Every
+number is deterministic (seeded random scorer, greedy decoding): rerunning a suite reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kvp_gym import scorers
+from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, continuation_nll, ruler_answer
+from kvp_gym.eval.ranking import RankingEvaluator
+from kvp_gym.eval.suite import Suite
+from kvp_gym.progress import progress_bar
+from kvp_gym.scorers import Scorer
+from kvp_gym.traces import TraceDataset
+from kvp_gym.traces.generate import write_json_atomic
+
+ARCHITECTURES = ("mlp",)  # registered trainable architectures: not policies until trained
+FUTURE_ONLY = ("oracle",)  # needs the true future: ranking upper bound, cannot run in a real cache
+FULL_CACHE = "full cache"
+
+
+def default_policies() -> list[str]:
+    """Every registered scorer that is a ready policy (heuristics and the oracle)."""
+    return [name for name in scorers.available() if name not in ARCHITECTURES]
+
+
+def load_policies(
+    names: Iterable[str], checkpoints: Iterable[str | Path], expect_spec: Any
+) -> tuple[dict[str, Scorer], dict[str, str]]:
+    """Registered scorers by name, plus trained checkpoints named "<dir or file stem>".
+
+    Also returns each policy's record id: its name, and for a checkpoint the name plus the start of
+    the file's sha256, so a retrained checkpoint is never scored with the old one's records.
+    """
+    from kvp_gym.policy import checkpoint_file, load_scorer
+    from kvp_gym.traces.dataset import sha256_of
+
+    policies: dict[str, Scorer] = {name: scorers.get(name) for name in names}
+    ids = {name: name for name in policies}
+    for path in checkpoints:
+        name = Path(path).name.removesuffix(".safetensors")
+        policies[name] = load_scorer(path, expect_spec=expect_spec)
+        ids[name] = f"{name}@{sha256_of(checkpoint_file(path))[:12]}"
+    return policies, ids
+
+
+class RecordStore:
+    """One JSON file per finished unit of work under ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: tuple) -> Path:
+        name = "__".join(str(part).replace("/", "_").replace(" ", "_") for part in key)
+        return self.directory / f"{name}.json"
+
+    def get_or_compute(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        path = self.path(key)
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        write_json_atomic(path, value)
+        return value
+
+
+def downstream_units(suite: Suite, traces: Mapping[str, TraceDataset], policies: Iterable[str]) -> list[tuple]:
+    """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite."""
+    settings = [(FULL_CACHE, None)] + [(name, budget) for name in policies if name not in FUTURE_ONLY for budget in suite.budgets]
+    units = []
+    for policy, budget in settings:
+        for source in suite.ppl_sources:
+            units += [("ppl", policy, source, trace, budget, "-") for trace in range(len(traces.get(source, [])))]
+        if "ruler" in traces:
+            units += [
+                ("ruler", policy, "ruler", trace, budget, placement)
+                for trace in range(len(traces["ruler"]))
+                for placement in QUESTION_PLACEMENTS
+            ]
+    return units
+
+
+def run_leaderboard(
+    suite: Suite,
+    out: str | Path,
+    policy_names: Iterable[str] | None = None,
+    checkpoints: Iterable[str | Path] = (),
+    downstream: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number."""
+    from kvp_gym.models import load_model
+
+    out = Path(out).expanduser()
+    store = RecordStore(out / "records" / suite.id)
+    traces = suite.traces(show_progress=show_progress)
+    spec = next(iter(traces.values())).spec
+    policies, ids = load_policies(policy_names or default_policies(), checkpoints, spec)
+
+    ranking = []
+    total = sum(len(dataset) for dataset in traces.values())
+    with progress_bar(total, "leaderboard: ranking", enabled=show_progress) as bar:
+        for source, dataset in traces.items():
+            evaluator = RankingEvaluator(suite, source, dataset)
+            for trace in range(len(dataset)):
+                for name, scorer in policies.items():
+                    ranking.append(store.get_or_compute(
+                        ("ranking", ids[name], source, trace), lambda: evaluator.evaluate(trace, {name: scorer})[0]
+                    ))
+                bar.advance(1)
+
+    results: list[dict[str, Any]] = []
+    if downstream:
+        model, tokenizer = load_model(suite.model)
+        units = downstream_units(suite, traces, policies)
+        with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
+            for unit in units:
+                key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
+                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, policies, unit)))
+                bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
+    return {"suite": suite.to_dict(), "policies": sorted(policies), "ranking": ranking, "downstream": results}
+
+
+def _downstream(suite: Suite, model: Any, tokenizer: Any, traces: Mapping[str, TraceDataset],
+                policies: Mapping[str, Scorer], unit: tuple) -> dict[str, Any]:
+    kind, policy, source, trace_index, budget, placement = unit
+    scorer = None if policy == FULL_CACHE else policies[policy]
+    trace = traces[source][trace_index]
+    record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget, "placement": placement}
+    if kind == "ppl":
+        nll, count = continuation_nll(model, trace, suite.ppl_prefix, scorer, budget, suite.sink, suite.recent)
+        return {**record, "nll_sum": nll, "tokens": count}
+    answer, score = ruler_answer(model, tokenizer, trace, placement, scorer, budget, suite.sink, suite.recent, suite.answer_tokens)
+    return {**record, "task": trace.meta.get("task"), "answer": answer, "score": score}

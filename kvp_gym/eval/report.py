@@ -1,0 +1,254 @@
+"""Turn leaderboard results into LEADERBOARD.md, results.json / results.csv and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
+from kvp_gym.eval.leaderboard import FULL_CACHE
+from kvp_gym.eval.ranking import CURVE_FRACTIONS
+from kvp_gym.traces.generate import package_versions, write_atomic, write_json_atomic
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per policy: mean (and std) cost ratio overall and per source, kept fractions, heads won."""
+    by_policy: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in results["ranking"]:
+        rows = by_policy[record["policy"]]
+        rows["all"] += record["cost_ratio"]
+        rows[record["source"]] += record["cost_ratio"]
+        for p in (10, 25, 50):
+            rows[f"kept_{p}"] += record[f"kept_fraction_{p}"]
+    wins = heads_won(results)
+    table = []
+    for policy, rows in by_policy.items():
+        row = {"policy": policy, "cost_ratio": float(np.mean(rows["all"])), "cost_ratio_std": float(np.std(rows["all"]))}
+        for source in results["suite"]["sources"]:
+            row[f"cost_ratio_{source}"] = float(np.mean(rows[source])) if rows[source] else math.nan
+        for p in (10, 25, 50):
+            row[f"kept_{p}"] = float(np.mean(rows[f"kept_{p}"]))
+        row["heads_won"] = wins.get(policy, 0)
+        table.append(row)
+    return sorted(table, key=lambda row: row["cost_ratio"])
+
+
+def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int]:
+    """Mean cost ratio per policy and (layer, KV head): {policy: [L, H]}."""
+    sums: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in results["ranking"]:
+        for layer, head, ratio in zip(record["layer"], record["kv_head"], record["cost_ratio"]):
+            sums[record["policy"]][layer, head].append(ratio)
+    layers = 1 + max(layer for cells in sums.values() for layer, _ in cells)
+    heads = 1 + max(head for cells in sums.values() for _, head in cells)
+    means = {}
+    for policy, cells in sums.items():
+        grid = np.full((layers, heads), np.nan)
+        for (layer, head), ratios in cells.items():
+            grid[layer, head] = np.mean(ratios)
+        means[policy] = grid
+    return means, layers, heads
+
+
+def heads_won(results: dict[str, Any], exclude: tuple[str, ...] = ("oracle",)) -> dict[str, int]:
+    """How many (layer, KV head) each policy has the lowest mean cost ratio on (oracle excluded)."""
+    means, _, _ = head_means(results)
+    names = [name for name in means if name not in exclude]
+    if not names:
+        return {}
+    stacked = np.stack([means[name] for name in names])
+    winners = np.nanargmin(stacked, axis=0)
+    counts = np.bincount(winners.ravel(), minlength=len(names))
+    return {name: int(count) for name, count in zip(names, counts)}
+
+
+def downstream_tables(results: dict[str, Any]) -> tuple[dict, dict]:
+    """Perplexity {policy: {budget: ppl}} and RULER accuracy {placement: {policy: {budget: acc}}}."""
+    nll: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    scores: dict[str, dict[str, dict[Any, list[float]]]] = {p: defaultdict(lambda: defaultdict(list)) for p in QUESTION_PLACEMENTS}
+    for record in results["downstream"]:
+        budget = record["budget"] if record["budget"] is not None else "full"
+        if record["kind"] == "ppl":
+            cell = nll[record["policy"]][budget]
+            cell[0] += record["nll_sum"]
+            cell[1] += record["tokens"]
+        else:
+            scores[record["placement"]][record["policy"]][budget].append(record["score"])
+    ppl = {policy: {budget: perplexity(*cell) for budget, cell in cells.items()} for policy, cells in nll.items()}
+    accuracy = {
+        placement: {policy: {budget: float(np.mean(v)) for budget, v in cells.items()} for policy, cells in table.items()}
+        for placement, table in scores.items()
+    }
+    return ppl, accuracy
+
+
+def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym leaderboard") -> Path:
+    """Write LEADERBOARD.md, results.json, results.csv and plots into ``out``; returns the .md path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranking = ranking_table(results)
+    ppl, accuracy = downstream_tables(results)
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions(), "machine": machine()}
+    write_json_atomic(out / "results.json", {**results, **meta, "ranking_table": ranking, "perplexity": ppl, "accuracy": accuracy})
+    _write_csv(out / "results.csv", results)
+    plots = _plots(results, ranking, ppl, accuracy, out)
+    budgets = list(results["suite"]["budgets"])
+    lines = [f"# {title}", "", f"Suite `{results['suite']['id']}` on `{results['suite']['model']}` "
+             f"({results['suite']['traces_per_source']} held-out test traces of {results['suite']['length']} tokens per source: "
+             f"{', '.join(results['suite']['sources'])}; seed {results['suite']['seed']}). Created {meta['created']} on "
+             f"{meta['machine']['processor']} ({meta['machine']['cpus']} CPUs); torch {meta['versions']['torch']}, "
+             f"transformers {meta['versions']['transformers']}, kvp-gym {meta['versions']['kvp-gym']}.", "",
+             "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
+             "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle. Kept@x% = share of the "
+             "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
+             "policy has the lowest mean cost ratio (oracle excluded).", ""]
+    sources = results["suite"]["sources"]
+    lines.append("| policy | cost ratio (mean ± std) | " + " | ".join(sources) + " | kept@10% | kept@25% | kept@50% | heads won |")
+    lines.append("|---|---|" + "---|" * len(sources) + "---|---|---|---|")
+    for row in ranking:
+        lines.append(f"| {row['policy']} | {row['cost_ratio']:.3f} ± {row['cost_ratio_std']:.3f} | "
+                     + " | ".join(f"{row[f'cost_ratio_{s}']:.3f}" for s in sources)
+                     + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} |")
+    if ppl:
+        lines += ["", "## Perplexity with the compressed cache (compressed once after the prefill)", "",
+                  f"Prefill {results['suite']['ppl_prefix']} tokens, compress to the budget (tokens kept per KV head), "
+                  f"then score the rest of each {', '.join(results['suite']['ppl_sources'])} test trace. Lower is better.", "",
+                  "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |", "|---|" + "---|" * (len(budgets) + 1)]
+        full = ppl.get(FULL_CACHE, {}).get("full", math.nan)
+        for policy in sorted((p for p in ppl if p != FULL_CACHE), key=lambda p: ppl[p].get(budgets[0], math.inf)):
+            lines.append(f"| {policy} | " + " | ".join(f"{ppl[policy].get(b, math.nan):.2f}" for b in budgets) + f" | {full:.2f} |")
+    for placement, table in accuracy.items():
+        if not table:
+            continue
+        where = "after the compression (not in the compressed prefix)" if placement == "outside" else "inside the compressed prefix"
+        lines += ["", f"## RULER accuracy, question {where}", "", "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |",
+                  "|---|" + "---|" * (len(budgets) + 1)]
+        full = table.get(FULL_CACHE, {}).get("full", math.nan)
+        for policy in sorted((p for p in table if p != FULL_CACHE), key=lambda p: -np.mean([table[p].get(b, 0.0) for b in budgets])):
+            lines.append(f"| {policy} | " + " | ".join(f"{table[policy].get(b, math.nan):.2f}" for b in budgets) + f" | {full:.2f} |")
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    lines += ["", f"Every number: `results.json` / `results.csv`. Versions: {meta['versions']}."]
+    path = out / "LEADERBOARD.md"
+    write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _write_csv(path: Path, results: dict[str, Any]) -> None:
+    columns = ["kind", "policy", "source", "trace", "layer", "kv_head", "n", "budget", "placement", "value"]
+
+    def rows():
+        for r in results["ranking"]:
+            for layer, head, n, ratio in zip(r["layer"], r["kv_head"], r["n"], r["cost_ratio"]):
+                yield ["cost_ratio", r["policy"], r["source"], r["trace"], layer, head, n, "", "", ratio]
+        for r in results["downstream"]:
+            value = r["nll_sum"] / r["tokens"] if r["kind"] == "ppl" else r["score"]
+            yield ["nll" if r["kind"] == "ppl" else "ruler_score", r["policy"], r["source"], r["trace"], "", "", "",
+                   r["budget"] if r["budget"] is not None else "full", r["placement"], value]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows())
+
+    write_atomic(path, write)
+
+
+def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, accuracy: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    policies = [row["policy"] for row in ranking]
+    colors = {policy: plt.cm.tab20(i % 20) for i, policy in enumerate(sorted(set(policies) | set(ppl)))}
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    sources = results["suite"]["sources"]
+    width = 0.8 / len(sources)
+    for k, source in enumerate(sources):
+        ax.bar(np.arange(len(policies)) + k * width, [row[f"cost_ratio_{source}"] for row in ranking], width, label=source)
+    ax.set_xticks(np.arange(len(policies)) + 0.4 - width / 2, policies, rotation=30, ha="right")
+    ax.set_ylabel("mean cost ratio (lower is better)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Ranking cost on held-out traces")
+    written.append(_save(fig, out / "ranking_cost.png"))
+
+    curves: dict[str, list[list[float]]] = defaultdict(list)
+    for record in results["ranking"]:
+        curves[record["policy"]].append(record["curve"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in policies:
+        ax.plot(CURVE_FRACTIONS, np.mean(curves[policy], axis=0), label=policy, color=colors[policy])
+    ax.set_xlabel("budget (fraction of the ranked tokens kept)")
+    ax.set_ylabel("future attention kept")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "kept_attention_curve.png"))
+
+    means, layers, heads = head_means(results)
+    contenders = [p for p in policies if p != "oracle"]
+    winners = np.nanargmin(np.stack([means[p] for p in contenders]), axis=0)
+    fig, ax = plt.subplots(figsize=(max(3, heads * 1.2), 6))
+    cmap = matplotlib.colors.ListedColormap([colors[p] for p in contenders])
+    ax.imshow(winners, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(contenders) - 0.5, interpolation="nearest")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title("Best policy per head (lowest cost ratio)")
+    handles = [matplotlib.patches.Patch(color=colors[p], label=p) for p in contenders if (winners == contenders.index(p)).any()]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    written.append(_save(fig, out / "head_winners.png"))
+
+    budgets = list(results["suite"]["budgets"])
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy, cells in ppl.items():
+            if policy == FULL_CACHE:
+                ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
+            else:
+                ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache budget (tokens per KV head)")
+        ax.set_ylabel("perplexity")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "perplexity.png"))
+    if any(accuracy.values()):
+        fig, axes = plt.subplots(1, len(accuracy), figsize=(11, 4), sharey=True)
+        for ax, (placement, table) in zip(np.atleast_1d(axes), accuracy.items()):
+            for policy, cells in table.items():
+                if policy == FULL_CACHE:
+                    ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
+                else:
+                    ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"RULER, question {placement}")
+            ax.set_xlabel("cache budget (tokens per KV head)")
+        np.atleast_1d(axes)[0].set_ylabel("accuracy")
+        np.atleast_1d(axes)[-1].legend(fontsize=7)
+        written.append(_save(fig, out / "ruler_accuracy.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path.name

@@ -1,0 +1,448 @@
+"""The evicting inference cache: exactness at full budget, real eviction, true positions, padding, streaming."""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from kvp_gym.cache import ATTN_IMPLEMENTATION, EvictingCache
+from kvp_gym.scorers import ScoringView, available, get
+
+VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A random Llama with GQA: 4 query heads, 2 KV heads, head dim 16 (fresh config object each time)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    """The tiny model. Bit-exact comparisons run the reference on this same object (``stock_sdpa``):
+    on CPU two copies of the same weights can differ in the last bit of a matmul (memory alignment
+    picks the BLAS kernel)."""
+    return tiny_llama()
+
+
+def stock_sdpa(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """``model`` back on transformers' own sdpa attention (an EvictingCache switches it to kvp_evict)."""
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def prompt(batch: int = 1, length: int = 48, pad: int = 0, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random input ids [batch, length] and a 2D attention mask; the last row has ``pad`` left-padding tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    ids[-1, :pad] = 0
+    mask[-1, :pad] = 0
+    return ids, mask
+
+
+# -- test scorers: one per kind of live input ---------------------------------------------------
+class KeyNorm:
+    """Low key norm = keep (needs nothing)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        return -view.keys.float().norm(dim=-1)
+
+
+class LastQuery:
+    """Attention logit of the last query, max over the group (needs queries)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"queries"})
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        view.require("last-query", "queries")
+        return torch.einsum("bhgd,bhnd->bhgn", view.queries[..., -1, :], view.keys).amax(dim=2)
+
+
+class Received:
+    """Attention received so far, mean over the group (needs attention)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"attention"})
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        view.require("received", "attention")
+        return view.attention.mean(dim=2)
+
+
+class Recorder:
+    """Wraps a scorer and keeps every view it scored and the scores it gave."""
+
+    def __init__(self, inner, needs: frozenset[str] | None = None) -> None:
+        self.inner = inner
+        self.needs = inner.needs if needs is None else needs
+        self.calls: list[tuple[ScoringView, torch.Tensor]] = []
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        scores = self.inner.score(view)
+        self.calls.append((view, scores))
+        return scores
+
+
+class RandomScores:
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        return torch.rand(view.shape)
+
+
+SCORERS = [KeyNorm, LastQuery, Received]
+
+
+def generate(model, ids, mask, cache, *, sample: bool = False, new: int = 8):
+    sampling = {"do_sample": True, "top_k": 0} if sample else {"do_sample": False}
+    torch.manual_seed(123)
+    return model.generate(
+        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        output_logits=True, return_dict_in_generate=True, **sampling,
+    )
+
+
+# -- exactness with no eviction --------------------------------------------------------------------
+EXACTNESS_CASES = [  # (scorer, sampled, batch, left padding of the last row)
+    *[(KeyNorm, sample, batch, pad) for sample in (False, True) for batch, pad in ((1, 0), (2, 11))],
+    (LastQuery, True, 2, 11),
+    (Received, False, 2, 11),
+]
+
+
+@pytest.mark.parametrize("scorer_cls, sample, batch, pad", EXACTNESS_CASES)
+@torch.no_grad()
+def test_full_budget_equals_dynamic_cache(model, scorer_cls, sample, batch, pad):
+    ids, mask = prompt(batch, pad=pad)
+    expected = generate(stock_sdpa(model), ids, mask, DynamicCache(config=model.config), sample=sample)
+    cache = EvictingCache(scorer_cls(), budget=ids.shape[1] + 8, config=model.config, every=3)
+    actual = generate(model, ids, mask, cache, sample=sample)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert torch.equal(actual.sequences, expected.sequences)
+    for got, want in zip(actual.logits, expected.logits, strict=True):
+        assert torch.equal(got, want)
+    assert cache.report().compressions == 0
+
+
+@torch.no_grad()
+def test_prompt_within_budget_is_never_compressed_in_one_shot_mode(model):
+    ids, mask = prompt(length=20)
+    expected = generate(stock_sdpa(model), ids, mask, DynamicCache(config=model.config), new=30)
+    cache = EvictingCache(KeyNorm(), budget=24, config=model.config)
+    actual = generate(model, ids, mask, cache, new=30)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert cache.report().stored == 20 + 29
+
+
+@torch.no_grad()
+def test_beam_search_at_full_budget(model):
+    ids, mask = prompt(length=16)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    expected = stock_sdpa(model).generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    actual = model.generate(ids, past_key_values=EvictingCache(KeyNorm(), 64, config=model.config), **kwargs)
+    assert torch.equal(actual, expected)
+
+
+# -- what is kept ----------------------------------------------------------------------------------
+@torch.no_grad()
+def test_keeps_top_budget_by_score_plus_protected(model):
+    ids, _ = prompt(batch=2, length=40)
+    budget, sink, recent = 16, 3, 5
+    recorder = Recorder(RandomScores())
+    cache = EvictingCache(recorder, budget, config=model.config, sink=sink, recent=recent)
+    model(ids, past_key_values=cache)
+    cache.flush()
+    assert len(recorder.calls) == model.config.num_hidden_layers
+    for layer, (view, scores) in zip(cache.layers, recorder.calls, strict=True):
+        assert view.shape == (2, 2, 40) and torch.equal(view.positions, torch.arange(40).expand(2, 40))
+        assert torch.equal(view.kv_heads, torch.arange(2).expand(2, 2))
+        assert view.queries is None and view.attention is None
+        middle = scores[..., sink : 40 - recent]
+        best = middle.topk(budget - sink - recent, dim=-1).indices + sink
+        expected = torch.cat([torch.arange(sink).expand(2, 2, sink), best, torch.arange(40 - recent, 40).expand(2, 2, recent)], -1)
+        assert torch.equal(layer.positions, expected.sort(-1).values)
+
+
+@torch.no_grad()
+def test_compression_shrinks_tensors_and_keeps_true_lengths(model):
+    ids, _ = prompt(batch=2, length=48)
+    cache = EvictingCache(KeyNorm(), 20, config=model.config, recent=4)
+    model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == 48
+    assert cache.get_mask_sizes(1, 0) == (21, 28)  # the next forward sees 20 stored + 1 new, offset 48 - 20
+    cache.flush()
+    for layer in cache.layers:
+        assert layer.keys.shape == layer.values.shape == (2, 2, 20, 16)
+        assert layer.positions.shape == (2, 2, 20)
+    assert not torch.equal(cache.layers[0].positions[0, 0], cache.layers[0].positions[0, 1])  # per-head sets
+    report = cache.report()
+    assert (report.seen, report.stored, report.compressions) == (48, 20, 1)
+    assert torch.equal(report.kept, torch.full((2, 2, 2), 20))
+    per_token = 2 * 2 * 16 * 4 * 2 * 2  # layers, K+V, head dim, fp32 bytes, batch, KV heads
+    assert (report.bytes_stored, report.bytes_full) == (20 * per_token, 48 * per_token)
+    assert report.saved_fraction == pytest.approx(1 - 20 / 48)
+    assert "20 of 48 tokens" in str(report) and "58.3% saved" in str(report)
+
+
+# -- true positions: compare with full attention that hides the evicted entries ----------------------
+_HIDDEN: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T] True = evicted prompt entry
+
+
+def _hiding_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa over the full cache, with the evicted prompt entries of each (layer, KV head) masked out."""
+    hidden = _HIDDEN.get(module.layer_idx)
+    if hidden is not None:
+        b, hq, q, _ = query.shape
+        visible = torch.ones(b, hq, q, key.shape[-2], dtype=torch.bool) if attention_mask is None else attention_mask
+        hide = hidden.repeat_interleave(hq // hidden.shape[1], dim=1)[:, :, None, :]
+        visible = visible.expand(b, hq, q, key.shape[-2]).clone()
+        visible[..., : hidden.shape[-1]] &= ~hide
+        attention_mask = visible
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("kvp_test_hiding", _hiding_attention)
+AttentionMaskInterface.register("kvp_test_hiding", sdpa_mask)
+
+
+@pytest.mark.parametrize("scorer_cls", SCORERS)
+@torch.no_grad()
+def test_compressed_decoding_equals_masked_full_attention(model, scorer_cls):
+    hiding = copy.deepcopy(model)
+    hiding.set_attn_implementation("kvp_test_hiding")
+    ids, _ = prompt(batch=2, length=40)
+    steps = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    cache = EvictingCache(scorer_cls(), 14, config=model.config, sink=2, recent=4)
+    full = DynamicCache(config=hiding.config)
+    _HIDDEN.clear()
+    torch.testing.assert_close(model(ids, past_key_values=cache).logits, hiding(ids, past_key_values=full).logits)
+    cache.flush()
+    for index, layer in enumerate(cache.layers):
+        kept = torch.zeros(2, 2, 40, dtype=torch.bool).scatter(-1, layer.positions, True)
+        _HIDDEN[index] = ~kept
+    try:
+        for step in range(steps.shape[1]):
+            token = steps[:, step : step + 1]
+            got = model(token, past_key_values=cache).logits
+            want = hiding(token, past_key_values=full).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        _HIDDEN.clear()
+    assert cache.layers[0].positions[0, 0, -6:].tolist() == list(range(40, 46))
+
+
+# -- live inputs -----------------------------------------------------------------------------------
+@torch.no_grad()
+def test_live_queries_and_attention_match_eager_attention_weights(model):
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids, _ = prompt(length=30)
+    weights = eager(ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+    recorder = Recorder(Received(), needs=frozenset({"queries", "attention"}))
+    cache = EvictingCache(recorder, 24, config=model.config, query_window=8)
+    model(ids, past_key_values=cache)
+    cache.flush()
+    for (view, _), attention in zip(recorder.calls, weights, strict=True):
+        assert view.queries.shape == (1, 2, 2, 8, 16)
+        assert torch.equal(view.query_positions, torch.arange(22, 30)[None])
+        torch.testing.assert_close(view.attention.reshape(1, 4, 30), attention.sum(dim=2), atol=1e-5, rtol=1e-5)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", view.queries, view.keys) / 4.0
+        causal = view.positions[:, None, :] <= view.query_positions[:, :, None]
+        probs = torch.softmax(logits.masked_fill(~causal[:, None, None], float("-inf")), dim=-1)
+        torch.testing.assert_close(probs.reshape(1, 4, 8, 30), attention[:, :, -8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scorer_cls", SCORERS)
+@torch.no_grad()
+def test_left_padded_rows_equal_rows_run_alone(model, scorer_cls):
+    """Padding ranks last and stays masked: each row of a padded batch behaves as if run alone."""
+    ids, mask = prompt(batch=2, length=40, pad=22)  # the short row has 18 real tokens
+    for budget in (12, 24):  # below and above the short row's length (then padding is kept, masked)
+        batched = generate(model, ids, mask, EvictingCache(scorer_cls(), budget, config=model.config, every=5, sink=2, recent=4), new=9)
+        for row in range(2):
+            alone_ids = ids[row : row + 1, int((mask[row] == 0).sum()) :]
+            cache = EvictingCache(scorer_cls(), budget, config=model.config, every=5, sink=2, recent=4)
+            alone = generate(model, alone_ids, torch.ones_like(alone_ids), cache, new=9)
+            assert torch.equal(batched.sequences[row, 40:], alone.sequences[0, alone_ids.shape[1] :])
+            for got, want in zip(batched.logits, alone.logits, strict=True):
+                torch.testing.assert_close(got[row], want[0], atol=1e-4, rtol=1e-4)
+
+
+# -- streaming ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_every_bounds_stored_length_and_scores_heads_separately(model):
+    budget, every = 24, 5
+    recorder = Recorder(KeyNorm())
+    cache = EvictingCache(recorder, budget, config=model.config, every=every)
+    ids, _ = prompt(batch=2, length=40)
+    model(ids, past_key_values=cache)
+    for step in range(23):
+        for layer in cache.layers:
+            assert layer.stored_length <= budget + every - 1
+        model(torch.full((2, 1), 7 + step), past_key_values=cache)
+    report = cache.report()
+    assert report.seen == 63 and report.stored <= budget + every - 1
+    assert report.peak_stored == 40 and report.compressions == 1 + 23 // every
+    assert all(layer.stored_length == budget + 23 % every for layer in cache.layers)
+    later = recorder.calls[-1][0]  # heads hold different positions now: one view row per (batch, head)
+    assert later.shape == (4, 1, budget + every) and torch.equal(later.kv_heads[:, 0], torch.tensor([0, 1, 0, 1]))
+    protected = cache.layers[0].positions[..., -16:]
+    assert torch.equal(protected, torch.arange(63 - 16, 63).expand(2, 2, 16))  # the recent tokens survive
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="smaller than the protected tokens"):
+        EvictingCache(KeyNorm(), 19, config=model.config)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        EvictingCache(KeyNorm(), 64, config=model.config, every=0)
+    with pytest.raises(TypeError, match="not a Scorer"):
+        EvictingCache(object(), 64, config=model.config)
+
+    class Oracle:
+        needs: ClassVar[frozenset[str]] = frozenset({"future_importance"})
+
+        def score(self, view):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="future_importance"):
+        EvictingCache(Oracle(), 64, config=model.config)
+
+
+def test_rejects_non_sdpa_models():
+    eager = tiny_llama()
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        EvictingCache(KeyNorm(), 64, config=eager.config)
+
+
+@torch.no_grad()
+def test_config_copy_gives_a_clear_error():
+    model = tiny_llama()
+    cache = EvictingCache(KeyNorm(), 20, config=copy.deepcopy(model.config))  # the model stays on sdpa
+    model(prompt()[0], past_key_values=cache)
+    with pytest.raises(RuntimeError, match="config=model.config"):
+        cache.flush()
+
+
+@torch.no_grad()
+def test_right_padding_is_rejected(model):
+    ids, mask = prompt(batch=2, length=20)
+    mask[1, -3:] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        model(ids, attention_mask=mask, past_key_values=EvictingCache(KeyNorm(), 20, config=model.config))
+
+
+@torch.no_grad()
+def test_nan_scores_are_rejected(model):
+
+    class NaNScorer:
+        needs: ClassVar[frozenset[str]] = frozenset()
+
+        def score(self, view):
+            return torch.full(view.shape, float("nan"))
+
+    cache = EvictingCache(NaNScorer(), 20, config=model.config)
+    model(prompt()[0], past_key_values=cache)
+    with pytest.raises(ValueError, match="NaN scores"):
+        cache.flush()
+
+
+# -- every registered scorer that can run live ----------------------------------------------------------
+@torch.no_grad()
+def test_registered_scorers_run_in_generate(model):
+    ids, mask = prompt(batch=2, length=48, pad=8)
+    ran = []
+    for name in available():
+        try:
+            scorer = get(name)
+        except TypeError:  # needs constructor arguments (a trained policy)
+            continue
+        if not scorer.needs <= {"queries", "attention"}:
+            with pytest.raises(ValueError, match="cannot compute"):
+                EvictingCache(scorer, 24, config=model.config)
+            continue
+        cache = EvictingCache(scorer, 24, config=model.config, every=4)
+        out = generate(model, ids, mask, cache, new=6)
+        assert out.sequences.shape == (2, 54) and cache.report().stored <= 24 + 3, name
+        ran.append(name)
+    assert ran, "no registered scorer could run"
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from kvp_gym.cache.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result, " ".join(result.output.replace("│", " ").split())  # rich boxes wrap error messages
+
+
+def test_cli_streams_text_and_reports_memory(tiny_model_dir):
+    result, output = run_cli(
+        "--policy", "snapkv", "--budget", "24", "--every", "4", "--model", str(tiny_model_dir),
+        "--prompt", "one two three four " * 10, "--max-new-tokens", "6", "--raw",
+    )
+    assert result.exit_code == 0, output
+    assert "tokens stored per KV head" in output and "saved" in output
+
+
+def test_cli_checkpoints_are_checked_against_the_model(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from kvp_gym.models import ModelSpec
+    from kvp_gym.policy import save_scorer
+
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
+    common = dict(registry_name="knorm", config={}, protected={"sink": 2, "recent": 4}, training={})
+    save_scorer(get("knorm"), tmp_path / "mine", model_spec=spec, **common)
+    save_scorer(get("knorm"), tmp_path / "other", model_spec=ModelSpec("other", 30, 9, 3, 64, 1e5), **common)
+    args = ["--budget", "8", "--model", str(tiny_model_dir), "--prompt", "a b c d e f g h i j k l", "--max-new-tokens", "3"]
+    result, output = run_cli("--policy", str(tmp_path / "mine"), *args)  # budget 8 fits its protected 2 + 4
+    assert result.exit_code == 0, output
+    result, output = run_cli("--policy", str(tmp_path / "other"), *args)
+    assert result.exit_code == 2 and "was made for model 'other'" in output
+    result, output = run_cli("--policy", "no-such-policy", *args)
+    assert result.exit_code == 2 and "unknown scorer 'no-such-policy'" in output
+
+
+# -- the real model ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_exact_at_full_budget_and_generates_at_budget_64():
+    from kvp_gym.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Explain in two sentences why the sky is blue. " * 10}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    inputs = tokenizer(text, return_tensors="pt")
+    length = inputs.input_ids.shape[1]
+    assert length > 100
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
+    actual = model.generate(**inputs, past_key_values=EvictingCache(KeyNorm(), length + 8, config=model.config), **kwargs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(actual.logits, expected.logits, strict=True))
+
+    cache = EvictingCache(KeyNorm(), 64, config=model.config)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    text = tokenizer.decode(out[0, length:], skip_special_tokens=True)
+    assert text.strip()
+    report = cache.report()
+    assert report.stored <= 64 + 24 and report.saved_fraction > 0.3

@@ -1,0 +1,59 @@
+"""The leaderboard end to end on a tiny model: ranking, downstream, report, resume, reproducibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from kvp_gym.eval.leaderboard import run_leaderboard
+from kvp_gym.eval.report import ranking_table, write_report
+from kvp_gym.eval.suite import Suite, get_suite
+
+
+@pytest.fixture
+def tiny_suite(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVP_GYM_HOME", str(tmp_path / "home"))
+    return Suite(
+        name="tiny", version=1, model=str(tiny_model_dir), sources=("ruler", "prose"), traces_per_source=1,
+        length=256, prefix_fractions=(0.5, 0.75), budgets=(48, 96), ppl_prefix=128, ppl_sources=("prose",),
+        query_window=16, answer_tokens=4,
+    )
+
+
+def test_leaderboard_end_to_end_resumes_and_reproduces(tiny_suite, tmp_path):
+    policies = ["knorm", "snapkv", "random", "oracle"]
+    results = run_leaderboard(tiny_suite, tmp_path / "lb", policies, show_progress=False)
+    table = {row["policy"]: row for row in ranking_table(results)}
+    assert table["oracle"]["cost_ratio"] == 1.0
+    assert all(row["cost_ratio"] >= 1.0 for row in table.values())
+    assert len(results["ranking"][0]["cost_ratio"]) == 2 * 2 * 2  # layers x KV heads x prefixes
+    kinds = {(r["kind"], r["policy"], r["budget"]) for r in results["downstream"]}
+    assert ("ppl", "full cache", None) in kinds and ("ruler", "snapkv", 48) in kinds
+    assert not any(policy == "oracle" for _, policy, _ in kinds)
+
+    records = sorted((tmp_path / "lb" / "records" / "tiny-v1").glob("*.json"))
+    stamps = [path.stat().st_mtime_ns for path in records]
+    again = run_leaderboard(tiny_suite, tmp_path / "lb", policies, show_progress=False)
+    assert [path.stat().st_mtime_ns for path in records] == stamps
+    assert again == results
+
+    (records[0]).unlink()
+    redone = run_leaderboard(tiny_suite, tmp_path / "lb", policies, show_progress=False)
+    assert redone == results
+
+    markdown = write_report(results, tmp_path / "lb").read_text()
+    assert "| oracle | 1.000" in markdown and "Perplexity" in markdown and "RULER accuracy" in markdown
+    for name in ("ranking_cost.png", "kept_attention_curve.png", "head_winners.png", "perplexity.png", "ruler_accuracy.png"):
+        assert (tmp_path / "lb" / name).stat().st_size > 1000
+    saved = json.loads((tmp_path / "lb" / "results.json").read_text())
+    assert saved["suite"]["id"] == "tiny-v1" and "torch" in saved["versions"]
+
+
+def test_unknown_suite_and_policy(tiny_suite, tmp_path):
+    with pytest.raises(KeyError, match="known suites"):
+        get_suite("huge")
+    with pytest.raises(KeyError, match="known scorers"):
+        run_leaderboard(dataclasses.replace(tiny_suite, sources=("prose",)), tmp_path / "lb", ["nope"], downstream=False,
+                        show_progress=False)
