@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import gymnasium as gym
@@ -15,6 +14,7 @@ from kvp_gym.envs.policies import GoldenPolicy
 from kvp_gym.envs.sb3 import SB3VecEnv
 from kvp_gym.envs.stream import KVEvictStreamEnv, KVEvictStreamVectorEnv
 from kvp_gym.models import ModelSpec
+from hand_traces import HandTrace
 from kvp_gym.utility import (
     attention_received,
     golden_eviction_schedule,
@@ -24,31 +24,6 @@ from kvp_gym.utility import (
 )
 
 BUDGET, STEP = 32, 16  # tiny traces have 96 tokens: 3 steps
-
-
-@dataclasses.dataclass
-class HandTrace:
-    """One layer with chosen q/k/v: q [Hq, T, d], k and v [Hkv, T, d]."""
-
-    queries: torch.Tensor
-    keys: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.queries.shape[1]
-
-    @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec("hand", 1, self.queries.shape[0], self.keys.shape[0], self.queries.shape[2], 1e4)
-
-    def q(self, layer: int) -> torch.Tensor:
-        return self.queries
-
-    def k(self, layer: int) -> torch.Tensor:
-        return self.keys
-
-    def v(self, layer: int) -> torch.Tensor:
-        return -self.keys
 
 
 class HandTraceSet(list):

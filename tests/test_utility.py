@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from kvp_gym.models import ModelSpec
+from hand_traces import HandTrace
 from kvp_gym.utility import (
     attention_received,
     block_future_scores,
@@ -18,31 +17,6 @@ from kvp_gym.utility import (
     importance_table,
     num_stream_steps,
 )
-
-
-@dataclasses.dataclass
-class HandTrace:
-    """A one-layer trace with chosen q/k: q [Hq, T, d], k [Hkv, T, d]."""
-
-    queries: torch.Tensor
-    keys: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.queries.shape[1]
-
-    @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec("hand", 1, self.queries.shape[0], self.keys.shape[0], self.queries.shape[2], 1e4)
-
-    def q(self, layer: int) -> torch.Tensor:
-        return self.queries
-
-    def k(self, layer: int) -> torch.Tensor:
-        return self.keys
-
-    def v(self, layer: int) -> torch.Tensor:
-        return self.keys
 
 
 def brute_force_importance(trace, layer: int, kv_head: int, n: int, agg: str, horizon: int | None) -> torch.Tensor:
