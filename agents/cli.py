@@ -1,0 +1,69 @@
+"""``kvp-gym train``: the typer sub-app the kvp-gym command mounts (entry-point group ``kvp_gym.commands``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _pairs(items: list[str], option: str, parse_json: bool) -> dict[str, Any]:
+    """["k=v", ...] -> {k: v}; with ``parse_json`` the values are JSON where they parse (numbers, true, null)."""
+    pairs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        if parse_json:
+            try:
+                pairs[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pairs[key] = value
+        else:
+            pairs[key] = value
+    return pairs
+
+
+@app.command("train")
+def train_command(
+    agent: Annotated[str, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, ppo, a2c, trpo, ars, recurrent-ppo")],
+    traces: Annotated[list[Path], typer.Option(help="training trace set directory (repeatable)")],
+    steps: Annotated[int, typer.Option(help="gradient updates (one batch of episodes each)")],
+    out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.pt, tb/ (rerun to resume)")],
+    layer: Annotated[int | None, typer.Option(help="train the KV heads of this layer (with --kv-head: one head)")] = None,
+    kv_head: Annotated[int | None, typer.Option(help="train this KV head of --layer")] = None,
+    all_heads: Annotated[bool, typer.Option("--all-heads", help="train every (layer, KV head) at once")] = False,
+    seed: Annotated[int, typer.Option(help="makes the run reproducible")] = 0,
+    eval_traces: Annotated[list[Path] | None, typer.Option(help="test trace set(s) for periodic evaluation (mean cost ratio)")] = None,
+    eval_every: Annotated[int, typer.Option(help="evaluate every K steps")] = 50,
+    save_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 50,
+    hidden: Annotated[int, typer.Option(help="hidden units of each head's MLP (not with --init)")] = 64,
+    init: Annotated[Path | None, typer.Option(help="start from this scorer checkpoint (e.g. a pairwise run before grpo)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="agent hyperparameter KEY=VALUE (repeatable), e.g. --set lr=1e-3")] = [],  # noqa: B006
+    env_opt: Annotated[list[str], typer.Option("--env-opt", help="training env option KEY=VALUE (repeatable), e.g. --env-opt max_tokens=256")] = [],  # noqa: B006
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train an eviction agent on a trace set and save it as a scorer checkpoint."""
+    from agents.train import TrainConfig, train
+
+    config = TrainConfig(
+        agent=agent, traces=[str(path) for path in traces], out=str(out), steps=steps, layer=layer, kv_head=kv_head,
+        all_heads=all_heads, seed=seed, hidden=hidden, init=None if init is None else str(init),
+        agent_options=_pairs(set_, "--set", parse_json=False), env_options=_pairs(env_opt, "--env-opt", parse_json=True),
+        eval_traces=[str(path) for path in eval_traces] if eval_traces else None, eval_every=eval_every, save_every=save_every,
+        progress=progress,
+    )
+    try:
+        result = train(config)
+    except (ValueError, TypeError) as error:  # TypeError: an --env-opt the env does not take
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"scorer: {result.scorer_path}")
+    if result.evaluation:
+        typer.echo("evaluation: " + ", ".join(f"{key} {value:.4f}" for key, value in result.evaluation.items()))
+    if result.seconds:
+        typer.echo(f"{result.env_steps} env steps in {result.seconds:.1f} s")

@@ -1,0 +1,94 @@
+"""What the agents share: Plackett-Luce ranking (Gumbel-sort sampling and log-probabilities),
+group baselines, the learning-rate schedule, and seeded RNG streams.
+
+Shapes: B = rows (episodes), N = entries per row. ``active [B, N]`` marks the entries that take part
+in the ranking: real (not padding) and not protected. Protected entries are kept by every policy
+(the env ranks them first whatever the scores), so they carry no decision and no log-probability.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Scores given to inactive entries when building an action: finite, far below any real score.
+INACTIVE_SCORE = -1e9
+
+
+def gumbel_sort(scores: torch.Tensor, active: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a Plackett-Luce ranking of the active entries by Gumbel-sort (KVP Eq. 3.3).
+
+    scores [B, N], active [B, N] -> (keys [B, N], order [B, N]). ``keys = scores + Gumbel(0, 1)``
+    noise (``INACTIVE_SCORE`` on inactive entries) is the action to send to the env: its descending
+    order is the sampled ranking. ``order`` holds the entry indices by descending key, active first.
+    """
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0 - 1e-7)
+    keys = scores.detach() - torch.log(-torch.log(uniform))
+    keys = keys.masked_fill(~active, INACTIVE_SCORE)
+    return keys, keys.argsort(dim=-1, descending=True, stable=True)
+
+
+def plackett_luce_terms(scores: torch.Tensor, order: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Per-rank log-probabilities of a ranking: scores [B, N], order [B, N], active [B, N] -> [B, N].
+
+    term_i = f(sigma_i) - logsumexp_{k >= i} f(sigma_k) for the i-th ranked active entry (a reverse
+    cumulative logsumexp over the sampled order), 0 for the inactive ranks. ``order`` must list the
+    active entries first (as ``gumbel_sort`` and ``ranking`` do). Their sum is log pi(sigma).
+    """
+    ranked = scores.gather(-1, order)
+    ranked_active = active.gather(-1, order)
+    # inactive entries sit after the active ones; a very low finite score removes them from every
+    # suffix logsumexp without producing inf - inf
+    ranked = torch.where(ranked_active, ranked, torch.full_like(ranked, INACTIVE_SCORE))
+    suffix_lse = ranked.flip(-1).logcumsumexp(dim=-1).flip(-1)
+    return torch.where(ranked_active, ranked - suffix_lse, torch.zeros_like(ranked))
+
+
+def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """log pi(sigma) = sum_i [f(sigma_i) - logsumexp_{k >= i} f(sigma_k)] over the active entries: [B]."""
+    return plackett_luce_terms(scores, order, active).sum(dim=-1)
+
+
+def ranking(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The deterministic ranking (descending score, active entries first): [B, N] -> order [B, N]."""
+    return scores.detach().masked_fill(~active, INACTIVE_SCORE).argsort(dim=-1, descending=True, stable=True)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (KVP Eq. 3.6): rewards [B, K] (K samples of one state per row) -> A [B, K].
+
+    A_k = R_k - (1 / (K - 1)) sum_{k' != k} R_k'.
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs at least 2 samples per state, got {k}")
+    others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others
+
+
+def group_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """GRPO: rewards [B, G] -> (R - mean_G) / (std_G + eps), population std (as ForesightKV's code)."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over all elements (KVP's advantage normalisation)."""
+    if x.numel() < 2:
+        return x - x.mean()
+    return (x - x.mean()) / (x.std() + eps)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
+    """KVP's schedule: linear warm-up from 0.01 lr over ``warmup`` steps, then cosine decay to ``lr_min``."""
+    if step < warmup:
+        return lr * (0.01 + 0.99 * step / warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_for(seed: int, step: int) -> int:
+    """A distinct, reproducible 63-bit seed for (run seed, step): the RNG streams restart from it at checkpoints."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (1 << 63)

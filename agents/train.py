@@ -1,0 +1,308 @@
+"""Train an eviction agent: ``kvp-gym train`` (agents/cli.py) and ``train(TrainConfig(...))`` from Python.
+
+A run lives in one directory (``--out``):
+
+    run.json            the settings that define the run (a rerun with other settings is refused)
+    state.pt            the last checkpoint: step, scorer weights, the agent's optimiser / scheduler
+                        (and SB3 model) state; written atomically every ``save_every`` steps
+    scorer.safetensors  the trained scorer (kvp_gym.policy format), rewritten at every checkpoint
+    tb/                 TensorBoard logs (training metrics, evaluation, throughput)
+
+Resume: rerunning the same command continues from state.pt. Reproducibility: at every checkpoint
+boundary (steps 0, k, 2k, ...) every random stream (torch, numpy, python, the env's episode sampling,
+the agent's action noise) restarts from ``seed_for(seed, step)``, so the RNG state at a checkpoint is a
+function of (seed, step) and is not stored: a run killed and resumed produces the same weights as an
+uninterrupted one (same machine and library versions).
+
+Heads: ``layer`` + ``kv_head`` trains one agent (the env fixes that head); ``layer`` alone trains the
+KV heads of one layer; ``all_heads`` trains every (layer, KV head) of the model at once: episodes of
+all heads share one vector env and one backward pass updates all heads' weights (the per-head MLP is
+one batched einsum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from agents.common import seed_for
+from agents.grpo import GRPOAgent, GRPOConfig
+from agents.kvp import KVPAgent, KVPConfig
+from agents.pairwise import PairwiseAgent, PairwiseConfig
+from agents.policy import PerHeadMLPScorer
+from agents.sb3_agents import SB3Agent, SB3Config
+from kvp_gym.envs.policies import obs_to_view
+from kvp_gym.models.spec import ModelSpec
+from kvp_gym.policy import checkpoint_file, load_scorer, read_header, save_scorer
+from kvp_gym.progress import progress_bar
+from kvp_gym.traces import TraceDataset
+from kvp_gym.traces.generate import write_atomic, write_json_atomic
+
+# name -> (agent class, default hyperparameters)
+AGENTS: dict[str, tuple[type, Any]] = {
+    "kvp": (KVPAgent, KVPConfig()),
+    "grpo": (GRPOAgent, GRPOConfig()),
+    "grpo-stream": (GRPOAgent, GRPOConfig(stream=True)),
+    "pairwise": (PairwiseAgent, PairwiseConfig()),
+    "pairwise-stream": (PairwiseAgent, PairwiseConfig(stream=True)),
+    "ppo": (SB3Agent, SB3Config(algo="ppo")),
+    "a2c": (SB3Agent, SB3Config(algo="a2c")),
+    "trpo": (SB3Agent, SB3Config(algo="trpo")),
+    "ars": (SB3Agent, SB3Config(algo="ars")),
+    "recurrent-ppo": (SB3Agent, SB3Config(algo="recurrent-ppo", envs=16, n_steps=16)),
+}
+EVAL_MIN_PREFIX = 64  # evaluation episodes leave room for the 64-query window SnapKV / TOVA read
+RUN_FILE, STATE_FILE = "run.json", "state.pt"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. ``agent_options`` override the agent's hyperparameters (e.g. {"lr": "1e-3"});
+    ``env_options`` are extra keyword arguments of the training env (e.g. {"max_tokens": 256})."""
+
+    agent: str
+    traces: str | list[str]
+    out: str
+    steps: int
+    layer: int | None = None
+    kv_head: int | None = None
+    all_heads: bool = False
+    seed: int = 0
+    hidden: int = 64
+    init: str | None = None
+    agent_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    env_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_traces: str | list[str] | None = None
+    eval_every: int = 50
+    eval_episodes: int = 128
+    save_every: int = 50
+    progress: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share (evaluation and display settings may change)."""
+        keep = ("agent", "traces", "steps", "layer", "kv_head", "all_heads", "seed", "hidden", "init",
+                "agent_options", "env_options", "save_every")
+        return {key: getattr(self, key) for key in keep}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run produced: the scorer file, the evaluations this invocation made ({step: metrics};
+    step 0 is the initial policy), the last evaluation (empty without eval traces), timings."""
+
+    scorer_path: Path
+    evaluations: dict[int, dict[str, float]]
+    seconds: float
+    env_steps: int
+
+    @property
+    def evaluation(self) -> dict[str, float]:
+        return self.evaluations[max(self.evaluations)] if self.evaluations else {}
+
+
+def agent_config(name: str, options: dict[str, str]) -> Any:
+    """The agent's default hyperparameters with ``options`` (strings, as typed on the command line) applied."""
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose one of {', '.join(AGENTS)}")
+    config = AGENTS[name][1]
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    for key, text in options.items():
+        if key not in fields:
+            raise ValueError(f"--set {key}: agent {name!r} has no such option; options: {', '.join(fields)}")
+        default = getattr(config, key)
+        try:
+            if isinstance(default, bool):
+                if str(text).lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                changes[key] = str(text).lower() in ("true", "1")
+            else:
+                changes[key] = type(default)(text)
+        except ValueError:
+            raise ValueError(f"--set {key}={text}: expected a {type(default).__name__}") from None
+    return dataclasses.replace(config, **changes)
+
+
+def select_heads(spec: ModelSpec, layer: int | None, kv_head: int | None, all_heads: bool) -> tuple[list[tuple[int, int]] | None, dict[str, int]]:
+    """(heads for the scorer, None = all; the env's fixed layer / kv_head) from the command-line choice."""
+    if all_heads:
+        if layer is not None or kv_head is not None:
+            raise ValueError("give either --all-heads or --layer [--kv-head], not both")
+        return None, {}
+    if layer is None:
+        raise ValueError("choose the heads to train: --layer L --kv-head H (one head), --layer L (its KV heads) or --all-heads")
+    if not 0 <= layer < spec.num_layers:
+        raise ValueError(f"--layer {layer} is out of range [0, {spec.num_layers}) for model {spec.name!r}")
+    if kv_head is None:
+        return [(layer, head) for head in range(spec.num_kv_heads)], {"layer": layer}
+    if not 0 <= kv_head < spec.num_kv_heads:
+        raise ValueError(f"--kv-head {kv_head} is out of range [0, {spec.num_kv_heads}) for model {spec.name!r}")
+    return [(layer, kv_head)], {"layer": layer, "kv_head": kv_head}
+
+
+class Evaluator:
+    """Mean cost ratio (and kept attention at 10/25/50 % budgets) of a scorer on fixed KVEvict-v0 episodes.
+
+    The episodes are the same at every call (``reset(seed)``); ``options`` pins e.g. one (layer, kv_head).
+    """
+
+    def __init__(self, traces: Any, env_kwargs: dict[str, Any], episodes: int = 128, seed: int = 12345) -> None:
+        self.env = gym.make_vec("KVEvict-v0", num_envs=episodes, vectorization_mode="vector_entry_point",
+                                as_torch=True, traces=traces, **env_kwargs)
+        self.spec = self.env.unwrapped.model_spec
+        self.seed = seed
+
+    @torch.no_grad()
+    def __call__(self, scorer: Any, options: dict[str, Any] | None = None) -> dict[str, float]:
+        obs, _ = self.env.reset(seed=self.seed, options=options)
+        scores = scorer.score(obs_to_view(obs, self.spec))[:, 0]
+        _, _, _, _, info = self.env.step(scores)
+        final = info["final_info"]
+        keys = ("cost_ratio", "kept_fraction_10", "kept_fraction_25", "kept_fraction_50")
+        return {key: final[key].double().mean().item() for key in keys}
+
+    def per_head(self, scorer: Any, heads: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, float]]:
+        """The evaluation with every episode pinned to one head, for each of ``heads``."""
+        return {(layer, head): self(scorer, {"layer": layer, "kv_head": head}) for layer, head in heads}
+
+
+def open_trace_sets(directories: str | list[str]) -> list[TraceDataset]:
+    """One or more trace directories -> trace sets, checked to come from one model."""
+    sets = [TraceDataset(directory) for directory in ([directories] if isinstance(directories, str) else directories)]
+    if not sets:
+        raise ValueError("--traces: give at least one trace directory")
+    for trace_set in sets[1:]:
+        sets[0].spec.check_compatible(trace_set.spec, f"trace set {trace_set.directory}")
+    return sets
+
+
+def _make_scorer(config: TrainConfig, train_sets: list[TraceDataset], heads: list[tuple[int, int]] | None) -> PerHeadMLPScorer:
+    spec = train_sets[0].spec
+    if config.init is None:
+        scorer = PerHeadMLPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, hidden=config.hidden,
+                                  heads=heads, seed=config.seed)
+        scorer.fit_normalization([trace_set[index] for trace_set in train_sets for index in range(len(trace_set))])
+        return scorer
+    scorer = load_scorer(config.init, expect_spec=spec)
+    if not isinstance(scorer, PerHeadMLPScorer):
+        raise ValueError(f"--init {config.init}: not a per-head MLP scorer checkpoint ({type(scorer).__name__})")
+    every_head = {(layer, head) for layer in range(spec.num_layers) for head in range(spec.num_kv_heads)}
+    if not (every_head if heads is None else set(heads)) <= set(scorer.heads):
+        raise ValueError(f"--init {config.init} has agents for {scorer.heads}, not for every head this run trains")
+    return scorer.train()
+
+
+def _protected(agent: Any) -> dict[str, int]:
+    """The always-kept tokens of the agent's training env (KVEvict: sink + recent; stream: sink + the new chunk)."""
+    core = agent.env.unwrapped.core
+    return {"sink": int(core.sink), "recent": int(getattr(core, "recent", getattr(core, "chunk", 0)))}
+
+
+def _check_run(out: Path, config: TrainConfig) -> None:
+    """Write run.json, or check that an existing run in ``out`` has the same settings."""
+    run_file = out / RUN_FILE
+    identity = json.loads(json.dumps(config.identity()))  # as JSON stores it (tuples become lists)
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        if saved != identity:
+            changed = sorted(key for key in identity if saved.get(key) != identity[key])
+            raise ValueError(
+                f"{out} already holds a run with other settings ({', '.join(changed)} differ); "
+                f"rerun with the same settings to resume, or choose another --out"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, identity)
+
+
+def _save_state(path: Path, step: int, agent: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save({"step": step, "scorer": agent.scorer.state_dict(), "agent": agent.state_dict()}, buffer)
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) ``config``; returns where the scorer is and its last evaluation."""
+    if config.steps < 1 or config.save_every < 1 or config.eval_every < 1:
+        raise ValueError("--steps, --save-every and --eval-every must be positive")
+    out = Path(config.out).expanduser()
+    train_sets = open_trace_sets(config.traces)
+    spec = train_sets[0].spec
+    heads, head_kwargs = select_heads(spec, config.layer, config.kv_head, config.all_heads)
+    hyper = agent_config(config.agent, config.agent_options)
+
+    agent_class = AGENTS[config.agent][0]
+    env_kwargs = {"cache_gb": 4.0, **config.env_options, **head_kwargs}
+    torch.manual_seed(seed_for(config.seed, 0))
+    agent = agent_class(_make_scorer(config, train_sets, heads), train_sets, env_kwargs, hyper, config.steps)
+    _check_run(out, config)  # after every argument check, so that a failed start leaves no run behind
+    start = 0
+    if (out / STATE_FILE).exists():
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        agent.scorer.load_state_dict(state["scorer"])
+        agent.load_state_dict(state["agent"])
+        start = state["step"]
+        if start >= config.steps:
+            evaluation = read_header(out).training.get("evaluation", {})
+            return TrainResult(checkpoint_file(out), {start: evaluation} if evaluation else {}, 0.0, 0)
+    evaluator = None
+    if config.eval_traces is not None:
+        eval_kwargs = {"min_prefix": EVAL_MIN_PREFIX, "cache_gb": 2.0, **head_kwargs}
+        if agent.env_id == "KVEvict-v0" and "max_tokens" in config.env_options:
+            eval_kwargs["max_tokens"] = config.env_options["max_tokens"]
+        evaluator = Evaluator(open_trace_sets(config.eval_traces), eval_kwargs, config.eval_episodes)
+    training = {"agent": config.agent, "hyperparameters": dataclasses.asdict(hyper), **config.identity(),
+                "trace_model": spec.name}
+
+    def checkpoint(step: int, evaluation: dict[str, float]) -> Path:
+        _save_state(out / STATE_FILE, step, agent)
+        return save_scorer(agent.scorer, out, registry_name="mlp", config=agent.scorer.config(), model_spec=spec,
+                           protected=_protected(agent), training={**training, "step": step, "evaluation": evaluation},
+                           env=agent.env_id)
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=start)
+    evaluations: dict[int, dict[str, float]] = {}
+    env_steps, started = 0, time.perf_counter()
+    with progress_bar(total=config.steps, description=f"train {config.agent}", enabled=config.progress) as bar:
+        bar.advance(start)
+        if evaluator is not None and start == 0:
+            evaluations[0] = evaluator(agent.scorer)
+            for key, value in evaluations[0].items():
+                writer.add_scalar(f"eval/{key}", value, 0)
+        for step in range(start, config.steps):
+            if step % config.save_every == 0:
+                seed = seed_for(config.seed, step)
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+                agent.reseed(seed)
+            metrics = agent.update()
+            env_steps += int(metrics.pop("env_steps"))
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step + 1)
+            elapsed = time.perf_counter() - started
+            writer.add_scalar("perf/env_steps_per_s", env_steps / elapsed, step + 1)
+            writer.add_scalar("perf/updates_per_s", (step + 1 - start) / elapsed, step + 1)
+            done = step + 1
+            if evaluator is not None and (done % config.eval_every == 0 or done == config.steps):
+                evaluations[done] = evaluator(agent.scorer)
+                for key, value in evaluations[done].items():
+                    writer.add_scalar(f"eval/{key}", value, done)
+            last = evaluations[max(evaluations)] if evaluations else {}
+            if done % config.save_every == 0 or done == config.steps:
+                checkpoint(done, last)
+            first = next(iter(metrics))
+            status = f"{first.split('/')[-1]} {metrics[first]:.3f}"
+            if last:
+                status += f" | eval cost {last['cost_ratio']:.3f}"
+            bar.advance(1, status=status)
+    writer.close()
+    return TrainResult(checkpoint_file(out), evaluations, time.perf_counter() - started, env_steps)
