@@ -30,7 +30,7 @@ from kvp_gym.traces import generate_traces
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="demo", help="where the traces, the policy and the leaderboard go")
-parser.add_argument("--steps", type=int, default=300, help="KVP training steps")
+parser.add_argument("--steps", type=int, default=600, help="KVP training steps (64 cache states x 4 rankings each)")
 parser.add_argument("--budget", type=int, default=64, help="KV entries kept per head when generating")
 args = parser.parse_args()
 out = Path(args.out)
@@ -47,6 +47,7 @@ suite = get_suite("demo")
 test_sets = suite.traces()
 result = train(TrainConfig(
     agent="kvp", traces=train_dirs, out=str(out / "kvp-policy"), steps=args.steps, all_heads=True,
+    agent_options={"states": "64"},
     eval_traces=[str(dataset.directory) for dataset in test_sets.values()],
     eval_every=max(1, args.steps // 3), save_every=max(1, args.steps // 6),
 ))
@@ -69,8 +70,14 @@ prompt = ("Here is a note: the locker code is 4821 and the meeting moved to Thur
           + "What is the locker code, and when is the meeting?")
 ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
 ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+print("full cache:")
+with torch.inference_mode():
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                   pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+print(f"trained KVP policy, {args.budget} entries per KV head:")
 cache = EvictingCache(scorer, args.budget, config=model.config)
 with torch.inference_mode():
     model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=48, do_sample=False,
-                   pad_token_id=tokenizer.pad_token_id, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+                   pad_token_id=tokenizer.pad_token_id, streamer=streamer)
 print(cache.report())

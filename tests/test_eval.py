@@ -57,3 +57,15 @@ def test_unknown_suite_and_policy(tiny_suite, tmp_path):
     with pytest.raises(KeyError, match="known scorers"):
         run_leaderboard(dataclasses.replace(tiny_suite, sources=("prose",)), tmp_path / "lb", ["nope"], downstream=False,
                         show_progress=False)
+
+
+def test_ruler_prompt_ends_with_the_answer_prefix(tiny_suite, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from kvp_gym.eval.downstream import answer_prefix_end
+
+    trace = tiny_suite.traces(show_progress=False)["ruler"][0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = answer_prefix_end(tokenizer, trace)
+    assert tokenizer.decode(trace.tokens[trace.meta["answer_token"] : end]) == "The special magic number is "
+    assert tokenizer.decode(trace.tokens[end:]).startswith(trace.meta["answer"][0])

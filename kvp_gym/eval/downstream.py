@@ -84,12 +84,12 @@ def ruler_answer(
 
 
 def answer_prefix_end(tokenizer: PreTrainedTokenizerBase, trace: Trace) -> int:
-    """Token index where the first expected answer starts inside the trace's assistant turn."""
+    """Index of the first token of the first expected answer inside the trace's assistant turn."""
     start, tokens, first = trace.meta["answer_token"], trace.tokens, trace.meta["answer"][0]
-    for end in range(start, trace.length):
-        if first in tokenizer.decode(tokens[start : end + 1]):
-            return end
-    raise ValueError(f"the answer {first!r} is not in the assistant turn of {trace!r}")
+    offset = tokenizer.decode(tokens[start:]).find(first)
+    if offset < 0:
+        raise ValueError(f"the answer {first!r} is not in the assistant turn of {trace!r}")
+    return next(end for end in range(start, trace.length) if len(tokenizer.decode(tokens[start : end + 1])) > offset)
 
 
 def perplexity(nll_sum: float, count: int) -> float:

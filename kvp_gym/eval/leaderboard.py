@@ -35,20 +35,21 @@ def default_policies() -> list[str]:
 def load_policies(
     names: Iterable[str], checkpoints: Iterable[str | Path], expect_spec: Any
 ) -> tuple[dict[str, Scorer], dict[str, str]]:
-    """Registered scorers by name, plus trained checkpoints named "<dir or file stem>".
+    """Registered scorers by name, plus trained checkpoints named after their run directory (or file).
 
     Also returns each policy's record id: its name, and for a checkpoint the name plus the start of
     the file's sha256, so a retrained checkpoint is never scored with the old one's records.
     """
-    from kvp_gym.policy import checkpoint_file, load_scorer
+    from kvp_gym.policy import FILE_NAME, checkpoint_file, load_scorer
     from kvp_gym.traces.dataset import sha256_of
 
     policies: dict[str, Scorer] = {name: scorers.get(name) for name in names}
     ids = {name: name for name in policies}
     for path in checkpoints:
-        name = Path(path).name.removesuffix(".safetensors")
+        file = checkpoint_file(path)
+        name = file.parent.name if file.name == FILE_NAME else file.stem
         policies[name] = load_scorer(path, expect_spec=expect_spec)
-        ids[name] = f"{name}@{sha256_of(checkpoint_file(path))[:12]}"
+        ids[name] = f"{name}@{sha256_of(file)[:12]}"
     return policies, ids
 
 

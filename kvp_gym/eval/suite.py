@@ -34,7 +34,7 @@ class Suite:
     budgets: tuple[int, ...] = (64, 128, 256, 512)
     ppl_prefix: int = 768
     ppl_sources: tuple[str, ...] = ("dialogue", "prose")
-    answer_tokens: int = 24
+    answer_tokens: int = 32
 
     @property
     def id(self) -> str:
