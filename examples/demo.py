@@ -59,7 +59,8 @@ report = write_report(results, out / "leaderboard", title="kvp-gym demo leaderbo
 print(f"{'policy':<24}{'mean cost ratio':>16}")
 for row in ranking_table(results):
     print(f"{row['policy']:<24}{row['cost_ratio']:>16.3f}")
-print(report.read_text().split("## Perplexity")[1].split("## Plots")[0] if "## Perplexity" in report.read_text() else "")
+text = report.read_text()
+print("## Perplexity" + text.split("## Perplexity")[1].split("## Plots")[0] if "## Perplexity" in text else "")
 print(f"full report: {report}")
 
 print(f"== 4/4 generate: SmolLM2 with the trained policy keeping {args.budget} entries per KV head ==")
