@@ -205,7 +205,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
     means, layers, heads = head_means(results)
     contenders = [p for p in policies if p != "oracle"]
     winners = np.nanargmin(np.stack([means[p] for p in contenders]), axis=0)
-    fig, ax = plt.subplots(figsize=(max(3, heads * 1.2), 6))
+    fig, ax = plt.subplots(figsize=(max(3, heads * 1.2) + 2.5, 6))
     cmap = matplotlib.colors.ListedColormap([colors[p] for p in contenders])
     ax.imshow(winners, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(contenders) - 0.5, interpolation="nearest")
     ax.set_xlabel("KV head")
