@@ -218,31 +218,30 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
     budgets = list(results["suite"]["budgets"])
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for policy, cells in ppl.items():
-            if policy == FULL_CACHE:
-                ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
-            else:
-                ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("cache budget (tokens per KV head)")
+        _budget_curves(ax, ppl, budgets, colors)
         ax.set_ylabel("perplexity")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "perplexity.png"))
     if any(accuracy.values()):
         fig, axes = plt.subplots(1, len(accuracy), figsize=(11, 4), sharey=True)
         for ax, (placement, table) in zip(np.atleast_1d(axes), accuracy.items()):
-            for policy, cells in table.items():
-                if policy == FULL_CACHE:
-                    ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
-                else:
-                    ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
-            ax.set_xscale("log", base=2)
+            _budget_curves(ax, table, budgets, colors)
             ax.set_title(f"RULER, question {placement}")
-            ax.set_xlabel("cache budget (tokens per KV head)")
         np.atleast_1d(axes)[0].set_ylabel("accuracy")
         np.atleast_1d(axes)[-1].legend(fontsize=7)
         written.append(_save(fig, out / "ruler_accuracy.png"))
     return written
+
+
+def _budget_curves(ax: Any, table: dict[str, dict[Any, float]], budgets: list[int], colors: dict[str, Any]) -> None:
+    """One line per policy over the budgets (log2 axis); the full cache as a dashed horizontal line."""
+    for policy, cells in table.items():
+        if policy == FULL_CACHE:
+            ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
+        else:
+            ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cache budget (tokens per KV head)")
 
 
 def _save(fig: Any, path: Path) -> str:
