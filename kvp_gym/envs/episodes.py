@@ -488,6 +488,20 @@ def with_masks(info: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+class CoreAccess:
+    """What the single and vector env wrappers expose of their batched core (``self.core``)."""
+
+    @property
+    def model_spec(self):
+        """The ModelSpec of the traces (layers, heads, KV heads, head dim)."""
+        return self.core.source.spec
+
+    @property
+    def traces(self):
+        """The Trace objects episodes are drawn from; info["trace"] indexes this list."""
+        return self.core.source.traces
+
+
 class BatchedCore(Protocol):
     """What the generic single and vector envs drive: E rows of episodes (G consecutive rows share one).
 

@@ -20,6 +20,7 @@ from gymnasium import spaces
 
 from kvp_gym.envs.episodes import (
     BatchedCore,
+    CoreAccess,
     LayerCache,
     TraceSource,
     check_choice,
@@ -184,7 +185,7 @@ class KVEvictCore:
         return reward, torch.ones(len(reward), dtype=torch.bool), info
 
 
-class CoreEnv(gym.Env):
+class CoreEnv(CoreAccess, gym.Env):
     """A single Gymnasium env driven by a batched core with one row (no logic of its own)."""
 
     metadata = {"render_modes": []}
@@ -194,16 +195,6 @@ class CoreEnv(gym.Env):
         self.observation_space = core.observation_space
         self.action_space = spaces.Box(-1.0, 1.0, (core.size,), np.float32)
         self._needs_reset = True
-
-    @property
-    def model_spec(self):
-        """The ModelSpec of the traces (layers, heads, KV heads, head dim)."""
-        return self.core.source.spec
-
-    @property
-    def traces(self):
-        """The Trace objects episodes are drawn from; info["trace"] indexes this list."""
-        return self.core.source.traces
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)

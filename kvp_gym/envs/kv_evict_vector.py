@@ -20,11 +20,11 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from kvp_gym.envs.episodes import BatchedCore, check_scores, check_vector, to_numpy, with_masks
+from kvp_gym.envs.episodes import BatchedCore, CoreAccess, check_scores, check_vector, to_numpy, with_masks
 from kvp_gym.envs.kv_evict import KVEvictCore
 
 
-class CoreVectorEnv(VectorEnv):
+class CoreVectorEnv(CoreAccess, VectorEnv):
     """A Gymnasium VectorEnv driven by a batched core with one row per env (no logic of its own).
 
     ``as_torch=True``: observations, rewards, flags and infos are torch tensors, and actions may be
@@ -42,16 +42,6 @@ class CoreVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._everyone = torch.ones(num_envs, dtype=torch.bool)
-
-    @property
-    def model_spec(self):
-        """The ModelSpec of the traces (layers, heads, KV heads, head dim)."""
-        return self.core.source.spec
-
-    @property
-    def traces(self):
-        """The Trace objects episodes are drawn from; info["trace"] indexes this list."""
-        return self.core.source.traces
 
     def _out(self, tree: Any) -> Any:
         return tree if self.as_torch else to_numpy(tree)
