@@ -33,8 +33,8 @@ from agents.common import (
     plackett_luce_log_prob,
     warmup_cosine,
 )
-from agents.policy import PerHeadMLPScorer
-from kvp_gym.envs.policies import obs_to_view
+from agents.mlp_scorer import PerHeadMLPScorer
+from kvp_gym.envs.adapters import obs_to_view
 
 
 @dataclasses.dataclass

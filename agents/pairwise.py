@@ -11,7 +11,7 @@ averaged over the pairs of each row, then over rows. Only unprotected real entri
   ordered pair with I_i > I_j counts.
 - KVEvictStream-v0 (``stream=True``): the target is ForesightKV's golden eviction schedule, with the
   states teacher-forced along it (the env steps with the golden action,
-  ``kvp_gym.envs.policies.GoldenPolicy``). Pairs are (golden-kept, golden-evicted) among the evictable
+  ``kvp_gym.envs.adapters.GoldenPolicy``). Pairs are (golden-kept, golden-evicted) among the evictable
   entries. The schedule may evict a sink that the env protects; such an entry has no pair, and the
   env then evicts one other entry by tie-break, so the forced states follow the schedule closely but
   not exactly unless the env is made with ``sink=0``.
@@ -28,8 +28,8 @@ import gymnasium as gym
 import torch
 
 from agents.common import warmup_cosine
-from agents.policy import PerHeadMLPScorer
-from kvp_gym.envs.policies import GoldenPolicy, obs_to_view
+from agents.mlp_scorer import PerHeadMLPScorer
+from kvp_gym.envs.adapters import GoldenPolicy, obs_to_view
 
 
 @dataclasses.dataclass

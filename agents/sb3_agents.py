@@ -47,8 +47,8 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from torch import nn
 
-from agents.policy import POSITION_FEATURES, PerHeadMLPScorer, position_features
-from kvp_gym.envs.policies import obs_to_view
+from agents.mlp_scorer import POSITION_FEATURES, PerHeadMLPScorer, position_features
+from kvp_gym.envs.adapters import obs_to_view
 from kvp_gym.envs.sb3 import SB3_NAMES, SB3VecEnv
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.scorers import ScoringView

@@ -5,7 +5,7 @@ A run lives in one directory (``--out``):
     run.json            the settings that define the run (a rerun with other settings is refused)
     state.pt            the last checkpoint: step, scorer weights, the agent's optimiser / scheduler
                         (and SB3 model) state; written atomically every ``save_every`` steps
-    scorer.safetensors  the trained scorer (kvp_gym.policy format), rewritten at every checkpoint
+    scorer.safetensors  the trained scorer (kvp_gym.checkpoint format), rewritten at every checkpoint
     tb/                 TensorBoard logs (training metrics, evaluation, throughput)
 
 Resume: rerunning the same command continues from state.pt. Reproducibility: at every checkpoint
@@ -38,11 +38,11 @@ from agents.common import seed_for
 from agents.grpo import GRPOAgent, GRPOConfig
 from agents.kvp import KVPAgent, KVPConfig
 from agents.pairwise import PairwiseAgent, PairwiseConfig
-from agents.policy import PerHeadMLPScorer
+from agents.mlp_scorer import PerHeadMLPScorer
 from agents.sb3_agents import SB3Agent, SB3Config
-from kvp_gym.envs.policies import obs_to_view
+from kvp_gym.envs.adapters import obs_to_view
 from kvp_gym.models.spec import ModelSpec
-from kvp_gym.policy import checkpoint_file, load_scorer, read_header, save_scorer
+from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, save_scorer
 from kvp_gym.progress import progress_bar
 from kvp_gym.traces import TraceDataset
 from kvp_gym.traces.generate import write_atomic, write_json_atomic

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from agents.train import AGENTS, Evaluator, TrainConfig, open_trace_sets, train
-from kvp_gym.policy import load_scorer
+from kvp_gym.checkpoint import load_scorer
 from kvp_gym.scorers import get
 
 ATTENTION_FREE = ("random", "streamingllm", "knorm", "keydiff", "lagkv")

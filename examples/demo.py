@@ -25,7 +25,7 @@ from kvp_gym.eval.leaderboard import run_leaderboard
 from kvp_gym.eval.report import ranking_table, write_report
 from kvp_gym.eval.suite import get_suite
 from kvp_gym.models import load_model
-from kvp_gym.policy import load_scorer
+from kvp_gym.checkpoint import load_scorer
 from kvp_gym.traces import generate_traces
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

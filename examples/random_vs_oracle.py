@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 
 import kvp_gym  # noqa: F401  (registers KVEvict-v0 and KVEvictStream-v0)
-from kvp_gym.envs.policies import GoldenPolicy, ScorerPolicy
+from kvp_gym.envs.adapters import GoldenPolicy, ScorerPolicy
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--traces", default=None, help="trace directory (default: the default trace set)")

@@ -7,7 +7,7 @@
 All (layer, KV head) agents train at once: episodes of every head share one vector env and one
 backward pass updates every head's MLP. Rerunning the same command after a kill resumes. The result
 is a scorer checkpoint that the envs, the leaderboard and the inference cache load with
-``kvp_gym.policy.load_scorer(out)``.
+``kvp_gym.checkpoint.load_scorer(out)``.
 """
 
 import argparse

@@ -180,7 +180,7 @@ def test_training_improves_reward(agent: str, peaked_traces, tmp_path: Path, one
 
 
 def load_scorer_of(path: Path):
-    from kvp_gym.policy import load_scorer
+    from kvp_gym.checkpoint import load_scorer
 
     return load_scorer(path)
 

@@ -11,7 +11,7 @@ import torch
 
 import kvp_gym  # noqa: F401
 from kvp_gym import scorers
-from kvp_gym.envs.policies import ScorerPolicy, obs_to_view
+from kvp_gym.envs.adapters import ScorerPolicy, obs_to_view
 
 pytestmark = pytest.mark.slow
 LAYER, HEAD, N, WINDOW = 11, 1, 200, 32

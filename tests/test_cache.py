@@ -405,7 +405,7 @@ def test_cli_checkpoints_are_checked_against_the_model(tiny_model_dir, tmp_path)
     from transformers import AutoConfig
 
     from kvp_gym.models import ModelSpec
-    from kvp_gym.policy import save_scorer
+    from kvp_gym.checkpoint import save_scorer
 
     spec = ModelSpec.from_config(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
     common = dict(registry_name="knorm", config={}, protected={"sink": 2, "recent": 4}, training={})

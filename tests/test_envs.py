@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 import kvp_gym  # noqa: F401  (registers the envs)
 from kvp_gym.envs.kv_evict import KVEvictEnv
 from kvp_gym.envs.kv_evict_vector import KVEvictVectorEnv
-from kvp_gym.envs.policies import ScorerPolicy, obs_to_view
+from kvp_gym.envs.adapters import ScorerPolicy, obs_to_view
 from kvp_gym.envs.reward import (
     cost_ratio,
     kept_fraction_at,

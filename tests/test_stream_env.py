@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvp_gym  # noqa: F401  (registers the envs)
-from kvp_gym.envs.policies import GoldenPolicy
+from kvp_gym.envs.adapters import GoldenPolicy
 from kvp_gym.envs.sb3 import SB3VecEnv
 from kvp_gym.envs.stream import KVEvictStreamEnv, KVEvictStreamVectorEnv
 from kvp_gym.models import ModelSpec

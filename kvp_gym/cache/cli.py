@@ -85,13 +85,13 @@ def _resolve_policy(policy: str, language_model: Any, model_name: str) -> tuple[
             ) from error
     try:
         from kvp_gym.models import ModelSpec
-        from kvp_gym.policy import load_scorer, read_header
+        from kvp_gym.checkpoint import load_scorer, read_header
     except ImportError as error:
         raise typer.BadParameter(f"cannot load scorer checkpoints here: {error}", param_hint="--policy") from error
     try:
         scorer = load_scorer(policy, expect_spec=ModelSpec.from_config(language_model.config, model_name))
         protected = {**DEFAULT_PROTECTED, **read_header(policy).protected}
-    except ValueError as error:  # kvp_gym.policy.CheckpointError, or a checkpoint made for another model
+    except ValueError as error:  # kvp_gym.checkpoint.CheckpointError, or a checkpoint made for another model
         raise typer.BadParameter(str(error), param_hint="--policy") from error
     return scorer, protected
 

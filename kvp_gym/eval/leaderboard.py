@@ -40,7 +40,7 @@ def load_policies(
     Also returns each policy's record id: its name, and for a checkpoint the name plus the start of
     the file's sha256, so a retrained checkpoint is never scored with the old one's records.
     """
-    from kvp_gym.policy import FILE_NAME, checkpoint_file, load_scorer
+    from kvp_gym.checkpoint import FILE_NAME, checkpoint_file, load_scorer
     from kvp_gym.traces.dataset import sha256_of
 
     policies: dict[str, Scorer] = {name: scorers.get(name) for name in names}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kvp_gym.envs.kv_evict import KVEvictCore
-from kvp_gym.envs.policies import obs_to_view
+from kvp_gym.envs.adapters import obs_to_view
 from kvp_gym.envs.reward import kept_fraction_at
 from kvp_gym.eval.suite import Suite
 from kvp_gym.scorers import Scorer

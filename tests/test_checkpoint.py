@@ -1,4 +1,4 @@
-"""The per-head MLP scorer and the scorer checkpoint format (kvp_gym.policy)."""
+"""The per-head MLP scorer and the scorer checkpoint format (kvp_gym.checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.policy import PerHeadMLPScorer, position_features
+from agents.mlp_scorer import PerHeadMLPScorer, position_features
 from kvp_gym import scorers
 from kvp_gym.models import ModelSpec
-from kvp_gym.policy import CheckpointError, load_scorer, read_header, save_scorer
+from kvp_gym.checkpoint import CheckpointError, load_scorer, read_header, save_scorer
 from kvp_gym.scorers import ScoringView
 
 SPEC = ModelSpec(name="tiny", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)

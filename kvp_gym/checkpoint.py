@@ -1,7 +1,7 @@
 """Scorer checkpoints: one safetensors file holding the weights and a JSON header.
 
 A checkpoint is rebuilt by name through the scorer registry, so it works for any registered scorer:
-a trained agent (``agents.policy.PerHeadMLPScorer``, registry name ``"mlp"``) or a heuristic (no
+a trained agent (``agents.mlp_scorer.PerHeadMLPScorer``, registry name ``"mlp"``) or a heuristic (no
 weights, only its config). The JSON header is stored in the safetensors metadata under the key
 ``"kvp_gym"``:
 
