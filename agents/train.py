@@ -45,7 +45,7 @@ from kvp_gym.models.spec import ModelSpec
 from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, save_scorer
 from kvp_gym.progress import progress_bar
 from kvp_gym.traces import TraceDataset
-from kvp_gym.traces.generate import write_atomic, write_json_atomic
+from kvp_gym.io import write_atomic, write_json_atomic
 
 # name -> (agent class, default hyperparameters)
 AGENTS: dict[str, tuple[type, Any]] = {

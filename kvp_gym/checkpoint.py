@@ -78,7 +78,7 @@ def save_scorer(
     ``config`` must rebuild the scorer: ``kvp_gym.scorers.get(registry_name, **config)``. If the config
     names the model's shapes (num_layers / num_kv_heads / head_dim) they must agree with ``model_spec``.
     """
-    from kvp_gym.traces.generate import package_versions, write_atomic
+    from kvp_gym.io import package_versions, write_atomic
 
     for key, spec_key in (("num_layers", "num_layers"), ("num_kv_heads", "num_kv_heads"), ("head_dim", "head_dim")):
         if key in config and config[key] != getattr(model_spec, spec_key):

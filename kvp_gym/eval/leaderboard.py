@@ -20,7 +20,7 @@ from kvp_gym.eval.suite import Suite
 from kvp_gym.progress import progress_bar
 from kvp_gym.scorers import Scorer
 from kvp_gym.traces import TraceDataset
-from kvp_gym.traces.generate import write_json_atomic
+from kvp_gym.io import write_json_atomic
 
 ARCHITECTURES = ("mlp",)  # registered trainable architectures: not policies until trained
 FUTURE_ONLY = ("oracle",)  # needs the true future: ranking upper bound, cannot run in a real cache

@@ -16,7 +16,7 @@ import numpy as np
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
-from kvp_gym.traces.generate import package_versions, write_atomic, write_json_atomic
+from kvp_gym.io import package_versions, write_atomic, write_json_atomic
 
 
 def machine() -> dict[str, Any]:

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from kvp_gym.data import SOURCES
 from kvp_gym.paths import home_dir
 from kvp_gym.traces import TraceDataset, generate_traces
 
@@ -22,7 +23,7 @@ class Suite:
     name: str
     version: int
     model: str = "smollm2-135m"
-    sources: tuple[str, ...] = ("ruler", "dialogue", "prose")
+    sources: tuple[str, ...] = SOURCES
     traces_per_source: int = 6
     length: int = 1024
     seed: int = 1

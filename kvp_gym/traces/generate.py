@@ -8,55 +8,21 @@ same command after a kill continues where it stopped.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-
-from kvp_gym.data import TextSample, encode_sample, make_samples
+from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_samples
+from kvp_gym.io import package_versions, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
 from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, sha256_of
 
-SOURCES = ("ruler", "dialogue", "prose")
-SPLITS = ("train", "test")
 DEFAULT_SEEDS = {"train": 0, "test": 1}
 SAMPLES_FILE = "samples.json"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions recorded in every manifest and report."""
-    names = ("kvp-gym", "torch", "transformers", "safetensors", "numpy", "gymnasium")
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; never leaves a partial file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,48 @@
+"""Atomic file writes and the package versions every manifest and report records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+TEMP_SUFFIX = ".tmp"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded in every manifest and report."""
+    names = ("kvp-gym", "torch", "transformers", "safetensors", "numpy", "gymnasium")
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of ``write_atomic``'s temporary files for ``path`` (they end in ``.tmp``)."""
+    return f".{path.name}."
+
+
+def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; never leaves a partial file."""
+    handle, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON with ``write_atomic``."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
