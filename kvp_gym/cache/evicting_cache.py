@@ -19,9 +19,11 @@ Design (transformers 5.x, Llama-style attention):
   position ids and the padding of new tokens and, when the scorer needs them, the last
   ``query_window`` queries (SnapKV, TOVA) or the attention each entry has received (H2O, computed only
   then).
-* Padding. Left-padded entries rank below every real entry. Kept entries stay in order, so the
-  padding that must be kept (a row shorter than the budget) sits in the first slots, exactly where
-  transformers' 2D-mask offset arithmetic looks for it: batches with left padding stay correct.
+* Padding. Each row is scored on its own real queries (``RealQueriesPerRow``), so a row evicts
+  exactly as it would alone. Left-padded entries rank below every real entry. Kept entries stay in
+  order, so the padding that must be kept (a row shorter than the budget) sits in the first slots,
+  exactly where transformers' 2D-mask offset arithmetic looks for it: batches with left padding
+  stay correct.
 
 Scorers get a ``ScoringView`` of a layer: one row per batch row with all KV heads while the heads
 hold the same positions (the first compression), else one row per (batch row, KV head) with H = 1.
@@ -37,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvp_gym.cache.attention import use_evicting_attention
 from kvp_gym.cache.layer import EvictingLayer, EvictionSettings
-from kvp_gym.scorers import Scorer
+from kvp_gym.scorers import Scorer, ScoringView
 
 LIVE_INPUTS = frozenset({"queries", "attention"})
 DEFAULT_QUERY_WINDOW = 64
@@ -83,7 +85,7 @@ class EvictingCache(Cache):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"query_window must be a positive int, got {window!r}")
         self.settings = EvictionSettings(
-            scorer=scorer,
+            scorer=RealQueriesPerRow(scorer, name) if "queries" in scorer.needs else scorer,
             scorer_name=name,
             budget=budget,
             sink=sink,
@@ -124,6 +126,53 @@ class EvictingCache(Cache):
             peak_stored=max(layer.peak_stored for layer in layers),
             compressions=layers[0].compressions,
         )
+
+
+class RealQueriesPerRow:
+    """Shows each view row only its own real queries, so batching never changes a row's eviction.
+
+    The layers give every row the whole query window, left padding included (query position -1, the
+    first slots of a row). Rows with the same number of real queries are scored together on a view
+    trimmed to them; a row scores exactly as it would alone.
+    """
+
+    def __init__(self, scorer: Scorer, name: str) -> None:
+        self.scorer = scorer
+        self.name = name
+        self.needs = scorer.needs
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        real = (view.query_positions >= 0).sum(dim=-1)
+        counts = real.unique()
+        if len(counts) == 1:
+            return self.scorer.score(_last_queries(view, slice(None), int(counts[0])))
+        scores = torch.empty(view.shape, device=view.keys.device)
+        for count in counts.tolist():
+            rows = (real == count).nonzero()[:, 0]
+            part = self.scorer.score(_last_queries(view, rows, count))
+            if tuple(part.shape) != (len(rows), *view.shape[1:]):
+                raise ValueError(
+                    f"scorer {self.name!r} returned scores of shape {tuple(part.shape)} for {len(rows)} rows "
+                    f"of a view of shape {view.shape}"
+                )
+            scores[rows] = part.float()
+        return scores
+
+
+def _last_queries(view: ScoringView, rows: slice | torch.Tensor, count: int) -> ScoringView:
+    """The view's ``rows`` with only their last ``count`` queries."""
+    window = view.query_positions.shape[-1]
+
+    def select(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[rows]
+
+    return dataclasses.replace(
+        view,
+        keys=view.keys[rows], values=view.values[rows], positions=view.positions[rows], mask=view.mask[rows],
+        layer=view.layer[rows], kv_heads=view.kv_heads[rows],
+        queries=view.queries[rows][..., window - count :, :], query_positions=view.query_positions[rows][:, window - count :],
+        attention=select(view.attention), future_importance=select(view.future_importance),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

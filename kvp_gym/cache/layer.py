@@ -67,10 +67,6 @@ class QueryWindow:
             size,
         )
 
-    def trailing_real(self) -> int:
-        """How many of the last queries are real in every batch row (left padding makes early ones fake)."""
-        return int(self.valid.all(dim=0).flip(0).cumprod(0).sum())
-
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QueryWindow:
         return QueryWindow(fn(self.queries), fn(self.positions), fn(self.valid))
 
@@ -262,10 +258,10 @@ class EvictingLayer(DynamicLayer):
         positions = self.positions[:, 0] if shared else self.positions.reshape(rows, s)
         kv_heads = torch.arange(h, device=self.device)
         queries = query_positions = attention = None
-        if settings.needs_queries:
-            w = self.window.trailing_real()
-            queries = self.window.queries[..., -w:, :].reshape(rows, heads, -1, w, d)
-            query_positions = self.window.positions[:, -w:]
+        if settings.needs_queries:  # padding queries have position -1; EvictingCache hides them per row
+            w = self.window.positions.shape[-1]
+            queries = self.window.queries.reshape(rows, heads, -1, w, d)
+            query_positions = self.window.positions
             if not shared:
                 query_positions = query_positions.repeat_interleave(h, dim=0)
         if settings.needs_attention:
