@@ -1,7 +1,7 @@
 """What the agents share: Plackett-Luce ranking (Gumbel-sort sampling and log-probabilities),
 group baselines, the learning-rate schedule, and seeded RNG streams.
 
-Shapes: B = rows (episodes), N = entries per row. ``active [B, N]`` marks the entries that take part
+Shapes: B = rows (episodes), N = entries per row. ``ranked [B, N]`` marks the entries that take part
 in the ranking: real (not padding) and not protected. Protected entries are kept by every policy
 (the env ranks them first whatever the scores), so they carry no decision and no log-probability.
 """
@@ -12,47 +12,42 @@ import math
 
 import torch
 
-# Scores given to inactive entries when building an action: finite, far below any real score.
-INACTIVE_SCORE = -1e9
+# Scores given to unranked entries when building an action: finite, far below any real score.
+UNRANKED_SCORE = -1e9
 
 
-def gumbel_sort(scores: torch.Tensor, active: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample a Plackett-Luce ranking of the active entries by Gumbel-sort (KVP Eq. 3.3).
+def gumbel_sort(scores: torch.Tensor, ranked: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a Plackett-Luce ranking of the ranked entries by Gumbel-sort (KVP Eq. 3.3).
 
-    scores [B, N], active [B, N] -> (keys [B, N], order [B, N]). ``keys = scores + Gumbel(0, 1)``
-    noise (``INACTIVE_SCORE`` on inactive entries) is the action to send to the env: its descending
-    order is the sampled ranking. ``order`` holds the entry indices by descending key, active first.
+    scores [B, N], ranked [B, N] -> (keys [B, N], order [B, N]). ``keys = scores + Gumbel(0, 1)``
+    noise (``UNRANKED_SCORE`` on unranked entries) is the action to send to the env: its descending
+    order is the sampled ranking. ``order`` holds the entry indices by descending key, ranked first.
     """
     uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0 - 1e-7)
     keys = scores.detach() - torch.log(-torch.log(uniform))
-    keys = keys.masked_fill(~active, INACTIVE_SCORE)
+    keys = keys.masked_fill(~ranked, UNRANKED_SCORE)
     return keys, keys.argsort(dim=-1, descending=True, stable=True)
 
 
-def plackett_luce_terms(scores: torch.Tensor, order: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Per-rank log-probabilities of a ranking: scores [B, N], order [B, N], active [B, N] -> [B, N].
+def plackett_luce_terms(scores: torch.Tensor, order: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+    """Per-rank log-probabilities of a ranking: scores [B, N], order [B, N], ranked [B, N] -> [B, N].
 
-    term_i = f(sigma_i) - logsumexp_{k >= i} f(sigma_k) for the i-th ranked active entry (a reverse
-    cumulative logsumexp over the sampled order), 0 for the inactive ranks. ``order`` must list the
-    active entries first (as ``gumbel_sort`` and ``ranking`` do). Their sum is log pi(sigma).
+    term_i = f(sigma_i) - logsumexp_{k >= i} f(sigma_k) for the i-th ranked entry in the order (a
+    reverse cumulative logsumexp over the sampled order), 0 for the unranked positions. ``order`` must
+    list the ranked entries first (as ``gumbel_sort`` does). Their sum is log pi(sigma).
     """
-    ranked = scores.gather(-1, order)
-    ranked_active = active.gather(-1, order)
-    # inactive entries sit after the active ones; a very low finite score removes them from every
+    in_order = scores.gather(-1, order)
+    ranked_in_order = ranked.gather(-1, order)
+    # unranked entries sit after the ranked ones; a very low finite score removes them from every
     # suffix logsumexp without producing inf - inf
-    ranked = torch.where(ranked_active, ranked, torch.full_like(ranked, INACTIVE_SCORE))
-    suffix_lse = ranked.flip(-1).logcumsumexp(dim=-1).flip(-1)
-    return torch.where(ranked_active, ranked - suffix_lse, torch.zeros_like(ranked))
+    in_order = torch.where(ranked_in_order, in_order, torch.full_like(in_order, UNRANKED_SCORE))
+    suffix_lse = in_order.flip(-1).logcumsumexp(dim=-1).flip(-1)
+    return torch.where(ranked_in_order, in_order - suffix_lse, torch.zeros_like(in_order))
 
 
-def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """log pi(sigma) = sum_i [f(sigma_i) - logsumexp_{k >= i} f(sigma_k)] over the active entries: [B]."""
-    return plackett_luce_terms(scores, order, active).sum(dim=-1)
-
-
-def ranking(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """The deterministic ranking (descending score, active entries first): [B, N] -> order [B, N]."""
-    return scores.detach().masked_fill(~active, INACTIVE_SCORE).argsort(dim=-1, descending=True, stable=True)
+def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+    """log pi(sigma) = sum_i [f(sigma_i) - logsumexp_{k >= i} f(sigma_k)] over the ranked entries: [B]."""
+    return plackett_luce_terms(scores, order, ranked).sum(dim=-1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:

@@ -34,14 +34,15 @@ import gymnasium as gym
 import torch
 
 from agents.common import (
-    INACTIVE_SCORE,
+    UNRANKED_SCORE,
     group_normalized_advantages,
     gumbel_sort,
     plackett_luce_terms,
     warmup_cosine,
 )
 from agents.mlp_scorer import PerHeadMLPScorer
-from kvp_gym.envs.adapters import obs_to_view
+from kvp_gym.envs.adapters import obs_to_view, ranked_entries
+from kvp_gym.scorers import score_one_head
 
 
 @dataclasses.dataclass
@@ -65,14 +66,14 @@ class GRPOConfig:
 class Batch:
     """One step of rollouts. D = decisions per row: N ranks (one-step) or L evictions (stream).
 
-    obs [E, ...]; chosen: ranking order [E, N] or evicted indices [E, L]; active [E, N];
+    obs [E, ...]; chosen: ranking order [E, N] or evicted indices [E, L]; ranked [E, N];
     decided [E, D] (the decisions that count); old / ref log-probabilities [E, D]; weight [E]
     (0 for rows whose episode already ended).
     """
 
     obs: dict[str, torch.Tensor]
     chosen: torch.Tensor
-    active: torch.Tensor
+    ranked: torch.Tensor
     decided: torch.Tensor
     old_log_prob: torch.Tensor
     ref_log_prob: torch.Tensor
@@ -109,27 +110,27 @@ class GRPOAgent:
 
     # ------------------------------------------------------------------ the two action models
 
-    def _log_probs(self, scores: torch.Tensor, chosen: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _log_probs(self, scores: torch.Tensor, chosen: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
         """Log-probability of each decision [E, D] under keep scores [E, N]: Plackett-Luce rank terms
         (one-step), or log_softmax of the eviction scores over the evictable entries (stream)."""
         if not self.config.stream:
-            return plackett_luce_terms(scores, chosen, active)
-        eviction = (-scores).masked_fill(~active, INACTIVE_SCORE)
+            return plackett_luce_terms(scores, chosen, ranked)
+        eviction = (-scores).masked_fill(~ranked, UNRANKED_SCORE)
         return eviction.log_softmax(dim=-1).gather(-1, chosen)
 
-    def _act(self, scores: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _act(self, scores: torch.Tensor, ranked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample an action from keep scores [E, N]: (env scores [E, N], chosen = ranking order [E, N] or evicted [E, L])."""
         if not self.config.stream:
-            return gumbel_sort(scores, active, self.generator)
-        evict = self.env.unwrapped.core.chunk
-        eviction = (-scores).masked_fill(~active, INACTIVE_SCORE)
-        top = min(2 * evict, int(active.sum(-1).min()))
+            return gumbel_sort(scores, ranked, self.generator)
+        evict = self.env.unwrapped.step_size
+        eviction = (-scores).masked_fill(~ranked, UNRANKED_SCORE)
+        top = min(2 * evict, int(ranked.sum(-1).min()))
         candidates = eviction.topk(top, dim=-1).indices  # [E, 2L]
         # Gumbel-top-L over the candidates = L draws without replacement from their softmax
         uniform = torch.rand(candidates.shape, generator=self.generator).clamp_(1e-20, 1.0 - 1e-7)
         perturbed = eviction.gather(-1, candidates) - torch.log(-torch.log(uniform))
         evicted = candidates.gather(-1, perturbed.topk(evict, dim=-1).indices)  # [E, L]
-        action = scores.scatter(-1, evicted, INACTIVE_SCORE)  # the env evicts the L lowest keep scores
+        action = scores.scatter(-1, evicted, UNRANKED_SCORE)  # the env evicts the L lowest keep scores
         return action, evicted
 
     # ------------------------------------------------------------------ rollouts
@@ -143,15 +144,15 @@ class GRPOAgent:
         returns = torch.zeros(rows)
         batches = []
         while alive.any():
-            active = self.obs["mask"].bool() & ~self.obs["protected"].bool()
+            ranked = ranked_entries(self.obs)
             view = obs_to_view(self.obs, self.spec)
             with torch.no_grad():
-                scores = self.scorer.score(view)[:, 0]
-                action, chosen = self._act(scores, active)
-                old_log_prob = self._log_probs(scores, chosen, active)
-                ref_log_prob = self._log_probs(self.reference.score(view)[:, 0], chosen, active)
-            decided = torch.ones_like(chosen, dtype=torch.bool) if self.config.stream else active.gather(-1, chosen)
-            batches.append(Batch(self.obs, chosen, active, decided, old_log_prob, ref_log_prob, alive.float()))
+                scores = score_one_head(self.scorer, view)
+                action, chosen = self._act(scores, ranked)
+                old_log_prob = self._log_probs(scores, chosen, ranked)
+                ref_log_prob = self._log_probs(score_one_head(self.reference, view), chosen, ranked)
+            decided = torch.ones_like(chosen, dtype=torch.bool) if self.config.stream else ranked.gather(-1, chosen)
+            batches.append(Batch(self.obs, chosen, ranked, decided, old_log_prob, ref_log_prob, alive.float()))
             self.obs, reward, terminated, truncated, _ = self.env.step(action)
             returns += reward * alive
             alive &= ~(terminated | truncated)
@@ -168,8 +169,8 @@ class GRPOAgent:
         for _ in range(config.epochs):
             surrogate_total, kl_total, weight_total = 0.0, 0.0, 0.0
             for batch in batches:
-                scores = self.scorer.score(obs_to_view(batch.obs, self.spec))[:, 0]
-                log_prob = self._log_probs(scores, batch.chosen, batch.active)  # [E, D]
+                scores = score_one_head(self.scorer, obs_to_view(batch.obs, self.spec))
+                log_prob = self._log_probs(scores, batch.chosen, batch.ranked)  # [E, D]
                 decided = batch.decided
                 ratio = torch.exp((log_prob - batch.old_log_prob).clamp(-10, 10))
                 a = advantages[:, None]

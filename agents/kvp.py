@@ -34,7 +34,8 @@ from agents.common import (
     warmup_cosine,
 )
 from agents.mlp_scorer import PerHeadMLPScorer
-from kvp_gym.envs.adapters import obs_to_view
+from kvp_gym.envs.adapters import obs_to_view, ranked_entries
+from kvp_gym.scorers import score_one_head
 
 
 @dataclasses.dataclass
@@ -80,14 +81,14 @@ class KVPAgent:
     def update(self) -> dict[str, float]:
         """One KVP step; returns the batch's metrics."""
         view = obs_to_view(self.obs, self.spec)
-        active = view.mask & ~self.obs["protected"].bool()  # [E, N] the entries the ranking decides
-        scores = self.scorer.score(view)[:, 0]  # [E, N]
-        keys, order = gumbel_sort(scores, active, self.generator)
+        ranked = ranked_entries(self.obs)  # [E, N] the entries the ranking decides
+        scores = score_one_head(self.scorer, view)  # [E, N]
+        keys, order = gumbel_sort(scores, ranked, self.generator)
         self.obs, reward, _, _, _ = self.env.step(keys)
 
         advantages = leave_one_out_advantages(reward.view(-1, self.config.samples)).flatten()
         advantages = normalize(advantages)
-        log_prob = plackett_luce_log_prob(scores, order, active)  # [E]
+        log_prob = plackett_luce_log_prob(scores, order, ranked)  # [E]
         loss = -(advantages * log_prob).mean()
 
         self.optimizer.zero_grad()

@@ -78,6 +78,8 @@ class PerHeadMLPScorer(nn.Module):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    trainable: ClassVar[bool] = True
+    registry_name: ClassVar[str] = "mlp"  # its kvp_gym.scorers entry point (pyproject.toml)
 
     def __init__(
         self,

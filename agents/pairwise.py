@@ -29,7 +29,8 @@ import torch
 
 from agents.common import warmup_cosine
 from agents.mlp_scorer import PerHeadMLPScorer
-from kvp_gym.envs.adapters import GoldenPolicy, obs_to_view
+from kvp_gym.envs.adapters import GoldenPolicy, obs_to_view, ranked_entries
+from kvp_gym.scorers import score_one_head
 
 
 @dataclasses.dataclass
@@ -86,8 +87,8 @@ class PairwiseAgent:
 
     def update(self) -> dict[str, float]:
         """One supervised step on ``states`` fresh observations; the env then moves on (golden action if streaming)."""
-        active = self.obs["mask"].bool() & ~self.obs["protected"].bool()  # [B, N]
-        both = active[:, :, None] & active[:, None, :]
+        ranked = ranked_entries(self.obs)  # [B, N]
+        both = ranked[:, :, None] & ranked[:, None, :]
         if self.golden is None:
             importance = self.obs["future_importance"]
             better = both & (importance[:, :, None] > importance[:, None, :])
@@ -96,7 +97,7 @@ class PairwiseAgent:
             action = torch.as_tensor(self.golden.act(self.obs, self.info))
             kept = action > 0.5
             better = both & kept[:, :, None] & ~kept[:, None, :]
-        scores = self.scorer.score(obs_to_view(self.obs, self.spec))[:, 0]
+        scores = score_one_head(self.scorer, obs_to_view(self.obs, self.spec))
         loss = pairwise_hinge(scores, better, self.config.margin)
 
         self.optimizer.zero_grad()

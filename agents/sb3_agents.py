@@ -10,7 +10,7 @@ KVEvictStream-v0, and ARS (sb3-contrib) on KVEvict-v0, all through the SB3 VecEn
   Padded and protected entries get a fixed N(0, 1) that depends on no parameter and is left out of
   the log-probability and the entropy, so they add no noise to the gradient, the ratios or TRPO's KL.
 - critic (PPO / A2C / TRPO): a small pooled network, ``TokenSummary`` (LayerNorm + Linear + tanh on
-  each active entry's (k, v, position features), masked mean over entries, plus an embedding of the
+  each ranked entry's (k, v, position features), masked mean over entries, plus an embedding of the
   (layer, KV head)) followed by a 2-layer MLP. It is trained but not saved with the scorer.
 - RecurrentPPO: the same per-token actor, which is not recurrent; the critic runs sb3-contrib's LSTM
   over the ``TokenSummary`` of each step. sb3-contrib always builds an actor LSTM too (its rollout
@@ -20,8 +20,8 @@ KVEvictStream-v0, and ARS (sb3-contrib) on KVEvict-v0, all through the SB3 VecEn
   scores themselves (ARS has no action noise). ``zero_policy=False``: a 2-layer MLP at zero weights has
   no first-order response to perturbations, so the search starts from the scorer's initialisation.
 
-The envs accept any finite score but declare Box(-1, 1) actions; SB3 clips actions to the declared
-bounds, which would tie every score beyond +-1, so ``WideScores`` re-declares them as [-1e6, 1e6].
+The envs declare every finite float32 as a valid score (``kvp_gym.envs.core.score_space``), so SB3's
+clipping of sampled actions to the declared bounds changes no score.
 
 One ``update()`` = one SB3 iteration (collect a rollout, then train on it).
 """
@@ -44,14 +44,13 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import set_random_seed
-from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from torch import nn
 
 from agents.mlp_scorer import POSITION_FEATURES, PerHeadMLPScorer, position_features
-from kvp_gym.envs.adapters import obs_to_view
-from kvp_gym.envs.sb3 import SB3_NAMES, SB3VecEnv
+from kvp_gym.envs.adapters import obs_to_view, ranked_entries
+from kvp_gym.envs.sb3 import SB3VecEnv, env_names
 from kvp_gym.models.spec import ModelSpec
-from kvp_gym.scorers import ScoringView
+from kvp_gym.scorers import ScoringView, score_one_head
 
 ALGORITHMS = ("ppo", "a2c", "trpo", "ars", "recurrent-ppo")
 
@@ -59,18 +58,12 @@ ALGORITHMS = ("ppo", "a2c", "trpo", "ars", "recurrent-ppo")
 # ----------------------------------------------------------------------------- observations
 
 
-def env_names(obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo the SB3 adapter's renaming of observations (``kvp_gym.envs.sb3.SB3_NAMES``)."""
-    inverse = {sb3: env for env, sb3 in SB3_NAMES.items()}
-    return {inverse.get(key, key): value for key, value in obs.items()}
-
-
-def view_and_active(obs: dict[str, torch.Tensor], spec: ModelSpec, scorer: PerHeadMLPScorer) -> tuple[ScoringView, torch.Tensor]:
-    """SB3 observations (adapter names, float32 in rollout buffers) -> (ScoringView with H = 1, active [B, N]).
+def view_and_ranked(obs: dict[str, torch.Tensor], spec: ModelSpec, scorer: PerHeadMLPScorer) -> tuple[ScoringView, torch.Tensor]:
+    """SB3 observations (adapter names, float32 in rollout buffers) -> (ScoringView with H = 1, ranked [B, N]).
 
     Rows that are all padding (RecurrentPPO pads its sequences with zeros) are pointed at the
     scorer's first head, so that a scorer trained for a subset of heads can score them; they have no
-    active entry and so no influence on any loss.
+    ranked entry and so no influence on any loss.
     """
     view = obs_to_view(env_names(obs), spec)
     empty = ~view.mask.any(dim=-1)
@@ -78,11 +71,11 @@ def view_and_active(obs: dict[str, torch.Tensor], spec: ModelSpec, scorer: PerHe
         layer, head = scorer.heads[0]
         view.layer = view.layer.masked_fill(empty, layer)
         view.kv_heads = view.kv_heads.masked_fill(empty[:, None], head)
-    return view, view.mask & ~obs["protected"].bool()
+    return view, ranked_entries(obs)
 
 
 class TokenSummary(BaseFeaturesExtractor):
-    """The critic's input: [B, hidden] = masked mean over active entries of tanh(W LayerNorm(x_i)) + head embedding.
+    """The critic's input: [B, hidden] = masked mean over ranked entries of tanh(W LayerNorm(x_i)) + head embedding.
 
     x_i = (k_i, v_i, position features) as the scorer sees them, before its per-head standardisation.
     """
@@ -97,37 +90,39 @@ class TokenSummary(BaseFeaturesExtractor):
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         obs = env_names(obs)
         mask = obs["mask"].bool()
-        active = (mask & ~obs["protected"].bool()).float()
+        ranked = ranked_entries(obs).float()
         x = torch.cat([obs["keys"], obs["values"], position_features(obs["positions"].long(), mask)], dim=-1)
-        pooled = (self.embed(x) * active[..., None]).sum(1) / active.sum(1, keepdim=True).clamp_min(1.0)
+        pooled = (self.embed(x) * ranked[..., None]).sum(1) / ranked.sum(1, keepdim=True).clamp_min(1.0)
         head = obs["layer"].long().reshape(-1) * self.spec.num_kv_heads + obs["kv_head"].long().reshape(-1)
         return pooled + self.head_embedding(head)
 
 
 class MaskedDiagGaussian(DiagGaussianDistribution):
-    """N(mean_i, exp(log_std)) on the active entries; a fixed N(0, 1) elsewhere, outside log_prob and entropy."""
+    """N(mean_i, exp(log_std)) on the ranked entries; a fixed N(0, 1) elsewhere, outside log_prob and entropy."""
 
-    def proba_distribution(self, mean_actions: torch.Tensor, log_std: torch.Tensor, active: torch.Tensor) -> MaskedDiagGaussian:
-        self.active = active
-        mean = torch.where(active, mean_actions, torch.zeros_like(mean_actions))
-        std = torch.where(active, log_std.exp().expand_as(mean), torch.ones_like(mean))
+    def proba_distribution(self, mean_actions: torch.Tensor, log_std: torch.Tensor, ranked: torch.Tensor) -> MaskedDiagGaussian:
+        self.ranked = ranked
+        mean = torch.where(ranked, mean_actions, torch.zeros_like(mean_actions))
+        std = torch.where(ranked, log_std.exp().expand_as(mean), torch.ones_like(mean))
         self.distribution = torch.distributions.Normal(mean, std)
         return self
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
-        """[B]: sum over the active entries."""
-        return torch.where(self.active, self.distribution.log_prob(actions), 0.0).sum(dim=-1)
+        """[B]: sum over the ranked entries."""
+        return torch.where(self.ranked, self.distribution.log_prob(actions), 0.0).sum(dim=-1)
 
     def entropy(self) -> torch.Tensor:
-        """[B]: sum over the active entries."""
-        return torch.where(self.active, self.distribution.entropy(), 0.0).sum(dim=-1)
+        """[B]: sum over the ranked entries."""
+        return torch.where(self.ranked, self.distribution.entropy(), 0.0).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------- policies
 
 
-class ScorerActorCriticPolicy(ActorCriticPolicy):
-    """PPO / A2C / TRPO policy: the per-head scorer as the Gaussian mean, a pooled critic (see the module docstring)."""
+class ScorerActor:
+    """What the PPO-family policies share: the per-head scorer as the mean of a ``MaskedDiagGaussian``
+    over the N scores, one learned log-std, and a ``TokenSummary`` features extractor for the critic.
+    Mixed in before an SB3 actor-critic policy class, which calls ``_build`` from its constructor."""
 
     def __init__(
         self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Any, *,
@@ -139,8 +134,7 @@ class ScorerActorCriticPolicy(ActorCriticPolicy):
         super().__init__(observation_space, action_space, lr_schedule, ortho_init=False, **kwargs)
 
     def _value_head(self) -> nn.Module:
-        hidden = self.critic_hidden
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        raise NotImplementedError
 
     def _build(self, lr_schedule: Any) -> None:
         self.scorer = PerHeadMLPScorer(**self.scorer_config)
@@ -150,8 +144,16 @@ class ScorerActorCriticPolicy(ActorCriticPolicy):
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _distribution(self, obs: dict[str, torch.Tensor]) -> MaskedDiagGaussian:
-        view, active = view_and_active(obs, self.spec, self.scorer)
-        return self.action_dist.proba_distribution(self.scorer.score(view)[:, 0], self.log_std, active)
+        view, ranked = view_and_ranked(obs, self.spec, self.scorer)
+        return self.action_dist.proba_distribution(score_one_head(self.scorer, view), self.log_std, ranked)
+
+
+class ScorerActorCriticPolicy(ScorerActor, ActorCriticPolicy):
+    """PPO / A2C / TRPO policy: the per-head scorer as the Gaussian mean, a pooled critic (see the module docstring)."""
+
+    def _value_head(self) -> nn.Module:
+        hidden = self.critic_hidden
+        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         distribution = self._distribution(obs)
@@ -172,30 +174,16 @@ class ScorerActorCriticPolicy(ActorCriticPolicy):
         return self._distribution(observation).get_actions(deterministic=deterministic)
 
 
-class ScorerRecurrentPolicy(RecurrentActorCriticPolicy):
+class ScorerRecurrentPolicy(ScorerActor, RecurrentActorCriticPolicy):
     """RecurrentPPO policy: the (non-recurrent) per-head scorer as actor, an LSTM over ``TokenSummary`` as critic."""
 
-    def __init__(
-        self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Any, *,
-        scorer_config: dict[str, Any], spec: ModelSpec, critic_hidden: int = 64, **kwargs: Any,
-    ) -> None:
-        self.scorer_config, self.spec, self.critic_hidden = scorer_config, spec, critic_hidden
-        kwargs.setdefault("features_extractor_class", TokenSummary)
-        kwargs.setdefault("features_extractor_kwargs", {"spec": spec, "hidden": critic_hidden})
+    def __init__(self, *args: Any, critic_hidden: int = 64, **kwargs: Any) -> None:
         kwargs.setdefault("lstm_hidden_size", critic_hidden)
-        super().__init__(observation_space, action_space, lr_schedule, ortho_init=False, **kwargs)
+        super().__init__(*args, critic_hidden=critic_hidden, **kwargs)
         self.lstm_actor.requires_grad_(False)  # built by sb3-contrib for the state shapes; unused
 
-    def _build(self, lr_schedule: Any) -> None:
-        self.scorer = PerHeadMLPScorer(**self.scorer_config)
-        self.log_std = nn.Parameter(torch.tensor(float(self.log_std_init)))
-        self.value_net = nn.Linear(self.lstm_output_dim, 1)
-        self.action_dist = MaskedDiagGaussian(self.action_space.shape[0])
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
-
-    def _distribution(self, obs: dict[str, torch.Tensor]) -> MaskedDiagGaussian:
-        view, active = view_and_active(obs, self.spec, self.scorer)
-        return self.action_dist.proba_distribution(self.scorer.score(view)[:, 0], self.log_std, active)
+    def _value_head(self) -> nn.Module:
+        return nn.Linear(self.lstm_output_dim, 1)
 
     def _values(self, obs: dict[str, torch.Tensor], states: tuple[torch.Tensor, torch.Tensor],
                 episode_starts: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -242,31 +230,35 @@ class ScorerARSPolicy(BasePolicy):
                 "scorer_config": self.scorer_config, "spec": self.spec}
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        view, _ = view_and_active(obs, self.spec, self.scorer)
-        return self.scorer.score(view)[:, 0]
+        view, _ = view_and_ranked(obs, self.spec, self.scorer)
+        return score_one_head(self.scorer, view)
 
     def _predict(self, observation: dict[str, torch.Tensor], deterministic: bool = True) -> torch.Tensor:
         return self(observation)
 
 
+# ----------------------------------------------------------------------------- SB3's private state
+# SB3 offers no public way to restart the rollout from new observations (``learn(reset_num_timesteps=True)``
+# also zeroes the step counter and the episode statistics) nor to restore the update counter of a
+# resumed run. These two functions are the only places that write its private fields.
+
+
+def restart_rollouts(model: Any, obs: Any) -> None:
+    """Make the next rollout start from ``obs`` with fresh episodes (and zero LSTM states for RecurrentPPO)."""
+    model._last_obs = obs
+    model._last_episode_starts = np.ones(model.env.num_envs, dtype=bool)
+    if isinstance(model, RecurrentPPO):
+        model._last_lstm_states = RNNStates(*(
+            tuple(torch.zeros_like(tensor) for tensor in pair) for pair in model._last_lstm_states
+        ))
+
+
+def restore_update_count(model: Any, n_updates: int) -> None:
+    """The update counter SB3 logs as train/n_updates, as saved by a checkpoint."""
+    model._n_updates = n_updates
+
+
 # ----------------------------------------------------------------------------- the agent
-
-
-class WideScores(VecEnvWrapper):
-    """Declares score actions in [-1e6, 1e6] (SB3 needs finite bounds), so SB3 does not clip them to the
-    env's nominal Box(-1, 1)."""
-
-    bound = 1e6
-
-    def __init__(self, venv: VecEnv) -> None:
-        shape = venv.action_space.shape
-        super().__init__(venv, action_space=spaces.Box(-self.bound, self.bound, shape, np.float32))
-
-    def reset(self) -> Any:
-        return self.venv.reset()
-
-    def step_wait(self) -> Any:
-        return self.venv.step_wait()
 
 
 @dataclasses.dataclass
@@ -308,7 +300,7 @@ class SB3Agent:
         self.env = gym.make_vec(self.env_id, num_envs=envs, vectorization_mode="vector_entry_point",
                                 traces=traces, **env_kwargs)
         self.spec = self.env.unwrapped.model_spec
-        self.venv = WideScores(SB3VecEnv(self.env))
+        self.venv = SB3VecEnv(self.env)
         policy_kwargs: dict[str, Any] = {"scorer_config": scorer.config(), "spec": self.spec}
         self.model = self._make_model(policy_kwargs)
         self.model.set_logger(Logger(folder=None, output_formats=[]))
@@ -343,13 +335,7 @@ class SB3Agent:
         """Restart torch / numpy / python RNGs and the env's episode sampling from ``seed``."""
         set_random_seed(seed)
         self.venv.seed(seed)
-        model = self.model
-        model._last_obs = self.venv.reset()
-        model._last_episode_starts = np.ones(self.venv.num_envs, dtype=bool)
-        if isinstance(model, RecurrentPPO):
-            model._last_lstm_states = RNNStates(*(
-                tuple(torch.zeros_like(tensor) for tensor in pair) for pair in model._last_lstm_states
-            ))
+        restart_rollouts(self.model, self.venv.reset())
 
     def update(self) -> dict[str, float]:
         """One SB3 iteration (rollout + training) through ``learn``; returns the rollout's mean reward."""
@@ -375,4 +361,4 @@ class SB3Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.set_parameters(state["parameters"], exact_match=True)
         self.model.num_timesteps = state["num_timesteps"]
-        self.model._n_updates = state["n_updates"]
+        restore_update_count(self.model, state["n_updates"])

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -40,11 +39,12 @@ from agents.kvp import KVPAgent, KVPConfig
 from agents.pairwise import PairwiseAgent, PairwiseConfig
 from agents.mlp_scorer import PerHeadMLPScorer
 from agents.sb3_agents import SB3Agent, SB3Config
-from kvp_gym.envs.adapters import obs_to_view
-from kvp_gym.models.spec import ModelSpec
 from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, save_scorer
+from kvp_gym.envs.episodes import TraceSource
+from kvp_gym.envs.kv_evict import KVEvictCore
+from kvp_gym.eval.ranking import RankingEvaluator
+from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
-from kvp_gym.traces import TraceDataset
 from kvp_gym.io import write_atomic, write_json_atomic
 
 # name -> (agent class, default hyperparameters)
@@ -149,48 +149,17 @@ def select_heads(spec: ModelSpec, layer: int | None, kv_head: int | None, all_he
     return [(layer, kv_head)], {"layer": layer, "kv_head": kv_head}
 
 
-class Evaluator:
-    """Mean cost ratio (and kept attention at 10/25/50 % budgets) of a scorer on fixed KVEvict-v0 episodes.
-
-    The episodes are the same at every call (``reset(seed)``); ``options`` pins e.g. one (layer, kv_head).
-    """
-
-    def __init__(self, traces: Any, env_kwargs: dict[str, Any], episodes: int = 128, seed: int = 12345) -> None:
-        self.env = gym.make_vec("KVEvict-v0", num_envs=episodes, vectorization_mode="vector_entry_point",
-                                as_torch=True, traces=traces, **env_kwargs)
-        self.spec = self.env.unwrapped.model_spec
-        self.seed = seed
-
-    @torch.no_grad()
-    def __call__(self, scorer: Any, options: dict[str, Any] | None = None) -> dict[str, float]:
-        obs, _ = self.env.reset(seed=self.seed, options=options)
-        scores = scorer.score(obs_to_view(obs, self.spec))[:, 0]
-        _, _, _, _, info = self.env.step(scores)
-        final = info["final_info"]
-        keys = ("cost_ratio", "kept_fraction_10", "kept_fraction_25", "kept_fraction_50")
-        return {key: final[key].double().mean().item() for key in keys}
-
-    def per_head(self, scorer: Any, heads: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, float]]:
-        """The evaluation with every episode pinned to one head, for each of ``heads``."""
-        return {(layer, head): self(scorer, {"layer": layer, "kv_head": head}) for layer, head in heads}
+def evaluator(traces: str | list[str], env_kwargs: dict[str, Any], episodes: int = 128, seed: int = 12345) -> RankingEvaluator:
+    """The same ``episodes`` KVEvict-v0 episodes at every evaluation of a run (``env_kwargs``: KVEvictEnv's)."""
+    return RankingEvaluator(KVEvictCore(traces, num_rows=episodes, **env_kwargs), seed)
 
 
-def open_trace_sets(directories: str | list[str]) -> list[TraceDataset]:
-    """One or more trace directories -> trace sets, checked to come from one model."""
-    sets = [TraceDataset(directory) for directory in ([directories] if isinstance(directories, str) else directories)]
-    if not sets:
-        raise ValueError("--traces: give at least one trace directory")
-    for trace_set in sets[1:]:
-        sets[0].spec.check_compatible(trace_set.spec, f"trace set {trace_set.directory}")
-    return sets
-
-
-def _make_scorer(config: TrainConfig, train_sets: list[TraceDataset], heads: list[tuple[int, int]] | None) -> PerHeadMLPScorer:
-    spec = train_sets[0].spec
+def _make_scorer(config: TrainConfig, source: TraceSource, heads: list[tuple[int, int]] | None) -> PerHeadMLPScorer:
+    spec = source.spec
     if config.init is None:
         scorer = PerHeadMLPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, hidden=config.hidden,
                                   heads=heads, seed=config.seed)
-        scorer.fit_normalization([trace_set[index] for trace_set in train_sets for index in range(len(trace_set))])
+        scorer.fit_normalization(source.traces)
         return scorer
     scorer = load_scorer(config.init, expect_spec=spec)
     if not isinstance(scorer, PerHeadMLPScorer):
@@ -199,12 +168,6 @@ def _make_scorer(config: TrainConfig, train_sets: list[TraceDataset], heads: lis
     if not (every_head if heads is None else set(heads)) <= set(scorer.heads):
         raise ValueError(f"--init {config.init} has agents for {scorer.heads}, not for every head this run trains")
     return scorer.train()
-
-
-def _protected(agent: Any) -> dict[str, int]:
-    """The always-kept tokens of the agent's training env (KVEvict: sink + recent; stream: sink + the new chunk)."""
-    core = agent.env.unwrapped.core
-    return {"sink": int(core.sink), "recent": int(getattr(core, "recent", getattr(core, "chunk", 0)))}
 
 
 def _check_run(out: Path, config: TrainConfig) -> None:
@@ -235,15 +198,15 @@ def train(config: TrainConfig) -> TrainResult:
     if config.steps < 1 or config.save_every < 1 or config.eval_every < 1:
         raise ValueError("--steps, --save-every and --eval-every must be positive")
     out = Path(config.out).expanduser()
-    train_sets = open_trace_sets(config.traces)
-    spec = train_sets[0].spec
+    train_source = TraceSource(config.traces)
+    spec = train_source.spec
     heads, head_kwargs = select_heads(spec, config.layer, config.kv_head, config.all_heads)
     hyper = agent_config(config.agent, config.agent_options)
 
     agent_class = AGENTS[config.agent][0]
     env_kwargs = {"cache_gb": 4.0, **config.env_options, **head_kwargs}
     torch.manual_seed(seed_for(config.seed, 0))
-    agent = agent_class(_make_scorer(config, train_sets, heads), train_sets, env_kwargs, hyper, config.steps)
+    agent = agent_class(_make_scorer(config, train_source, heads), train_source.sets, env_kwargs, hyper, config.steps)
     _check_run(out, config)  # after every argument check, so that a failed start leaves no run behind
     start = 0
     if (out / STATE_FILE).exists():
@@ -254,28 +217,28 @@ def train(config: TrainConfig) -> TrainResult:
         if start >= config.steps:
             evaluation = read_header(out).training.get("evaluation", {})
             return TrainResult(checkpoint_file(out), {start: evaluation} if evaluation else {}, 0.0, 0)
-    evaluator = None
+    evaluate = None
     if config.eval_traces is not None:
         eval_kwargs = {"min_prefix": EVAL_MIN_PREFIX, "cache_gb": 2.0, **head_kwargs}
         if agent.env_id == "KVEvict-v0" and "max_tokens" in config.env_options:
             eval_kwargs["max_tokens"] = config.env_options["max_tokens"]
-        evaluator = Evaluator(open_trace_sets(config.eval_traces), eval_kwargs, config.eval_episodes)
+        evaluate = evaluator(config.eval_traces, eval_kwargs, config.eval_episodes).summary
     training = {"agent": config.agent, "hyperparameters": dataclasses.asdict(hyper), **config.identity(),
                 "trace_model": spec.name}
 
     def checkpoint(step: int, evaluation: dict[str, float]) -> Path:
         _save_state(out / STATE_FILE, step, agent)
-        return save_scorer(agent.scorer, out, registry_name="mlp", config=agent.scorer.config(), model_spec=spec,
-                           protected=_protected(agent), training={**training, "step": step, "evaluation": evaluation},
-                           env=agent.env_id)
+        return save_scorer(agent.scorer, out, registry_name=agent.scorer.registry_name, config=agent.scorer.config(),
+                           model_spec=spec, protected=agent.env.unwrapped.protected.to_dict(),
+                           training={**training, "step": step, "evaluation": evaluation}, env=agent.env_id)
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start)
     evaluations: dict[int, dict[str, float]] = {}
     env_steps, started = 0, time.perf_counter()
     with progress_bar(total=config.steps, description=f"train {config.agent}", enabled=config.progress) as bar:
         bar.advance(start)
-        if evaluator is not None and start == 0:
-            evaluations[0] = evaluator(agent.scorer)
+        if evaluate is not None and start == 0:
+            evaluations[0] = evaluate(agent.scorer)
             for key, value in evaluations[0].items():
                 writer.add_scalar(f"eval/{key}", value, 0)
         for step in range(start, config.steps):
@@ -292,8 +255,8 @@ def train(config: TrainConfig) -> TrainResult:
             writer.add_scalar("perf/env_steps_per_s", env_steps / elapsed, step + 1)
             writer.add_scalar("perf/updates_per_s", (step + 1 - start) / elapsed, step + 1)
             done = step + 1
-            if evaluator is not None and (done % config.eval_every == 0 or done == config.steps):
-                evaluations[done] = evaluator(agent.scorer)
+            if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
+                evaluations[done] = evaluate(agent.scorer)
                 for key, value in evaluations[done].items():
                     writer.add_scalar(f"eval/{key}", value, done)
             last = evaluations[max(evaluations)] if evaluations else {}

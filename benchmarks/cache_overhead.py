@@ -89,7 +89,7 @@ def stock_prefill(model, ids, repeats) -> float:
     times = []
     for _ in range(repeats + 1):
         start = now()
-        model(ids, past_key_values=DynamicCache(config=model.config))
+        model(ids, cache=DynamicCache(config=model.config))
         times.append(now() - start)
     return statistics.median(times[1:])
 
@@ -101,7 +101,7 @@ def compression_cost(model, ids, scorer, budget, use_triton, repeats) -> tuple[f
     for _ in range(repeats + 1):
         cache = EvictingCache(scorer, budget, config=model.config, use_triton=use_triton)
         with hand_off_timer(ids.device) as spent:
-            model(ids, past_key_values=cache)
+            model(ids, cache=cache)
         start = now()
         cache.flush()
         flushes.append(now() - start)
@@ -113,10 +113,10 @@ def decode_speed(model, ids, make_cache: Callable[[], object], steps: int) -> tu
     """Greedy decode tokens/s after a prefill (prefill excluded), and the cache."""
     now = clock(ids.device)
     cache = make_cache()
-    token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
     start = now()
     for _ in range(steps):
-        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
     return steps / (now() - start), cache
 
 

@@ -16,7 +16,8 @@ import time
 import torch
 
 from agents.sb3_agents import SB3Agent
-from agents.train import AGENTS, TrainConfig, _make_scorer, agent_config, open_trace_sets, select_heads
+from agents.train import AGENTS, TrainConfig, _make_scorer, agent_config, select_heads
+from kvp_gym.envs.episodes import TraceSource
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--traces", nargs="+", required=True)
@@ -41,14 +42,14 @@ def gradient_steps(agent_name: str, agent: object) -> float:
     return 1
 
 
-sets = open_trace_sets(args.traces)
-heads, head_kwargs = select_heads(sets[0].spec, args.layer, args.kv_head, False)
+source = TraceSource(args.traces)
+heads, head_kwargs = select_heads(source.spec, args.layer, args.kv_head, False)
 print(f"torch threads: {torch.get_num_threads()}; head L{args.layer}H{args.kv_head}; {args.updates} timed updates")
 print(f"{'agent':>16} {'env steps/s':>12} {'updates/s':>10} {'grad steps/s':>13}")
 for name in args.agents:
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(agent=name, traces=args.traces, out=out, steps=args.updates, layer=args.layer, kv_head=args.kv_head)
-        agent = AGENTS[name][0](_make_scorer(config, sets, heads), sets, {"cache_gb": 4.0, **head_kwargs},
+        agent = AGENTS[name][0](_make_scorer(config, source, heads), source.sets, {"cache_gb": 4.0, **head_kwargs},
                                 agent_config(name, {}), args.updates)
         agent.reseed(0)
         for _ in range(2):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from agents.train import AGENTS, Evaluator, TrainConfig, open_trace_sets, train
+from agents.train import AGENTS, TrainConfig, evaluator, train
 from kvp_gym.checkpoint import load_scorer
 from kvp_gym.scorers import get
 
@@ -45,20 +45,19 @@ if args.all_heads and args.agents:
 if args.agents and not args.traces:
     parser.error("training agents needs --traces")
 train_heads = [tuple(int(part) for part in pair.split(":")) for pair in args.heads]
-spec = open_trace_sets(args.eval_traces)[0].spec
+held_out = evaluator(args.eval_traces, {"min_prefix": 64, "obs_queries": 64, "cache_gb": 4.0}, episodes=args.episodes)
+spec = held_out.spec
 eval_heads = [(l, h) for l in range(spec.num_layers) for h in range(spec.num_kv_heads)] if args.all_heads else train_heads
-evaluator = Evaluator(open_trace_sets(args.eval_traces), {"min_prefix": 64, "obs_queries": 64, "cache_gb": 4.0},
-                      episodes=args.episodes)
 
 results: dict[str, dict[tuple[int, int], float]] = {}
 notes: dict[str, str] = {}
 for name in ATTENTION_FREE + ATTENTION_BASED:
     scorer = get(name)
-    results[name] = {head: metrics["cost_ratio"] for head, metrics in evaluator.per_head(scorer, eval_heads).items()}
+    results[name] = {head: metrics["cost_ratio"] for head, metrics in held_out.per_head(scorer, eval_heads).items()}
 for item in args.checkpoint:
     name, _, path = item.partition("=")
     scorer = load_scorer(path, expect_spec=spec)
-    results[name] = {head: metrics["cost_ratio"] for head, metrics in evaluator.per_head(scorer, eval_heads).items()}
+    results[name] = {head: metrics["cost_ratio"] for head, metrics in held_out.per_head(scorer, eval_heads).items()}
 for agent in args.agents:
     results[agent], seconds, episodes = {}, 0.0, 0
     for layer, head in train_heads:
@@ -67,7 +66,7 @@ for agent in args.agents:
                                 steps=args.steps, layer=layer, kv_head=head, seed=args.seed, progress=False))
         seconds += time.perf_counter() - started
         episodes += run.env_steps
-        metrics = evaluator.per_head(load_scorer(run.scorer_path), [(layer, head)])
+        metrics = held_out.per_head(load_scorer(run.scorer_path), [(layer, head)])
         results[agent][(layer, head)] = metrics[(layer, head)]["cost_ratio"]
     notes[agent] = f"{seconds / len(train_heads):6.0f} s/head, {episodes // len(train_heads)} env steps/head"
 

@@ -79,6 +79,6 @@ with torch.inference_mode():
 print(f"trained KVP policy, {args.budget} entries per KV head:")
 cache = EvictingCache(scorer, args.budget, config=model.config)
 with torch.inference_mode():
-    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=48, do_sample=False,
+    model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=48, do_sample=False,
                    pad_token_id=tokenizer.pad_token_id, streamer=streamer)
 print(cache.report())

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from kvp_gym import scorers
-from kvp_gym.eval.ranking import RankingEvaluator
+from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.suite import get_suite
 from kvp_gym.traces import TraceDataset
 
@@ -28,7 +28,7 @@ ratios = {name: {} for name in policies}
 for directory in args.traces:
     dataset = TraceDataset(directory)
     source = dataset.manifest["params"]["source"]
-    evaluator = RankingEvaluator(suite, source, dataset)
+    evaluator = SuiteRanking(suite, source, dataset)
     for trace in range(len(dataset)):
         for record in evaluator.evaluate(trace, policies):
             ratios[record["policy"]].setdefault(source, []).extend(record["cost_ratio"])

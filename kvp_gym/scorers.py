@@ -108,13 +108,30 @@ class MissingInputError(ValueError):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores cached entries; higher = keep. ``needs`` lists the optional ScoringView inputs it reads."""
+    """Scores cached entries; higher = keep. ``needs`` lists the optional ScoringView inputs it reads.
+
+    Traits the consumers read (never the scorer's name):
+    - future-only: ``"future_importance" in needs`` (an upper bound that needs the true future; it
+      plays the env and the ranking leaderboard, never a real cache);
+    - trainable: a class attribute ``trainable: ClassVar[bool] = True`` marks an architecture that
+      is not a policy until trained (the leaderboard takes it only as a checkpoint). Absent = False.
+    """
 
     needs: ClassVar[frozenset[str]]
 
     def score(self, view: ScoringView) -> torch.Tensor:
         """Return scores [B, H, N] (float). Scores of padded entries are ignored by every consumer."""
         ...
+
+
+def is_future_only(scorer: Scorer) -> bool:
+    """Whether the scorer needs the true future (see ``Scorer``)."""
+    return "future_importance" in scorer.needs
+
+
+def score_one_head(scorer: Scorer, view: ScoringView) -> torch.Tensor:
+    """Scores [B, N] of a view with one KV head (H = 1), as the envs take them."""
+    return scorer.score(view)[:, 0]
 
 
 _registry: dict[str, Callable[..., Scorer]] = {}
@@ -136,13 +153,24 @@ def available() -> list[str]:
     return sorted(_registry)
 
 
-def get(name: str, **config: Any) -> Scorer:
-    """Build the scorer registered as ``name`` with ``config`` (its dataclass fields)."""
+def factory(name: str) -> Callable[..., Scorer]:
+    """The factory registered as ``name`` (an entry point's target is imported)."""
     _load_entry_points()
     key = name.lower()
     if key not in _registry:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(available())}")
-    return _registry[key](**config)
+    found = _registry[key]
+    return found.entry.load() if isinstance(found, _LazyFactory) else found
+
+
+def get(name: str, **config: Any) -> Scorer:
+    """Build the scorer registered as ``name`` with ``config`` (its dataclass fields)."""
+    return factory(name)(**config)
+
+
+def is_trainable(name: str) -> bool:
+    """Whether the scorer registered as ``name`` is a trainable architecture, not a ready policy (see ``Scorer``)."""
+    return bool(getattr(factory(name), "trainable", False))
 
 
 def _load_entry_points() -> None:

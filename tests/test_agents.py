@@ -238,3 +238,13 @@ def test_cli_train(peaked_traces, tmp_path: Path, one_thread) -> None:
     assert (tmp_path / "cli" / "scorer.safetensors").exists() and (tmp_path / "cli" / "tb").is_dir()
     bad = runner.invoke(app, [*args[:-1], "--set", "nonsense=1"])
     assert bad.exit_code == 2 and "has no such option" in bad.output
+
+
+def test_stream_checkpoint_protects_sinks_only(peaked_traces, tmp_path: Path, one_thread) -> None:
+    """A streaming run saves the env's protected tokens, not its step size as ``recent``."""
+    from agents.train import train
+    from kvp_gym.checkpoint import read_header
+    from kvp_gym.ranking import DEFAULT_PROTECTED
+
+    result = train(run_config("pairwise-stream", peaked_traces, tmp_path / "stream", 1, {}))
+    assert read_header(result.scorer_path).protected == {"sink": DEFAULT_PROTECTED.sink, "recent": 0}

@@ -110,7 +110,7 @@ def generate(model, ids, mask, cache, *, sample: bool = False, new: int = 8):
     sampling = {"do_sample": True, "top_k": 0} if sample else {"do_sample": False}
     torch.manual_seed(123)
     return model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        ids, attention_mask=mask, cache=cache, max_new_tokens=new, min_new_tokens=new,
         output_logits=True, return_dict_in_generate=True, **sampling,
     )
 
@@ -151,8 +151,8 @@ def test_prompt_within_budget_is_never_compressed_in_one_shot_mode(model):
 def test_beam_search_at_full_budget(model):
     ids, mask = prompt(length=16)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
-    expected = stock_sdpa(model).generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-    actual = model.generate(ids, past_key_values=EvictingCache(KeyNorm(), 64, config=model.config), **kwargs)
+    expected = stock_sdpa(model).generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    actual = model.generate(ids, cache=EvictingCache(KeyNorm(), 64, config=model.config), **kwargs)
     assert torch.equal(actual, expected)
 
 
@@ -163,7 +163,7 @@ def test_keeps_top_budget_by_score_plus_protected(model):
     budget, sink, recent = 16, 3, 5
     recorder = Recorder(RandomScores())
     cache = EvictingCache(recorder, budget, config=model.config, sink=sink, recent=recent)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     cache.flush()
     assert len(recorder.calls) == model.config.num_hidden_layers
     for layer, (view, scores) in zip(cache.layers, recorder.calls, strict=True):
@@ -180,7 +180,7 @@ def test_keeps_top_budget_by_score_plus_protected(model):
 def test_compression_shrinks_tensors_and_keeps_true_lengths(model):
     ids, _ = prompt(batch=2, length=48)
     cache = EvictingCache(KeyNorm(), 20, config=model.config, recent=4)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     assert cache.get_seq_length() == 48
     assert cache.get_mask_sizes(1, 0) == (21, 28)  # the next forward sees 20 stored + 1 new, offset 48 - 20
     cache.flush()
@@ -228,7 +228,7 @@ def test_compressed_decoding_equals_masked_full_attention(model, scorer_cls):
     cache = EvictingCache(scorer_cls(), 14, config=model.config, sink=2, recent=4)
     full = DynamicCache(config=hiding.config)
     _HIDDEN.clear()
-    torch.testing.assert_close(model(ids, past_key_values=cache).logits, hiding(ids, past_key_values=full).logits)
+    torch.testing.assert_close(model(ids, cache=cache).logits, hiding(ids, cache=full).logits)
     cache.flush()
     for index, layer in enumerate(cache.layers):
         kept = torch.zeros(2, 2, 40, dtype=torch.bool).scatter(-1, layer.positions, True)
@@ -236,8 +236,8 @@ def test_compressed_decoding_equals_masked_full_attention(model, scorer_cls):
     try:
         for step in range(steps.shape[1]):
             token = steps[:, step : step + 1]
-            got = model(token, past_key_values=cache).logits
-            want = hiding(token, past_key_values=full).logits
+            got = model(token, cache=cache).logits
+            want = hiding(token, cache=full).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
         _HIDDEN.clear()
@@ -253,7 +253,7 @@ def test_live_queries_and_attention_match_eager_attention_weights(model):
     weights = eager(ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
     recorder = Recorder(Received(), needs=frozenset({"queries", "attention"}))
     cache = EvictingCache(recorder, 24, config=model.config, query_window=8)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     cache.flush()
     for (view, _), attention in zip(recorder.calls, weights, strict=True):
         assert view.queries.shape == (1, 2, 2, 8, 16)
@@ -288,11 +288,11 @@ def test_every_bounds_stored_length_and_scores_heads_separately(model):
     recorder = Recorder(KeyNorm())
     cache = EvictingCache(recorder, budget, config=model.config, every=every)
     ids, _ = prompt(batch=2, length=40)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     for step in range(23):
         for layer in cache.layers:
             assert layer.stored_length <= budget + every - 1
-        model(torch.full((2, 1), 7 + step), past_key_values=cache)
+        model(torch.full((2, 1), 7 + step), cache=cache)
     report = cache.report()
     assert report.seen == 63 and report.stored <= budget + every - 1
     assert report.peak_stored == 40 and report.compressions == 1 + 23 // every
@@ -333,7 +333,7 @@ def test_rejects_non_sdpa_models():
 def test_config_copy_gives_a_clear_error():
     model = tiny_llama()
     cache = EvictingCache(KeyNorm(), 20, config=copy.deepcopy(model.config))  # the model stays on sdpa
-    model(prompt()[0], past_key_values=cache)
+    model(prompt()[0], cache=cache)
     with pytest.raises(RuntimeError, match="config=model.config"):
         cache.flush()
 
@@ -343,7 +343,7 @@ def test_right_padding_is_rejected(model):
     ids, mask = prompt(batch=2, length=20)
     mask[1, -3:] = 0
     with pytest.raises(ValueError, match="left padding only"):
-        model(ids, attention_mask=mask, past_key_values=EvictingCache(KeyNorm(), 20, config=model.config))
+        model(ids, attention_mask=mask, cache=EvictingCache(KeyNorm(), 20, config=model.config))
 
 
 @torch.no_grad()
@@ -356,7 +356,7 @@ def test_nan_scores_are_rejected(model):
             return torch.full(view.shape, float("nan"))
 
     cache = EvictingCache(NaNScorer(), 20, config=model.config)
-    model(prompt()[0], past_key_values=cache)
+    model(prompt()[0], cache=cache)
     with pytest.raises(ValueError, match="NaN scores"):
         cache.flush()
 
@@ -435,13 +435,13 @@ def test_smollm2_exact_at_full_budget_and_generates_at_budget_64():
     length = inputs.input_ids.shape[1]
     assert length > 100
     kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    expected = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
-    actual = model.generate(**inputs, past_key_values=EvictingCache(KeyNorm(), length + 8, config=model.config), **kwargs)
+    expected = model.generate(**inputs, cache=DynamicCache(config=model.config), **kwargs)
+    actual = model.generate(**inputs, cache=EvictingCache(KeyNorm(), length + 8, config=model.config), **kwargs)
     assert torch.equal(actual.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(actual.logits, expected.logits, strict=True))
 
     cache = EvictingCache(KeyNorm(), 64, config=model.config)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=24, do_sample=False)
     text = tokenizer.decode(out[0, length:], skip_special_tokens=True)
     assert text.strip()
     report = cache.report()

@@ -22,7 +22,7 @@ def test_capture_leaves_logits_unchanged_and_records_cache_tensors(tiny):
     ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        reference = model(ids, past_key_values=cache, use_cache=True)
+        reference = model(ids, cache=cache, use_cache=True)
     logits, captured = capture_qkv(model, ids, dtype=torch.float32)
     assert torch.equal(logits, reference.logits[0])
     for layer in range(model.config.num_hidden_layers):

@@ -144,7 +144,7 @@ def test_api_checkers_and_sb3(tiny_traces):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    assert all("symmetric and normalized" in str(w.message) for w in caught)  # scores are not normalized actions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sb3_check_env(KVEvictStreamEnv(tiny_traces.directory, budget=BUDGET, step=STEP))

@@ -1,6 +1,6 @@
 """The ``kvp_evict`` attention: sdpa plus a hand-off of what an evicting cache layer needs to see.
 
-transformers' Llama-style attention calls ``past_key_values.update(k, v, layer_idx)`` and right after
+transformers' Llama-style attention calls ``cache.update(k, v, layer_idx)`` and right after
 it the attention function registered under ``config._attn_implementation``, in the same thread, with
 nothing that links the two (``generate`` rejects extra keyword arguments). So an ``EvictingLayer``
 leaves itself in a thread-local slot at ``update`` and this function picks it up, checks that it

@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 
-app = typer.Typer(help="Generate text with an evicting KV cache.")
+from kvp_gym.ranking import DEFAULT_PROTECTED, Protected
 
-DEFAULT_PROTECTED = {"sink": 4, "recent": 16}
+app = typer.Typer(help="Generate text with an evicting KV cache.")
 
 
 @app.command()
@@ -41,8 +41,8 @@ def generate(
     text = _read_prompt(prompt, file)
     language_model, tokenizer = load_model(model)
     scorer, protected = _resolve_policy(policy, language_model, model)
-    sink = protected["sink"] if sink is None else sink
-    recent = protected["recent"] if recent is None else recent
+    sink = protected.sink if sink is None else sink
+    recent = protected.recent if recent is None else recent
     try:
         cache = EvictingCache(scorer, budget, config=language_model.config, sink=sink, recent=recent, every=every)
     except ValueError as error:
@@ -54,7 +54,7 @@ def generate(
     with torch.inference_mode():
         language_model.generate(
             **inputs,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
@@ -72,9 +72,11 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
     return text
 
 
-def _resolve_policy(policy: str, language_model: Any, model_name: str) -> tuple[Any, dict[str, int]]:
+def _resolve_policy(policy: str, language_model: Any, model_name: str) -> tuple[Any, Protected]:
     """A registered scorer by name, or a checkpoint checked against the model; and its protected tokens."""
     from kvp_gym import scorers
+    from kvp_gym.checkpoint import load_scorer, read_header
+    from kvp_gym.models import ModelSpec
 
     if not Path(policy).expanduser().exists():
         try:
@@ -84,13 +86,8 @@ def _resolve_policy(policy: str, language_model: Any, model_name: str) -> tuple[
                 f"{error.args[0] if error.args else error} (or give the path of a scorer checkpoint)", param_hint="--policy"
             ) from error
     try:
-        from kvp_gym.models import ModelSpec
-        from kvp_gym.checkpoint import load_scorer, read_header
-    except ImportError as error:
-        raise typer.BadParameter(f"cannot load scorer checkpoints here: {error}", param_hint="--policy") from error
-    try:
         scorer = load_scorer(policy, expect_spec=ModelSpec.from_config(language_model.config, model_name))
-        protected = {**DEFAULT_PROTECTED, **read_header(policy).protected}
+        protected = Protected.from_dict(read_header(policy).protected)
     except ValueError as error:  # kvp_gym.checkpoint.CheckpointError, or a checkpoint made for another model
         raise typer.BadParameter(str(error), param_hint="--policy") from error
     return scorer, protected

@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvp_gym.cache.attention import ATTN_IMPLEMENTATION, hand_off
 from kvp_gym.kernels import select_and_compact
+from kvp_gym.ranking import Protected
 from kvp_gym.scorers import Scorer, ScoringView
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
@@ -36,6 +37,10 @@ class EvictionSettings:
     num_layers: int
     num_kv_heads: int
     use_triton: bool | None
+
+    @property
+    def protected(self) -> Protected:
+        return Protected(self.sink, self.recent)
 
     @property
     def needs_queries(self) -> bool:
@@ -195,11 +200,11 @@ class EvictingLayer(DynamicLayer):
         """Keep the top-``budget`` entries of every head by the scorer (sink and recent tokens first)."""
         self._check_observed()
         settings = self.settings
-        valid = self.positions >= 0
-        scores = self._score(valid)
-        priority = torch.where(valid, scores.clamp(-_FLOAT_MAX, _FLOAT_MAX), -math.inf)
+        real = self.positions >= 0
+        scores = self._score(real)
+        priority = torch.where(real, scores.clamp(-_FLOAT_MAX, _FLOAT_MAX), -math.inf)
         kept = select_and_compact(
-            priority, self.keys, self.values, settings.budget, self._protected(valid), use_triton=settings.use_triton
+            priority, self.keys, self.values, settings.budget, settings.protected.mask(real), use_triton=settings.use_triton
         )
         self.keys, self.values = kept.keys, kept.values
         self.positions = self.positions.gather(-1, kept.indices)
@@ -224,13 +229,7 @@ class EvictingLayer(DynamicLayer):
             return stored > budget
         return every is not None and stored >= budget + every
 
-    def _protected(self, valid: torch.Tensor) -> torch.Tensor:
-        """[B, H, S] the first ``sink`` and last ``recent`` real entries of each row (entries are in order)."""
-        from_start = valid.cumsum(-1)
-        from_end = valid.flip(-1).cumsum(-1).flip(-1)
-        return valid & ((from_start <= self.settings.sink) | (from_end <= self.settings.recent))
-
-    def _score(self, valid: torch.Tensor) -> torch.Tensor:
+    def _score(self, real: torch.Tensor) -> torch.Tensor:
         """Scores [B, H, S] from the scorer, checked for shape and NaN."""
         b, h, s, _ = self.keys.shape
         view = self._view()
@@ -241,7 +240,7 @@ class EvictingLayer(DynamicLayer):
                 f"for a view of shape {view.shape} (layer {self.layer_idx})"
             )
         scores = scores.float().reshape(b, h, s)
-        if bool((scores.isnan() & valid).any()):
+        if bool((scores.isnan() & real).any()):
             raise ValueError(f"scorer {self.settings.scorer_name!r} returned NaN scores at layer {self.layer_idx}")
         return scores
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvp_gym.models.spec import ModelSpec
-from kvp_gym.scorers import Scorer, ScoringView, get
+from kvp_gym.scorers import Scorer, ScoringView, get, score_one_head
 from kvp_gym.traces.dataset import Trace
 from kvp_gym.utility.golden import GoldenSchedule, golden_eviction_schedule
 
@@ -55,6 +55,11 @@ def obs_to_view(obs: dict[str, Any], spec: ModelSpec) -> ScoringView:
     )
 
 
+def ranked_entries(obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, N] (or [N]) the entries an action ranks: real and not protected."""
+    return obs["mask"].bool() & ~obs["protected"].bool()
+
+
 def _like(scores: torch.Tensor, obs: dict[str, Any], batched: bool) -> Any:
     """Scores [B, N] float32 in the observation's form: numpy or torch, batched or not."""
     scores = scores.detach().float()
@@ -73,7 +78,7 @@ class ScorerPolicy:
     def act(self, obs: dict[str, Any]) -> Any:
         """Scores [N] (or [B, N] for a batch), higher = keep, as numpy or torch like ``obs``."""
         _, batched = _batched_tensors(obs)
-        return _like(self.scorer.score(obs_to_view(obs, self.spec))[:, 0], obs, batched)
+        return _like(score_one_head(self.scorer, obs_to_view(obs, self.spec)), obs, batched)
 
 
 class GoldenPolicy:
@@ -90,8 +95,8 @@ class GoldenPolicy:
 
     @classmethod
     def from_env(cls, env: Any) -> GoldenPolicy:
-        core = env.unwrapped.core
-        return cls(core.source.traces, core.budget, core.chunk)
+        env = env.unwrapped
+        return cls(env.traces, env.budget, env.step_size)
 
     def schedule(self, trace: int, layer: int) -> GoldenSchedule:
         if (trace, layer) not in self._schedules:

@@ -5,53 +5,37 @@ sees the n cached entries (padded to N = ``max_tokens``) and scores them; the ra
 scores (higher = keep) is the eviction decision for every budget at once, and the reward is minus
 its budget-agnostic cost relative to the ideal ranking (kvp_gym.envs.reward).
 
-The batched ``KVEvictCore`` does all the work for E rows at once; ``KVEvictEnv`` is it with E = 1,
-and the native vector env (kv_evict_vector.py) is it with E = num_envs.
+The batched ``KVEvictCore`` does all the work for E rows at once; ``KVEvictEnv`` drives it with
+E = 1 (``core.CoreEnv``), and the native vector env (kv_evict_vector.py) with E = num_envs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
+from kvp_gym.envs.core import CoreEnv
 from kvp_gym.envs.episodes import (
-    BatchedCore,
-    CoreAccess,
-    LayerCache,
     TraceSource,
     check_choice,
     check_common,
-    check_scores,
     episode_options,
     episode_ranges,
-    gather_observation,
     grouped,
-    layer_layout,
-    layer_tensors,
     observation_space,
     sample_episodes,
-    shared_layer_cache,
-    unbatch,
 )
-from kvp_gym.envs.reward import (
-    BUDGET_FRACTIONS,
-    cost_of_sorted,
-    curve_of_sorted,
-    kept_fraction_at,
-    normalized_cost,
-    optimal_sorted,
-    sorted_importance,
-)
+from kvp_gym.envs.layer_cache import LayerCache, gather_observation, layer_layout, layer_tensors, shared_layer_cache
+from kvp_gym.envs.reward import BUDGET_FRACTIONS, curve_of_sorted, kept_fraction_at, ranking_costs
+from kvp_gym.ranking import DEFAULT_PROTECTED, Protected
 
 REWARDS = ("cost_ratio", "neg_cost")
 
 
 def prefix_range(
-    lengths: np.ndarray, max_tokens: int, sink: int, recent: int,
+    lengths: np.ndarray, max_tokens: int, protected: Protected,
     prefix: tuple[int, int] | None, min_prefix: int | None, max_prefix: int | None,
 ) -> tuple[int, int]:
     """The prefix lengths (lo, hi) episodes sample from, checked against N and the traces' lengths."""
@@ -60,6 +44,7 @@ def prefix_range(
             raise ValueError("prefix: give either prefix=(lo, hi) or min_prefix/max_prefix, not both")
         min_prefix, max_prefix = prefix
     shortest = int(lengths.min())
+    sink, recent = protected.sink, protected.recent
     lo = sink + recent + 16 if min_prefix is None else min_prefix
     hi = min(max_tokens, shortest - 1) if max_prefix is None else max_prefix
     if lo < sink + recent + 1:
@@ -92,8 +77,8 @@ class KVEvictCore:
         min_prefix: int | None = None,
         max_prefix: int | None = None,
         max_tokens: int = 512,
-        sink: int = 4,
-        recent: int = 16,
+        sink: int = DEFAULT_PROTECTED.sink,
+        recent: int = DEFAULT_PROTECTED.recent,
         agg: str = "max",
         horizon: int | None = None,
         reward: str = "cost_ratio",
@@ -112,10 +97,12 @@ class KVEvictCore:
         check_choice("reward", reward, REWARDS)
         if recent < 0:
             raise ValueError(f"recent must be >= 0, got {recent}")
-        self.lo, self.hi = prefix_range(self.source.lengths, max_tokens, sink, recent, prefix, min_prefix, max_prefix)
+        self.protected = Protected(sink, recent)
+        self.budget = self.step_size = None  # budget-agnostic, one step
+        self.lo, self.hi = prefix_range(self.source.lengths, max_tokens, self.protected, prefix, min_prefix, max_prefix)
         if obs_queries > self.lo:
             raise ValueError(f"obs_queries={obs_queries} exceeds the shortest prefix {self.lo} (min_prefix)")
-        self.size, self.sink, self.recent = max_tokens, sink, recent
+        self.size = max_tokens
         self.layer, self.kv_head, self.reward, self.curve = layer, kv_head, reward, curve
         self.obs_queries, self.obs_future = obs_queries, obs_future
         self.num_rows, self.group_size = num_rows, group_size
@@ -149,7 +136,7 @@ class KVEvictCore:
         trace, layer, head, n = (grouped(episode[key], self.group_size) for key in ("trace", "layer", "kv_head", "n"))
         index = torch.arange(self.size)
         real = index < n[:, None]
-        self._ranked = real & (index >= self.sink) & (index < (n - self.recent)[:, None])
+        self._ranked = self.protected.ranked(real)
         slot = self.cache.lookup(trace, layer)
         self._obs, self._importance = gather_observation(
             self.cache, slot, layer, head, n - self.lo, index.expand(len(n), -1), real,
@@ -170,45 +157,16 @@ class KVEvictCore:
 
     def step(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Rewards [E] of the rankings ``scores [E, N]`` (higher = keep); every episode terminates."""
-        ranked = sorted_importance(scores, self._importance, self._ranked)
-        best = optimal_sorted(self._importance, self._ranked)
-        cost, optimal = cost_of_sorted(ranked), cost_of_sorted(best)
-        ratio = normalized_cost(cost, optimal, best.double().sum(-1))
-        curve = curve_of_sorted(ranked)
+        costs = ranking_costs(scores, self._importance, self._ranked)
+        curve = curve_of_sorted(costs.in_order)
         kept = kept_fraction_at(curve, self._ranked)
-        info = dict(self._identity, cost_ratio=ratio, cost=cost, optimal_cost=optimal)
+        info = dict(self._identity, cost_ratio=costs.ratio, cost=costs.cost, optimal_cost=costs.optimal)
         for column, fraction in enumerate(BUDGET_FRACTIONS):
             info[f"kept_fraction_{round(fraction * 100)}"] = kept[:, column]
         if self.curve:
             info["curve"] = curve
-        reward = -ratio if self.reward == "cost_ratio" else -cost
+        reward = -costs.ratio if self.reward == "cost_ratio" else -costs.cost
         return reward, torch.ones(len(reward), dtype=torch.bool), info
-
-
-class CoreEnv(CoreAccess, gym.Env):
-    """A single Gymnasium env driven by a batched core with one row (no logic of its own)."""
-
-    metadata = {"render_modes": []}
-
-    def __init__(self, core: BatchedCore) -> None:
-        self.core = core
-        self.observation_space = core.observation_space
-        self.action_space = spaces.Box(-1.0, 1.0, (core.size,), np.float32)
-        self._needs_reset = True
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        self.core.reset(self.np_random, options=options)
-        self._needs_reset = False
-        return unbatch(self.core.observation()), unbatch(self.core.identity())
-
-    def step(self, action: Any):
-        if self._needs_reset:
-            raise RuntimeError("the episode is over (or never started): call reset() before step()")
-        scores = check_scores(action, None, self.core.size, self.core.ranked)
-        reward, terminated, info = self.core.step(scores)
-        self._needs_reset = bool(terminated[0])
-        return unbatch(self.core.observation()), float(reward[0]), bool(terminated[0]), False, unbatch(info)
 
 
 class KVEvictEnv(CoreEnv):
@@ -235,7 +193,7 @@ class KVEvictEnv(CoreEnv):
     Observation: keys, values [N, d] float32; positions [N] int64; mask [N] int8 (1 = real entry,
     0 = padding); protected [N] int8 (1 = sink/recent: real but not ranked); layer, kv_head
     (Discrete); plus the optional keys above. Action: [N] float32 scores, higher = keep (any finite
-    value; the Box(-1, 1) bounds are for SB3's samplers; padded and protected entries are ignored).
+    float32 value; padded and protected entries are ignored).
     Reset info: trace, layer, kv_head, n. Step info: the same plus cost_ratio, cost, optimal_cost,
     kept_fraction_10/25/50 (share of the future attention over U kept by the top 10/25/50 % of U),
     and curve if asked. ``reset(options={"trace": i, "layer": l, "kv_head": h, "n": n})`` pins any of them.

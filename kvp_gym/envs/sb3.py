@@ -9,7 +9,9 @@ the new episode's observation in place. The native env's SAME_STEP autoreset giv
 
 SB3's MultiInputPolicy keeps one module per observation key in an ``nn.ModuleDict``, which cannot
 hold the names "keys" and "values" (they are its methods), so the adapter renames those two
-observations (``SB3_NAMES``). ``SB3ObservationNames`` does the same for a single env.
+observations (``SB3_NAMES``); ``env_names`` undoes it for a policy that reads them back.
+``SB3ObservationNames`` does the same for a single env. The action space is the env's own: every
+finite float32 score, within finite bounds as SB3 requires.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 SB3_NAMES = {"keys": "key_vectors", "values": "value_vectors"}
 
 
+ENV_NAMES = {sb3: env for env, sb3 in SB3_NAMES.items()}
+
+
 def sb3_names(tree: dict[str, Any]) -> dict[str, Any]:
     """Rename the observations (or their spaces) SB3's policies cannot hold."""
     return {SB3_NAMES.get(key, key): value for key, value in tree.items()}
+
+
+def env_names(tree: dict[str, Any]) -> dict[str, Any]:
+    """Undo ``sb3_names``: SB3 observations (e.g. a policy's input batch) -> the env's observation names."""
+    return {ENV_NAMES.get(key, key): value for key, value in tree.items()}
 
 
 class SB3ObservationNames(gym.ObservationWrapper):

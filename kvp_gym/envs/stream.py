@@ -18,24 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvp_gym.envs.core import CoreEnv, CoreVectorEnv
 from kvp_gym.envs.episodes import (
-    LayerCache,
     TraceSource,
     check_common,
     check_vector,
     episode_options,
     episode_ranges,
-    gather_observation,
     grouped,
-    layer_layout,
-    layer_tensors,
     observation_space,
     sample_episodes,
-    shared_layer_cache,
 )
-from kvp_gym.envs.kv_evict import CoreEnv
-from kvp_gym.envs.kv_evict_vector import CoreVectorEnv
-from kvp_gym.envs.reward import ranking_order
+from kvp_gym.envs.layer_cache import LayerCache, gather_observation, layer_layout, layer_tensors, shared_layer_cache
+from kvp_gym.ranking import DEFAULT_PROTECTED, Protected, ranking_order
 from kvp_gym.utility.golden import golden_eviction_schedule, num_stream_steps
 
 
@@ -78,7 +73,7 @@ class StreamCore:
         kv_head: int | None = None,
         budget: int = 256,
         step: int = 64,
-        sink: int = 4,
+        sink: int = DEFAULT_PROTECTED.sink,
         agg: str = "mean",
         horizon: int | None = None,
         obs_queries: int = 0,
@@ -102,7 +97,8 @@ class StreamCore:
                 f"budget={budget}, step={step}: the shortest trace has {shortest} tokens, fewer than the "
                 f"budget + 2 * step = {budget + 2 * step} a streaming episode needs"
             )
-        self.budget, self.chunk, self.sink = budget, step, sink
+        self.budget, self.step_size = budget, step
+        self.protected = Protected(sink, recent=0)  # the appended chunk is never a candidate, not "recent"
         self.size = budget + step
         self.layer, self.kv_head = layer, kv_head
         self.obs_queries, self.obs_future = obs_queries, obs_future
@@ -117,7 +113,7 @@ class StreamCore:
 
     def _layer_cache(self, agg: str, horizon: int | None, queries: bool, attention: bool, cache_gb: float) -> LayerCache:
         """Per (trace, layer): keys/values [Hkv, T, d], I at every chunk end, the golden masses."""
-        source, spec, budget, step = self.source, self.source.spec, self.budget, self.chunk
+        source, spec, budget, step = self.source, self.source.spec, self.budget, self.step_size
         width = int(source.lengths.max())
         chunk_ends = budget + (torch.arange(int(self.steps_of.max()) + 1) + 1) * step
         layout = layer_layout(spec, len(chunk_ends), width, queries, attention)
@@ -156,14 +152,14 @@ class StreamCore:
         """The B cached entries then the L appended ones, at their true positions (built once per state)."""
         if self._obs is None:
             state = self.state
-            chunk_start = self.budget + state["step"] * self.chunk
-            positions = torch.cat([state["cached"], chunk_start[:, None] + torch.arange(self.chunk)], dim=1)
+            chunk_start = self.budget + state["step"] * self.step_size
+            positions = torch.cat([state["cached"], chunk_start[:, None] + torch.arange(self.step_size)], dim=1)
             older = torch.arange(self.size) < self.budget
-            self._ranked = older & (positions >= self.sink)
+            self._ranked = self.protected.ranked(older.expand_as(positions))
             slot = self.cache.lookup(state["trace"], state["layer"])
             self._obs, self._importance = gather_observation(
                 self.cache, slot, state["layer"], state["kv_head"], state["step"], positions,
-                torch.ones_like(positions, dtype=torch.bool), ~self._ranked, chunk_start + self.chunk,
+                torch.ones_like(positions, dtype=torch.bool), ~self._ranked, chunk_start + self.step_size,
                 self.obs_queries, self.obs_future,
             )
             self._golden = self.cache.slabs["golden_mass"][slot, state["kv_head"], state["step"]].double()
@@ -175,9 +171,9 @@ class StreamCore:
     def step(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Evict the L lowest-scored evictable entries of each row; reward [E] = -their future attention."""
         positions = self.observation()["positions"]
-        evictable = self.budget - self.sink  # the sinks never leave the cache
+        evictable = self.budget - self.protected.sink  # the sinks never leave the cache
         order = ranking_order(scores, self._ranked)
-        evicted = order[:, evictable - self.chunk : evictable]
+        evicted = order[:, evictable - self.step_size : evictable]
         mass = self._importance.gather(1, evicted).double().sum(1)
         keep = torch.ones_like(positions, dtype=torch.bool).scatter_(1, evicted, False)
         info = self.identity()

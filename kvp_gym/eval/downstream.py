@@ -44,8 +44,8 @@ def continuation_nll(
     """
     tokens = trace.tokens[None]
     cache = make_cache(model, scorer, budget, sink, recent)
-    model(tokens[:, :prefix], past_key_values=cache, use_cache=True)
-    logits = model(tokens[:, prefix:-1], past_key_values=cache, use_cache=True).logits[0]
+    model(tokens[:, :prefix], cache=cache, use_cache=True)
+    logits = model(tokens[:, prefix:-1], cache=cache, use_cache=True).logits[0]
     nll = torch.nn.functional.cross_entropy(logits.float(), tokens[0, prefix + 1 :], reduction="sum")
     return float(nll), int(tokens.shape[1] - prefix - 1)
 
@@ -70,11 +70,11 @@ def ruler_answer(
     # generate needs at least one uncached prompt token, so "inside" leaves the last one for it.
     compressed = meta["question_token"] if placement == "outside" else meta["answer_token"] - 1
     cache = make_cache(model, scorer, budget, sink, recent)
-    model(prompt[:, :compressed], past_key_values=cache, use_cache=True)
+    model(prompt[:, :compressed], cache=cache, use_cache=True)
     output = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
-        past_key_values=cache,
+        cache=cache,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,

@@ -15,21 +15,19 @@ from typing import Any
 
 from kvp_gym import scorers
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, continuation_nll, ruler_answer
-from kvp_gym.eval.ranking import RankingEvaluator
+from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.suite import Suite
 from kvp_gym.progress import progress_bar
-from kvp_gym.scorers import Scorer
+from kvp_gym.scorers import Scorer, is_future_only
 from kvp_gym.traces import TraceDataset
 from kvp_gym.io import write_json_atomic
 
-ARCHITECTURES = ("mlp",)  # registered trainable architectures: not policies until trained
-FUTURE_ONLY = ("oracle",)  # needs the true future: ranking upper bound, cannot run in a real cache
 FULL_CACHE = "full cache"
 
 
 def default_policies() -> list[str]:
-    """Every registered scorer that is a ready policy (heuristics and the oracle)."""
-    return [name for name in scorers.available() if name not in ARCHITECTURES]
+    """Every registered scorer that is a ready policy (not a trainable architecture; future-only ones included)."""
+    return [name for name in scorers.available() if not scorers.is_trainable(name)]
 
 
 def load_policies(
@@ -73,9 +71,13 @@ class RecordStore:
         return value
 
 
-def downstream_units(suite: Suite, traces: Mapping[str, TraceDataset], policies: Iterable[str]) -> list[tuple]:
-    """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite."""
-    settings = [(FULL_CACHE, None)] + [(name, budget) for name in policies if name not in FUTURE_ONLY for budget in suite.budgets]
+def downstream_units(suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer]) -> list[tuple]:
+    """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite.
+
+    Future-only policies have none: they cannot run in a real cache.
+    """
+    real_cache = [name for name, scorer in policies.items() if not is_future_only(scorer)]
+    settings = [(FULL_CACHE, None)] + [(name, budget) for name in real_cache for budget in suite.budgets]
     units = []
     for policy, budget in settings:
         for source in suite.ppl_sources:
@@ -110,7 +112,7 @@ def run_leaderboard(
     total = sum(len(dataset) for dataset in traces.values())
     with progress_bar(total, "leaderboard: ranking", enabled=show_progress) as bar:
         for source, dataset in traces.items():
-            evaluator = RankingEvaluator(suite, source, dataset)
+            evaluator = SuiteRanking(suite, source, dataset)
             for trace in range(len(dataset)):
                 for name, scorer in policies.items():
                     ranking.append(store.get_or_compute(
@@ -127,7 +129,9 @@ def run_leaderboard(
                 key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
                 results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, policies, unit)))
                 bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
-    return {"suite": suite.to_dict(), "policies": sorted(policies), "ranking": ranking, "downstream": results}
+    future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
+    return {"suite": suite.to_dict(), "policies": sorted(policies), "future_only": future_only, "ranking": ranking,
+            "downstream": results}
 
 
 def _downstream(suite: Suite, model: Any, tokenizer: Any, traces: Mapping[str, TraceDataset],

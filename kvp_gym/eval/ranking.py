@@ -1,8 +1,9 @@
-"""Ranking quality: every policy on the same grid of KVEvict-v0 episodes of the suite's test traces.
+"""Ranking quality: policies scored on the very same KVEvict-v0 episodes.
 
-The grid is every (trace, layer, KV head, prefix n) with n at the suite's prefix fractions of the
-trace length; every policy scores the very same observations (one reset of the batched env core per
-trace, then one step per policy, which leaves the episodes untouched).
+``RankingEvaluator`` resets a batched env core on fixed episodes (same seed, pinned options) and
+steps it once per policy, which leaves the episodes untouched: training runs use it on sampled
+episodes. ``SuiteRanking`` is the leaderboard's: the grid of every (trace, layer, KV head, prefix n)
+with n at the suite's prefix fractions of the trace length, one trace at a time.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvp_gym.envs.kv_evict import KVEvictCore
 from kvp_gym.envs.adapters import obs_to_view
+from kvp_gym.envs.kv_evict import KVEvictCore
 from kvp_gym.envs.reward import kept_fraction_at
 from kvp_gym.eval.suite import Suite
-from kvp_gym.scorers import Scorer
+from kvp_gym.scorers import Scorer, score_one_head
 from kvp_gym.traces import TraceDataset
 
 CURVE_FRACTIONS = tuple(float(f) for f in np.linspace(0.05, 1.0, 20))
+SUMMARY_KEYS = ("cost_ratio", "kept_fraction_10", "kept_fraction_25", "kept_fraction_50")
 
 
 def prefix_lengths(suite: Suite, dataset: TraceDataset) -> list[int]:
@@ -57,22 +59,41 @@ def make_core(suite: Suite, dataset: TraceDataset, num_rows: int) -> KVEvictCore
 
 
 class RankingEvaluator:
+    """Policies on the fixed episodes of one KVEvict-v0 core: every call resets it from ``seed``."""
+
+    def __init__(self, core: KVEvictCore, seed: int) -> None:
+        self.core, self.seed = core, seed
+        self.spec = core.source.spec
+
+    @torch.no_grad()
+    def step_infos(self, policies: Mapping[str, Scorer], options: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """The step info (cost_ratio [E], kept fractions [E], ...) of each policy on the same E episodes."""
+        self.core.reset(np.random.default_rng(self.seed), options=options)
+        view = obs_to_view(self.core.observation(), self.spec)
+        return {name: self.core.step(score_one_head(scorer, view).float())[2] for name, scorer in policies.items()}
+
+    def summary(self, scorer: Scorer, options: dict[str, Any] | None = None) -> dict[str, float]:
+        """Mean cost ratio and kept attention at 10/25/50 % budgets; ``options`` pins e.g. one (layer, kv_head)."""
+        info = self.step_infos({"policy": scorer}, options)["policy"]
+        return {key: info[key].double().mean().item() for key in SUMMARY_KEYS}
+
+    def per_head(self, scorer: Scorer, heads: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, float]]:
+        """The summary with every episode pinned to one head, for each of ``heads``."""
+        return {(layer, head): self.summary(scorer, {"layer": layer, "kv_head": head}) for layer, head in heads}
+
+
+class SuiteRanking(RankingEvaluator):
     """Scores policies on the episode grid of one suite's trace set, one trace at a time."""
 
     def __init__(self, suite: Suite, source: str, dataset: TraceDataset) -> None:
+        super().__init__(make_core(suite, dataset, len(episode_grid(suite, dataset, 0)["n"])), suite.seed)
         self.suite, self.source, self.dataset = suite, source, dataset
-        self.core = make_core(suite, dataset, len(episode_grid(suite, dataset, 0)["n"]))
-        self.rng = np.random.default_rng(suite.seed)
 
-    @torch.no_grad()
     def evaluate(self, trace: int, policies: Mapping[str, Scorer]) -> list[dict[str, Any]]:
         """One record per policy: per-episode cost ratios and kept fractions, and the mean kept curve."""
         grid = episode_grid(self.suite, self.dataset, trace)
-        self.core.reset(self.rng, options=grid)
-        view = obs_to_view(self.core.observation(), self.dataset.spec)
         records = []
-        for name, scorer in policies.items():
-            _, _, info = self.core.step(scorer.score(view)[:, 0].float())
+        for name, info in self.step_infos(policies, grid).items():
             curve = kept_fraction_at(info["curve"], self.core.ranked, CURVE_FRACTIONS)
             records.append({
                 "policy": name,

@@ -65,10 +65,10 @@ def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int
     return means, layers, heads
 
 
-def heads_won(results: dict[str, Any], exclude: tuple[str, ...] = ("oracle",)) -> dict[str, int]:
-    """How many (layer, KV head) each policy has the lowest mean cost ratio on (oracle excluded)."""
+def heads_won(results: dict[str, Any]) -> dict[str, int]:
+    """How many (layer, KV head) each policy has the lowest mean cost ratio on (future-only policies excluded)."""
     means, _, _ = head_means(results)
-    names = [name for name in means if name not in exclude]
+    names = [name for name in means if name not in results["future_only"]]
     if not names:
         return {}
     stacked = np.stack([means[name] for name in names])
@@ -203,7 +203,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
     written.append(_save(fig, out / "kept_attention_curve.png"))
 
     means, layers, heads = head_means(results)
-    contenders = [p for p in policies if p != "oracle"]
+    contenders = [p for p in policies if p not in results["future_only"]]
     winners = np.nanargmin(np.stack([means[p] for p in contenders]), axis=0)
     fig, ax = plt.subplots(figsize=(max(3, heads * 1.2) + 2.5, 6))
     cmap = matplotlib.colors.ListedColormap([colors[p] for p in contenders])

@@ -13,6 +13,7 @@ from typing import Any
 
 from kvp_gym.data import SOURCES
 from kvp_gym.paths import home_dir
+from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset, generate_traces
 
 
@@ -29,8 +30,8 @@ class Suite:
     seed: int = 1
     prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     agg: str = "max"
-    sink: int = 4
-    recent: int = 16
+    sink: int = DEFAULT_PROTECTED.sink
+    recent: int = DEFAULT_PROTECTED.recent
     query_window: int = 64
     budgets: tuple[int, ...] = (64, 128, 256, 512)
     ppl_prefix: int = 768

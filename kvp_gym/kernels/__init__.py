@@ -106,7 +106,7 @@ def select_and_compact(
     scores [B, H, N] (higher = keep, no NaN), keys/values [B, H, N, d], protected_mask [B, H, N] or
     [B, N] (always kept, counted within the budget). Returns keys/values [B, H, budget, d] and the
     kept indices [B, H, budget], sorted ascending so that cache order is preserved. Selection is
-    torch's topk; the gather is a Triton kernel when Triton is used.
+    kvp_gym.ranking.ranking_order; the gather is a Triton kernel when Triton is used.
     """
     if keys.dim() != 4 or values.shape != keys.shape or tuple(scores.shape) != tuple(keys.shape[:3]):
         raise ValueError(

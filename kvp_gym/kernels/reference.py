@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kvp_gym.ranking import ranking_order
+
 ACTIVATIONS = ("relu", "gelu", "silu")
 
 
@@ -56,9 +58,10 @@ def select_indices(
 ) -> torch.Tensor:
     """Indices [B, H, budget] of the top-``budget`` entries per head, sorted ascending (cache order kept).
 
-    scores [B, H, N]; protected_mask [B, H, N] or [B, N] (True = always kept, ranked above every score).
-    NaN scores are not allowed (the caller checks). If more than ``budget`` entries are protected, which
-    of them survive is unspecified.
+    scores [B, H, N] (-inf = padding, never kept before a real entry); protected_mask [B, H, N] or
+    [B, N] (True = always kept, ranked above every score). NaN scores are not allowed (the caller
+    checks). The order is ``kvp_gym.ranking.ranking_order``: ties go to the earlier entry, and if more
+    than ``budget`` entries are protected the earliest of them survive.
     """
     if not 0 < budget <= scores.shape[-1]:
         raise ValueError(f"budget must be in [1, {scores.shape[-1]}] (entries per head), got {budget}")
@@ -67,7 +70,8 @@ def select_indices(
         if protected_mask.dim() == 2:
             protected_mask = protected_mask[:, None, :]
         priority = priority.masked_fill(protected_mask, float("inf"))
-    return priority.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+    order = ranking_order(priority, priority > float("-inf"))
+    return order[..., :budget].sort(dim=-1).values
 
 
 def torch_gather_entries(

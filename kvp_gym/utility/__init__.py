@@ -7,7 +7,9 @@ from kvp_gym.utility.importance import (
     attention_received,
     future_importance,
     importance_from_table,
+    importance_rows,
     importance_table,
+    received_rows,
 )
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "future_importance",
     "golden_eviction_schedule",
     "importance_from_table",
+    "importance_rows",
     "importance_table",
     "num_stream_steps",
+    "received_rows",
 ]

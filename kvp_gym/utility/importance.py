@@ -114,3 +114,37 @@ def attention_received(trace: Trace, layer: int, n: int, chunk: int = 256) -> to
     for start in range(0, n, chunk):
         total += attention_probs(q, k, start, min(start + chunk, n)).sum(1)
     return total.view(trace.spec.num_kv_heads, trace.spec.group_size, n)
+
+
+def importance_rows(table: torch.Tensor, ns: torch.Tensor, horizon: int | None, width: int) -> torch.Tensor:
+    """``importance_from_table`` at many prefix lengths: table [Hkv, T + 1, T], ns [R] -> [Hkv, R, min(width, T)].
+
+    Row r holds I_n(i) for n = ns[r] and the first ``width`` tokens i (0 for i >= n; ns[r] = T gives
+    zeros), clamped at 0 against float round-off.
+    """
+    length = table.shape[2]
+    ns = ns.clamp(max=length)
+    ends = ns.new_full(ns.shape, length) if horizon is None else (ns + horizon).clamp(max=length)
+    cols = min(width, length)
+    rows = (table[:, ns, :cols] - table[:, ends, :cols]).clamp_(min=0)
+    return rows.masked_fill_(torch.arange(cols)[None, None, :] >= ns[None, :, None], 0.0)
+
+
+def received_rows(trace: Trace, layer: int, ns: torch.Tensor, width: int, chunk: int = 256) -> torch.Tensor:
+    """``attention_received`` at many prefix lengths, per query head: [Hkv, R, min(width, max n), G].
+
+    Entry [h, r, i, g] = sum_{j < n} A_g[j, i] for n = ns[r] and the first ``width`` tokens i.
+    """
+    spec = trace.spec
+    top = int(ns.clamp(max=trace.length).max())
+    q, k = trace.q(layer)[:, :top], trace.k(layer)[:, :top]
+    cols = min(width, top)
+    out = torch.zeros(spec.num_heads, len(ns), cols)
+    running = torch.zeros(spec.num_heads, 1, top)
+    for start in range(0, top, chunk):
+        stop = min(start + chunk, top)
+        cumulative = running + attention_probs(q, k, start, stop).cumsum(1)  # row r: queries j <= start + r
+        hits = ((ns > start) & (ns <= stop)).nonzero()[:, 0]
+        out[:, hits] = cumulative[:, ns[hits] - start - 1, :cols]
+        running = cumulative[:, -1:]
+    return out.view(spec.num_kv_heads, spec.group_size, len(ns), cols).permute(0, 2, 3, 1)
