@@ -26,14 +26,9 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def temp_prefix(path: Path) -> str:
-    """The name prefix of ``write_atomic``'s temporary files for ``path`` (they end in ``.tmp``)."""
-    return f".{path.name}."
-
-
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; never leaves a partial file."""
-    handle, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         write(tmp)
@@ -41,6 +36,12 @@ def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temp_files(directory: Path) -> None:
+    """Delete the temporary files ``write_atomic`` calls left in ``directory`` when the process was killed."""
+    for path in directory.glob(f".*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

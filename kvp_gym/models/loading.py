@@ -38,6 +38,18 @@ def converted_dir(name: str = DEFAULT_MODEL) -> Path:
 
 def _convert_embedded(target: Path) -> None:
     """Dequantize the GGUF once and save it as a safetensors folder (loads in <1 s afterwards)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _save_dequantized(staging)
+        _install(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _save_dequantized(directory: Path) -> None:
+    """Write the embedded GGUF as an fp32 safetensors checkpoint (model and tokenizer) into ``directory``."""
     gguf = embedded_gguf_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -46,15 +58,18 @@ def _convert_embedded(target: Path) -> None:
     model.hf_quantizer = None
     model.config.quantization_config = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move a finished conversion into place, replacing what an interrupted one left at ``target``."""
+    if (target / "config.json").exists():  # another process finished first
+        shutil.rmtree(staging)
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
 
 
 def resolve_model_dir(name_or_path: str) -> Path:

@@ -1,24 +1,41 @@
-"""`kvp-gym traces generate|info`."""
+"""`kvp-gym traces generate|info`. Bad input is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvp_gym.data import SOURCES, SPLITS
 from kvp_gym.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from kvp_gym.traces import TraceDataset
 
 app = typer.Typer(help="Generate and inspect trace sets (post-RoPE Q/K/V of a real model over real text).")
 
 
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a validation error (bad argument, missing or corrupt file) into one line and exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def generate(
-    source: str = typer.Option(..., help="Text source: ruler | dialogue | prose."),
+    source: str = typer.Option(..., help=f"Text source: {' | '.join(SOURCES)}."),
     n: int = typer.Option(..., help="Number of sequences."),
     length: int = typer.Option(1024, help="Tokens per sequence."),
-    split: str = typer.Option("train", help="train | test (disjoint topics and seeds)."),
+    split: str = typer.Option("train", help=f"{' | '.join(SPLITS)} (disjoint topics and seeds)."),
     out: Path = typer.Option(..., help="Output directory (rerun the same command to resume)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or local checkpoint directory."),
     seed: int | None = typer.Option(None, help="Seed (default: 0 for train, 1 for test)."),
@@ -26,7 +43,8 @@ def generate(
     """Run the model once per sequence and store Q/K/V of every layer (fp16, safetensors)."""
     from kvp_gym.traces.generate import generate_traces
 
-    dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed)
+    with one_line_errors():
+        dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed)
     print_summary(dataset)
 
 
@@ -35,10 +53,11 @@ def info(directory: Path = typer.Argument(..., help="Trace set directory."), ver
     """Print a summary of a trace set: sequences, tokens, bytes, model, sources."""
     from kvp_gym.traces import TraceDataset
 
-    print_summary(TraceDataset(directory, verify=verify))
+    with one_line_errors():
+        print_summary(TraceDataset(directory, verify=verify))
 
 
-def print_summary(dataset) -> None:
+def print_summary(dataset: TraceDataset) -> None:
     """A table of what a trace set holds."""
     manifest = dataset.manifest
     params = manifest["params"]

@@ -2,7 +2,7 @@
 
 Resumable and atomic: every file is written to a temporary name and renamed into place, and the
 manifest (rewritten atomically after each sequence) lists only finished sequences. Rerunning the
-same command after a kill continues where it stopped.
+same command after a kill continues where it stopped; rerunning it with other settings is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_samples
-from kvp_gym.io import package_versions, write_atomic, write_json_atomic
+from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
-from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, sha256_of
+from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, read_manifest, sha256_of
 
 DEFAULT_SEEDS = {"train": 0, "test": 1}
 SAMPLES_FILE = "samples.json"
@@ -49,20 +49,42 @@ def _check_arguments(source: str, split: str, n: int, length: int) -> None:
         raise ValueError(f"--length must be at least 32 tokens, got {length}")
 
 
+def check_same_settings(path: Path, recorded: Any, params: dict[str, Any]) -> None:
+    """Refuse to reuse what ``path`` holds (a manifest or samples.json) if it was made with other settings."""
+    if recorded == params:
+        return
+    directory = path.parent
+    if not isinstance(recorded, dict):
+        raise TraceError(
+            f"{path} does not record the settings it was made with; refusing to mix it with new traces: "
+            f"choose another --out, or delete {directory} to start over"
+        )
+    changed = ", ".join(
+        f"{key}={recorded.get(key)!r} (now {params.get(key)!r})"
+        for key in sorted(set(recorded) | set(params))
+        if recorded.get(key) != params.get(key)
+    )
+    raise TraceError(
+        f"{directory} holds traces made with other settings ({changed}; recorded in {path.name}); refusing to mix "
+        f"them: choose another --out, or delete {directory} to start over"
+    )
+
+
 class TraceWriter:
-    """Appends finished sequences to a trace set, one atomic file and one atomic manifest update each."""
+    """Appends finished sequences to a trace set, one atomic file and one atomic manifest update each.
+
+    Resuming checks the settings against the manifest, forgets sequences whose file is missing or
+    fails its checksum (they are generated again) and removes temporary files left by a killed run.
+    """
 
     def __init__(self, directory: Path, params: dict[str, Any], spec: ModelSpec) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / MANIFEST
-        if path.exists():
-            self.manifest = json.loads(path.read_text())
-            if self.manifest.get("params") != params:
-                raise TraceError(
-                    f"{directory} already holds a trace set made with {self.manifest.get('params')}; "
-                    f"refusing to mix it with {params} (choose another --out)"
-                )
+        remove_temp_files(directory)
+        if (directory / MANIFEST).exists():
+            self.manifest = read_manifest(directory)
+            check_same_settings(directory / MANIFEST, self.manifest.get("params"), params)
+            self.manifest["sequences"] = [record for record in self.manifest["sequences"] if self._intact(record)]
         else:
             self.manifest = {
                 "format": FORMAT,
@@ -74,6 +96,10 @@ class TraceWriter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "sequences": [],
             }
+
+    def _intact(self, record: dict[str, Any]) -> bool:
+        path = self.directory / record["file"]
+        return path.exists() and path.stat().st_size == record["bytes"] and sha256_of(path) == record["sha256"]
 
     def done(self) -> set[str]:
         return {record["file"] for record in self.manifest["sequences"]}
@@ -88,20 +114,32 @@ class TraceWriter:
             tensors[f"k.{layer}"] = captured.k[layer]
             tensors[f"v.{layer}"] = captured.v[layer]
         path = self.directory / name
+        _require_finite(tensors, path)
         write_atomic(path, lambda tmp: save_file(tensors, tmp))
         self.manifest["sequences"].append(
             {"file": name, "length": int(ids.shape[0]), "bytes": path.stat().st_size,
              "sha256": sha256_of(path), "meta": meta}
         )
+        self.manifest["sequences"].sort(key=lambda record: record["file"])
         write_json_atomic(self.directory / MANIFEST, self.manifest)
         return int(ids.shape[0])
 
 
+def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(tensor.float().sum().isfinite())]
+    if bad:
+        raise TraceError(
+            f"the model produced NaN or inf in {bad[:3]} for {path}; nothing was written (check the model and its dtype)"
+        )
+
+
 def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any) -> list[dict[str, Any]]:
-    """Text samples of the set, made once and kept in samples.json (dialogue generation is the slow part)."""
+    """Text samples of the set, made once and kept with their settings in samples.json (dialogue is slow to make)."""
     path = directory / SAMPLES_FILE
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        check_same_settings(path, stored.get("params") if isinstance(stored, dict) else None, params)
+        return stored["samples"]
     samples = make_samples(
         params["source"],
         tokenizer,
@@ -112,7 +150,7 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
         model=model,
     )
     records = [sample.to_dict() for sample in samples]
-    write_json_atomic(path, records)
+    write_json_atomic(path, {"params": params, "samples": records})
     return records
 
 
@@ -148,6 +186,8 @@ def generate_traces(
     }
     model, tokenizer = load_model(model_name)
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
+    if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
+        return TraceDataset(directory)
     samples = _load_samples(directory, params, tokenizer, model)
     done = writer.done()
     with progress_bar(total=len(samples), description=f"traces {source}/{split}", enabled=show_progress) as bar:
