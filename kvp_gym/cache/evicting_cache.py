@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvp_gym.cache.attention import use_evicting_attention
 from kvp_gym.cache.layer import EvictingLayer, EvictionSettings
+from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.scorers import Scorer, ScoringView
 
 LIVE_INPUTS = frozenset({"queries", "attention"})
@@ -61,7 +62,7 @@ class EvictingCache(Cache):
             if it has one, else 64).
         use_triton: the compaction kernel (None: Triton on CUDA, torch otherwise).
 
-    Use: ``model.generate(**inputs, past_key_values=EvictingCache(scorer, 256, config=model.config))``.
+    Use: ``model.generate(**inputs, cache=EvictingCache(scorer, 256, config=model.config))``.
     """
 
     def __init__(
@@ -70,8 +71,8 @@ class EvictingCache(Cache):
         budget: int,
         *,
         config: PreTrainedConfig,
-        sink: int = 4,
-        recent: int = 16,
+        sink: int = DEFAULT_PROTECTED.sink,
+        recent: int = DEFAULT_PROTECTED.recent,
         every: int | None = None,
         query_window: int | None = None,
         use_triton: bool | None = None,
