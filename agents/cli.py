@@ -33,7 +33,7 @@ def train_command(
     agent: Annotated[str, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, ppo, a2c, trpo, ars, recurrent-ppo")],
     traces: Annotated[list[Path], typer.Option(help="training trace set directory (repeatable)")],
     steps: Annotated[int, typer.Option(help="gradient updates (one batch of episodes each)")],
-    out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.pt, tb/ (rerun to resume)")],
+    out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.safetensors, tb/ (rerun to resume)")],
     layer: Annotated[int | None, typer.Option(help="train the KV heads of this layer (with --kv-head: one head)")] = None,
     kv_head: Annotated[int | None, typer.Option(help="train this KV head of --layer")] = None,
     all_heads: Annotated[bool, typer.Option("--all-heads", help="train every (layer, KV head) at once")] = False,

@@ -3,12 +3,18 @@
 A run lives in one directory (``--out``):
 
     run.json            the settings that define the run (a rerun with other settings is refused)
-    state.pt            the last checkpoint: step, scorer weights, the agent's optimiser / scheduler
-                        (and SB3 model) state; written atomically every ``save_every`` steps
     scorer.safetensors  the trained scorer (kvp_gym.checkpoint format), rewritten at every checkpoint
+    state.safetensors   the last checkpoint: step, scorer weights, the agent's optimiser / scheduler
+                        (and SB3 model) state, the sha256 of the scorer file of that step and its
+                        evaluation; safetensors + JSON (kvp_gym.checkpoint.save_state), never a pickle
     tb/                 TensorBoard logs (training metrics, evaluation, throughput)
 
-Resume: rerunning the same command continues from state.pt. Reproducibility: at every checkpoint
+A checkpoint writes the scorer first, then the state that names it (each atomically), so the state
+never names a scorer that was not written. Resume: rerunning the same command continues from the
+state's step. A scorer file that is not the one the state names (a kill between the two writes
+left a newer one) is rewritten at the next checkpoint, or at once from the state's weights when the
+state's step already reached ``steps``. A ``state.pt`` (a pickle, from older versions) is refused,
+never loaded. Reproducibility: at every checkpoint
 boundary (steps 0, k, 2k, ...) every random stream (torch, numpy, python, the env's episode sampling,
 the agent's action noise) restarts from ``seed_for(seed, step)``, so the RNG state at a checkpoint is a
 function of (seed, step) and is not stored: a run killed and resumed produces the same weights as an
@@ -23,7 +29,6 @@ one batched einsum).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -39,13 +44,14 @@ from agents.kvp import KVPAgent, KVPConfig
 from agents.pairwise import PairwiseAgent, PairwiseConfig
 from agents.mlp_scorer import PerHeadMLPScorer
 from agents.sb3_agents import SB3Agent, SB3Config
-from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, save_scorer
+from kvp_gym.checkpoint import checkpoint_file, load_scorer, load_state, save_scorer, save_state
 from kvp_gym.envs.episodes import TraceSource
 from kvp_gym.envs.kv_evict import KVEvictCore
 from kvp_gym.eval.ranking import RankingEvaluator
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
-from kvp_gym.io import write_atomic, write_json_atomic
+from kvp_gym.io import remove_temp_files, write_json_atomic
+from kvp_gym.traces.dataset import sha256_of
 
 # name -> (agent class, default hyperparameters)
 AGENTS: dict[str, tuple[type, Any]] = {
@@ -61,7 +67,7 @@ AGENTS: dict[str, tuple[type, Any]] = {
     "recurrent-ppo": (SB3Agent, SB3Config(algo="recurrent-ppo", envs=16, n_steps=16)),
 }
 EVAL_MIN_PREFIX = 64  # evaluation episodes leave room for the 64-query window SnapKV / TOVA read
-RUN_FILE, STATE_FILE = "run.json", "state.pt"
+RUN_FILE, STATE_FILE, PICKLED_STATE = "run.json", "state.safetensors", "state.pt"
 
 
 @dataclasses.dataclass
@@ -187,10 +193,24 @@ def _check_run(out: Path, config: TrainConfig) -> None:
         write_json_atomic(run_file, identity)
 
 
-def _save_state(path: Path, step: int, agent: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save({"step": step, "scorer": agent.scorer.state_dict(), "agent": agent.state_dict()}, buffer)
-    write_atomic(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+def _save_state(path: Path, step: int, agent: Any, scorer_file: Path, evaluation: dict[str, float]) -> None:
+    save_state(path, {"step": step, "scorer": agent.scorer.state_dict(), "agent": agent.state_dict(),
+                      "scorer_sha256": sha256_of(scorer_file), "evaluation": evaluation})
+
+
+def _load_state(out: Path) -> dict[str, Any] | None:
+    """The run's last checkpoint state, or None; a pickled ``state.pt`` is refused unread."""
+    if (out / PICKLED_STATE).exists():
+        raise ValueError(
+            f"{out / PICKLED_STATE} is a pickle (it could run code when loaded), so it is never loaded; this "
+            f"version keeps its resume state in {STATE_FILE}: delete {PICKLED_STATE} to restart the run"
+        )
+    if not (out / STATE_FILE).exists():
+        return None
+    state = load_state(out / STATE_FILE)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("scorer_sha256"), str)):
+        raise ValueError(f"{out / STATE_FILE} is not a training state of this version; delete it to restart the run")
+    return state
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -208,15 +228,15 @@ def train(config: TrainConfig) -> TrainResult:
     torch.manual_seed(seed_for(config.seed, 0))
     agent = agent_class(_make_scorer(config, train_source, heads), train_source.sets, env_kwargs, hyper, config.steps)
     _check_run(out, config)  # after every argument check, so that a failed start leaves no run behind
-    start = 0
-    if (out / STATE_FILE).exists():
-        state = torch.load(out / STATE_FILE, weights_only=False)
-        agent.scorer.load_state_dict(state["scorer"])
-        agent.load_state_dict(state["agent"])
+    remove_temp_files(out)  # what a killed checkpoint write left
+    start, state = 0, _load_state(out)
+    if state is not None:
+        try:
+            agent.scorer.load_state_dict(state["scorer"])
+            agent.load_state_dict(state["agent"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ValueError(f"{out / STATE_FILE} does not fit this run ({error}); delete it to restart the run") from None
         start = state["step"]
-        if start >= config.steps:
-            evaluation = read_header(out).training.get("evaluation", {})
-            return TrainResult(checkpoint_file(out), {start: evaluation} if evaluation else {}, 0.0, 0)
     evaluate = None
     if config.eval_traces is not None:
         eval_kwargs = {"min_prefix": EVAL_MIN_PREFIX, "cache_gb": 2.0, **head_kwargs}
@@ -226,14 +246,27 @@ def train(config: TrainConfig) -> TrainResult:
     training = {"agent": config.agent, "hyperparameters": dataclasses.asdict(hyper), **config.identity(),
                 "trace_model": spec.name}
 
-    def checkpoint(step: int, evaluation: dict[str, float]) -> Path:
-        _save_state(out / STATE_FILE, step, agent)
+    def save_checkpoint_scorer(step: int, evaluation: dict[str, float]) -> Path:
         return save_scorer(agent.scorer, out, registry_name=agent.scorer.registry_name, config=agent.scorer.config(),
                            model_spec=spec, protected=agent.env.unwrapped.protected.to_dict(),
                            training={**training, "step": step, "evaluation": evaluation}, env=agent.env_id)
 
+    def checkpoint(step: int, evaluation: dict[str, float]) -> Path:
+        file = save_checkpoint_scorer(step, evaluation)  # first the scorer, then the state that names it
+        _save_state(out / STATE_FILE, step, agent, file, evaluation)
+        return file
+
+    if state is not None and start >= config.steps:
+        file = checkpoint_file(out)
+        if not file.exists() or sha256_of(file) != state["scorer_sha256"]:
+            file = save_checkpoint_scorer(start, state["evaluation"])  # the state's weights are the run's result
+            _save_state(out / STATE_FILE, start, agent, file, state["evaluation"])
+        evaluation = state["evaluation"]
+        return TrainResult(file, {start: evaluation} if evaluation else {}, 0.0, 0)
+
     writer = SummaryWriter(str(out / "tb"), purge_step=start)
     evaluations: dict[int, dict[str, float]] = {}
+    last = {} if state is None else state["evaluation"]  # the newest evaluation, saved with each checkpoint
     env_steps, started = 0, time.perf_counter()
     with progress_bar(total=config.steps, description=f"train {config.agent}", enabled=config.progress) as bar:
         bar.advance(start)
@@ -259,7 +292,8 @@ def train(config: TrainConfig) -> TrainResult:
                 evaluations[done] = evaluate(agent.scorer)
                 for key, value in evaluations[done].items():
                     writer.add_scalar(f"eval/{key}", value, done)
-            last = evaluations[max(evaluations)] if evaluations else {}
+            if evaluations:
+                last = evaluations[max(evaluations)]
             if done % config.save_every == 0 or done == config.steps:
                 checkpoint(done, last)
             first = next(iter(metrics))

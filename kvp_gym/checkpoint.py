@@ -15,12 +15,18 @@ weights, only its config). The JSON header is stored in the safetensors metadata
 
 ``save_scorer(..., path)`` writes ``path`` itself when it ends in ``.safetensors``, else
 ``path/scorer.safetensors``; ``load_scorer`` and ``read_header`` accept either form. Writes are atomic.
+
+``save_state(path, tree)`` / ``load_state(path)`` store any nest of dicts, lists and tuples of tensors
+and JSON scalars (an optimizer's or an SB3 model's state dict, a training step) the same way: tensors
+in safetensors, the structure as JSON in its metadata. Nothing is ever unpickled, so a planted file
+can at worst fail to load; it can never run code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -176,3 +182,77 @@ def load_scorer(path: str | Path, expect_spec: ModelSpec | None = None) -> Any:
     elif tensors:
         raise CheckpointError(f"{file} holds weights but scorer {header.registry_name!r} takes none")
     return scorer
+
+
+# ----------------------------------------------------------------------------- training state (no pickle)
+
+STATE_FORMAT = "kvp-gym-state"
+STATE_SCALARS = (bool, int, float, str, type(None))
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """A nest of containers, tensors and scalars -> JSON; tensors are moved to ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().clone().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        if not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in value):
+            raise CheckpointError(f"state {where}: dict keys must be str or int, got {list(value)[:5]}")
+        return {"dict": [[key, _encode(item, tensors, f"{where}.{key}")] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]
+        return {"tuple" if isinstance(value, tuple) else "list": items}
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, STATE_SCALARS):
+        return {"value": value}
+    raise CheckpointError(f"state {where}: cannot store a {type(value).__name__} (tensors, containers and scalars only)")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor], file: Path) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise CheckpointError(f"corrupt training state {file}: malformed structure")
+    (kind, body), = node.items()
+    if kind == "tensor" and body in tensors:
+        return tensors[body]
+    if kind == "dict" and isinstance(body, list):
+        return {key: _decode(item, tensors, file) for key, item in body}
+    if kind in ("list", "tuple") and isinstance(body, list):
+        items = [_decode(item, tensors, file) for item in body]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "float" and body in ("inf", "-inf", "nan"):
+        return float(body)
+    if kind == "value" and isinstance(body, STATE_SCALARS):
+        return body
+    raise CheckpointError(f"corrupt training state {file}: unknown entry {kind!r}")
+
+
+def save_state(path: str | Path, tree: Any) -> Path:
+    """Write ``tree`` (dicts / lists / tuples of tensors and JSON scalars) atomically as safetensors + JSON."""
+    from kvp_gym.io import write_atomic
+
+    file = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps({"format": STATE_FORMAT, "tree": _encode(tree, tensors, "")})
+    write_atomic(file, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: structure}))
+    return file
+
+
+def load_state(path: str | Path) -> Any:
+    """Read what ``save_state`` wrote; anything else is refused with a CheckpointError (never unpickled)."""
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        data = json.loads(metadata[METADATA_KEY])
+    except Exception as error:  # safetensors' own errors, a missing key, bad JSON
+        raise CheckpointError(
+            f"corrupt training state {file} ({type(error).__name__}: {error}); delete it to restart the run"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{file} is not a kvp-gym training state; delete it to restart the run")
+    return _decode(data.get("tree"), tensors, file)
