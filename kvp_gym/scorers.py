@@ -40,6 +40,13 @@ class ScoringView:
                                          past queries, per query head of the group
     future_importance:   [B, H, N]       true future attention (only where the future is known)
 
+    Every consumer hands a scorer only the optional inputs it declares (``declared_view``): an
+    undeclared input is None even where the consumer computed it for another scorer.
+
+    Model geometry (not an input; every consumer that knows the model fills it):
+    rope_theta:          float | None   the RoPE base of the model (plain RoPE, no scaling), so a
+                                        scorer can undo the rotation of post-RoPE queries/keys
+
     Padded entries (mask False) hold arbitrary keys, values and positions; scorers must not trust them.
     """
 
@@ -55,6 +62,7 @@ class ScoringView:
     query_positions: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     future_importance: torch.Tensor | None = None
+    rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 4:
@@ -129,9 +137,30 @@ def is_future_only(scorer: Scorer) -> bool:
     return "future_importance" in scorer.needs
 
 
+def declared_view(scorer: Scorer, view: ScoringView) -> ScoringView:
+    """The view with every optional input the scorer does not declare in ``needs`` set to None.
+
+    The one gate every consumer (env adapters and their training loops, the leaderboard's ranking,
+    the inference cache) passes a view through: a scorer sees exactly the optional inputs
+    (``OPTIONAL_INPUTS``) it declares, never more, so only a scorer that declares
+    ``"future_importance"`` (a future-only upper bound) can read the future.
+    ``query_positions`` travels with ``queries``. The view itself is not changed.
+    """
+    needs = scorer.needs
+    hidden = {name: None for name in OPTIONAL_INPUTS if name not in needs and getattr(view, name) is not None}
+    if "queries" not in needs and view.query_positions is not None:
+        hidden["query_positions"] = None
+    return dataclasses.replace(view, **hidden) if hidden else view
+
+
+def score_view(scorer: Scorer, view: ScoringView) -> torch.Tensor:
+    """``scorer.score`` of the declared part of ``view`` (``declared_view``): scores [B, H, N]."""
+    return scorer.score(declared_view(scorer, view))
+
+
 def score_one_head(scorer: Scorer, view: ScoringView) -> torch.Tensor:
-    """Scores [B, N] of a view with one KV head (H = 1), as the envs take them."""
-    return scorer.score(view)[:, 0]
+    """Scores [B, N] of a view with one KV head (H = 1), as the envs take them (through ``declared_view``)."""
+    return score_view(scorer, view)[:, 0]
 
 
 _registry: dict[str, Callable[..., Scorer]] = {}

@@ -96,6 +96,7 @@ class EvictingCache(Cache):
             num_layers=text_config.num_hidden_layers,
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             use_triton=use_triton,
+            rope_theta=_plain_rope_theta(text_config),
         )
         super().__init__(layers=[EvictingLayer(i, self.settings) for i in range(self.settings.num_layers)])
         use_evicting_attention(config)
@@ -213,6 +214,15 @@ class CacheReport:
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
+
+
+def _plain_rope_theta(config: PreTrainedConfig) -> float | None:
+    """The RoPE base for ``ScoringView.rope_theta``; None when the RoPE is scaled (not a plain rotation)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        return None
+    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    return float(theta)
 
 
 def _check_full_attention(config: PreTrainedConfig) -> None:

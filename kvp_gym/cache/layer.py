@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from kvp_gym.cache.attention import ATTN_IMPLEMENTATION, hand_off
 from kvp_gym.kernels import select_and_compact
 from kvp_gym.ranking import Protected
-from kvp_gym.scorers import Scorer, ScoringView
+from kvp_gym.scorers import Scorer, ScoringView, score_view
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
 _ATTENTION_CHUNK = 256  # queries per softmax block when accumulating attention (bounds memory)
@@ -37,6 +37,7 @@ class EvictionSettings:
     num_layers: int
     num_kv_heads: int
     use_triton: bool | None
+    rope_theta: float | None = None
 
     @property
     def protected(self) -> Protected:
@@ -233,7 +234,7 @@ class EvictingLayer(DynamicLayer):
         """Scores [B, H, S] from the scorer, checked for shape and NaN."""
         b, h, s, _ = self.keys.shape
         view = self._view()
-        scores = self.settings.scorer.score(view)
+        scores = score_view(self.settings.scorer, view)
         if tuple(scores.shape) != tuple(view.shape):
             raise ValueError(
                 f"scorer {self.settings.scorer_name!r} returned scores of shape {tuple(scores.shape)} "
@@ -277,6 +278,7 @@ class EvictingLayer(DynamicLayer):
             queries=queries,
             query_positions=query_positions,
             attention=attention,
+            rope_theta=settings.rope_theta,
         )
 
     def _record_queries(self, query: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> None:

@@ -1,8 +1,9 @@
 """Play the envs with any registered scorer, or replay ForesightKV's golden schedule.
 
 ``ScorerPolicy(get("knorm"), env.unwrapped.model_spec).act(obs)`` turns env observations into a
-``ScoringView`` with one KV head (H = 1) and returns the scorer's scores as the action. The oracle
-scorer needs ``future_importance``: make the env with ``obs_future=True`` (cheating, upper bound).
+``ScoringView`` with one KV head (H = 1) and returns the scorer's scores as the action; the scorer
+sees only the optional inputs it declares (``kvp_gym.scorers.declared_view``). The oracle scorer
+needs ``future_importance``: make the env with ``obs_future=True`` (cheating, upper bound).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def obs_to_view(obs: dict[str, Any], spec: ModelSpec) -> ScoringView:
 
     keys/values [B, 1, N, d], positions [B, N], mask [B, N] (real entries, protected included),
     layer [B], kv_heads [B, 1], and when present queries [B, 1, G, w, d], query_positions [B, w],
-    attention [B, 1, G, N], future_importance [B, 1, N].
+    attention [B, 1, G, N], future_importance [B, 1, N]; rope_theta from ``spec``. The view holds every
+    input the observation has: consumers score it through ``kvp_gym.scorers.score_one_head``, which
+    hands each scorer only the inputs it declares (``declared_view``).
     """
     t, _ = _batched_tensors(obs)
     batch = t["keys"].shape[0]
@@ -51,6 +54,7 @@ def obs_to_view(obs: dict[str, Any], spec: ModelSpec) -> ScoringView:
         num_layers=spec.num_layers,
         num_kv_heads=spec.num_kv_heads,
         query_positions=t["query_positions"].long() if "query_positions" in t else None,
+        rope_theta=spec.rope_theta,
         **optional,
     )
 

@@ -41,7 +41,9 @@ def episode_grid(suite: Suite, dataset: TraceDataset, trace: int) -> dict[str, n
 
 
 def make_core(suite: Suite, dataset: TraceDataset, num_rows: int) -> KVEvictCore:
-    """The env core that holds a whole trace's grid; it gives every scorer every optional input."""
+    """The env core that holds a whole trace's grid. It computes every optional input once; each scorer
+    sees only the ones it declares (``score_one_head`` passes the view through ``declared_view``), so
+    only future-only scorers (upper bounds) read ``future_importance``."""
     ns = prefix_lengths(suite, dataset)
     return KVEvictCore(
         dataset,
