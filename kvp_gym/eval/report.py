@@ -16,6 +16,16 @@ import numpy as np
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
+from kvp_gym.eval.stats import (
+    Interval,
+    bootstrap_ci,
+    env_downstream_tau,
+    normalized_score,
+    probability_of_improvement,
+    worse_of,
+)
+
+FLOOR_POLICIES = ("random", "streamingllm")  # the normalised score's 0: the worse of the two
 from kvp_gym.io import package_versions, write_atomic, write_json_atomic
 
 
@@ -44,8 +54,94 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         for p in (10, 25, 50):
             row[f"kept_{p}"] = float(np.mean(rows[f"kept_{p}"]))
         row["heads_won"] = wins.get(policy, 0)
+        row["upper_bound"] = policy in results["future_only"]
+        units = ranking_units(results, policy)
+        interval = bootstrap_ci(list(units.values()), strata=[source for source, _ in units])
+        row["cost_ratio_low"], row["cost_ratio_high"] = interval.low, interval.high
         table.append(row)
-    return sorted(table, key=lambda row: row["cost_ratio"])
+    table.sort(key=lambda row: row["cost_ratio"])
+    means = {row["policy"]: row["cost_ratio"] for row in table}
+    oracle = min((means[p] for p in results["future_only"] if p in means), default=1.0)
+    floor = worse_of(means.get(p, math.nan) for p in FLOOR_POLICIES)
+    for row, following in zip(table, table[1:] + [None]):
+        row["normalized"] = normalized_score(row["cost_ratio"], oracle, floor)
+        row["p_beats_next"] = math.nan if following is None else paired_probability(
+            ranking_units(results, row["policy"]), ranking_units(results, following["policy"]))
+    return table
+
+
+def ranking_units(results: dict[str, Any], policy: str) -> dict[tuple[str, Any], float]:
+    """{(source, trace): mean cost ratio over that trace's episodes} of one policy: the bootstrap's units
+    (episodes of one text are not independent; texts are), stratified by source."""
+    units = {}
+    for index, record in enumerate(r for r in results["ranking"] if r["policy"] == policy):
+        units[record["source"], record.get("trace", index)] = float(np.mean(record["cost_ratio"]))
+    return units
+
+
+def paired_probability(a: dict, b: dict, lower_is_better: bool = True, weights: dict | None = None) -> float:
+    """P(a beats b) by bootstrap over the units both have, paired by unit and stratified by source."""
+    shared = sorted(set(a) & set(b), key=str)
+    if not shared:
+        return math.nan
+    return probability_of_improvement([a[u] for u in shared], [b[u] for u in shared], lower_is_better,
+                                      strata=[u[0] for u in shared],
+                                      weights=None if weights is None else [weights[u] for u in shared])
+
+
+def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
+    """Intervals, P(beats the next policy) and normalised scores of the downstream numbers.
+
+    Units are texts (source, trace), stratified by source. Perplexity: the interval of exp(mean NLL
+    per token), tokens as weights (so the estimate is the pooled perplexity); normalised between the
+    worse of random and StreamingLLM (0) and the full cache (1; no future-only policy runs
+    downstream). Accuracy: the interval of the mean score; normalised the same way.
+    Returns {"perplexity": {policy: {budget: {...}}}, "accuracy": {placement: {policy: {budget: {...}}}}}
+    where each cell holds estimate, low, high, normalized and p_beats_next (the next policy by
+    estimate at that budget).
+    """
+    ppl_units: dict[str, dict[Any, dict]] = defaultdict(lambda: defaultdict(dict))
+    acc_units: dict[str, dict[str, dict[Any, dict]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for index, record in enumerate(results["downstream"]):
+        budget = record["budget"] if record["budget"] is not None else "full"
+        unit = (record["source"], record.get("trace", index))
+        if record["kind"] == "ppl":
+            ppl_units[record["policy"]][budget][unit] = (record["nll_sum"] / record["tokens"], record["tokens"])
+        else:
+            acc_units[record["placement"]][record["policy"]][budget][unit] = (float(record["score"]), 1.0)
+
+    def cells(table: dict[str, dict[Any, dict]], lower_is_better: bool, transform) -> dict[str, dict[Any, dict]]:
+        out: dict[str, dict[Any, dict]] = defaultdict(dict)
+        full = table.get(FULL_CACHE, {}).get("full")
+        for budget in {b for per in table.values() for b in per}:
+            stats = {}
+            for policy, per in table.items():
+                if budget not in per:
+                    continue
+                units = per[budget]
+                interval = bootstrap_ci([v for v, _ in units.values()], strata=[u[0] for u in units],
+                                        weights=[w for _, w in units.values()])
+                stats[policy] = Interval(*(transform(x) for x in interval[:3]))
+            reference = None if full is None else transform(bootstrap_ci([v for v, _ in full.values()],
+                                                                       weights=[w for _, w in full.values()]).estimate)
+            floor = worse_of((stats[p].estimate for p in FLOOR_POLICIES if p in stats), lower_is_better)
+            order = sorted(stats, key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
+            for policy, following in zip(order, order[1:] + [None]):
+                values = {u: v for u, (v, _) in table[policy][budget].items()}
+                weights = {u: w for u, (_, w) in table[policy][budget].items()}
+                beats = math.nan if following is None else paired_probability(
+                    values, {u: v for u, (v, _) in table[following][budget].items()}, lower_is_better, weights)
+                estimate = stats[policy]
+                low, high = sorted((estimate.low, estimate.high))
+                out[policy][budget] = {"estimate": estimate.estimate, "low": low, "high": high, "p_beats_next": beats,
+                                       "next": following,
+                                       "normalized": math.nan if reference is None else normalized_score(estimate.estimate, reference, floor)}
+        return out
+
+    return {
+        "perplexity": cells(ppl_units, True, math.exp),
+        "accuracy": {placement: cells(table, False, float) for placement, table in acc_units.items()},
+    }
 
 
 def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int]:
@@ -103,8 +199,12 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     out.mkdir(parents=True, exist_ok=True)
     ranking = ranking_table(results)
     ppl, accuracy = downstream_tables(results)
+    downstream_stats = downstream_statistics(results)
+    taus = env_downstream_tau(results)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions(), "machine": machine()}
-    write_json_atomic(out / "results.json", {**results, **meta, "ranking_table": ranking, "perplexity": ppl, "accuracy": accuracy})
+    statistics = {"downstream": downstream_stats, "env_downstream_tau": taus}
+    write_json_atomic(out / "results.json", {**results, **meta, "ranking_table": ranking, "perplexity": ppl, "accuracy": accuracy,
+                                             "statistics": statistics})
     _write_csv(out / "results.csv", results)
     plots = _plots(results, ranking, ppl, accuracy, out)
     budgets = list(results["suite"]["budgets"])
@@ -113,25 +213,38 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              f"{', '.join(results['suite']['sources'])}; seed {results['suite']['seed']}). Created {meta['created']} on "
              f"{meta['machine']['processor']} ({meta['machine']['cpus']} CPUs); torch {meta['versions']['torch']}, "
              f"transformers {meta['versions']['transformers']}, kvp-gym {meta['versions']['kvp-gym']}.", "",
+             "Intervals are 95% percentile bootstrap intervals over texts (traces), resampled within each source. "
+             "P(beats next) is the bootstrap probability, over the same texts paired, that the policy's mean beats the "
+             "next row's. Normalised: 0 = the worse of random and StreamingLLM, 1 = the oracle (ranking) or the full "
+             "cache (downstream).", "",
              "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
              "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle. Kept@x% = share of the "
              "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
-             "policy has the lowest mean cost ratio (oracle excluded).", ""]
+             "policy has the lowest mean cost ratio (oracle excluded). Upper bounds read the true future "
+             "(future-only scorers): they are references, not policies.", ""]
     sources = results["suite"]["sources"]
-    lines.append("| policy | cost ratio (mean ± std) | " + " | ".join(sources) + " | kept@10% | kept@25% | kept@50% | heads won |")
-    lines.append("|---|---|" + "---|" * len(sources) + "---|---|---|---|")
+    lines.append("| policy | cost ratio (mean ± std) | 95% CI | " + " | ".join(sources)
+                 + " | kept@10% | kept@25% | kept@50% | heads won | P(beats next) | normalised | |")
+    lines.append("|---|---|---|" + "---|" * len(sources) + "---|---|---|---|---|---|---|")
     for row in ranking:
         lines.append(f"| {row['policy']} | {row['cost_ratio']:.3f} ± {row['cost_ratio_std']:.3f} | "
+                     f"[{row['cost_ratio_low']:.3f}, {row['cost_ratio_high']:.3f}] | "
                      + " | ".join(f"{row[f'cost_ratio_{s}']:.3f}" for s in sources)
-                     + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} |")
+                     + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} | "
+                     f"{_number(row['p_beats_next'], 2)} | {_number(row['normalized'], 3)} | "
+                     f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
     if ppl:
         lines += ["", "## Perplexity with the compressed cache (compressed once after the prefill)", "",
                   f"Prefill {results['suite']['ppl_prefix']} tokens, compress to the budget (tokens kept per KV head), "
-                  f"then score the rest of each {', '.join(results['suite']['ppl_sources'])} test trace. Lower is better.", "",
+                  f"then score the rest of each {', '.join(results['suite']['ppl_sources'])} test trace. Lower is better; "
+                  "[95% CI].", "",
                   "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |", "|---|" + "---|" * (len(budgets) + 1)]
         full = ppl.get(FULL_CACHE, {}).get("full", math.nan)
+        cells = downstream_stats["perplexity"]
         for policy in sorted((p for p in ppl if p != FULL_CACHE), key=lambda p: ppl[p].get(budgets[0], math.inf)):
-            lines.append(f"| {policy} | " + " | ".join(f"{ppl[policy].get(b, math.nan):.2f}" for b in budgets) + f" | {full:.2f} |")
+            lines.append(f"| {policy} | " + " | ".join(_cell(ppl[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
+                                                       for b in budgets) + f" | {full:.2f} |")
+        lines += _beats_table(cells, budgets, "perplexity")
     for placement, table in accuracy.items():
         if not table:
             continue
@@ -139,13 +252,52 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         lines += ["", f"## RULER accuracy, question {where}", "", "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |",
                   "|---|" + "---|" * (len(budgets) + 1)]
         full = table.get(FULL_CACHE, {}).get("full", math.nan)
+        cells = downstream_stats["accuracy"].get(placement, {})
         for policy in sorted((p for p in table if p != FULL_CACHE), key=lambda p: -np.mean([table[p].get(b, 0.0) for b in budgets])):
-            lines.append(f"| {policy} | " + " | ".join(f"{table[policy].get(b, math.nan):.2f}" for b in budgets) + f" | {full:.2f} |")
+            lines.append(f"| {policy} | " + " | ".join(_cell(table[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
+                                                       for b in budgets) + f" | {full:.2f} |")
+        lines += _beats_table(cells, budgets, f"accuracy (question {placement})")
+    if taus:
+        lines += ["", "## How far to trust the env's reward", "",
+                  "Kendall's tau, across policies (future-only ones and the full cache left out), between the mean env "
+                  "cost ratio on a source's traces and the downstream metric on that source, per budget. tau > 0: the env "
+                  "orders the policies as the downstream metric does (1 = the same order, 0 = unrelated, -1 = reversed); "
+                  "the p-value tests tau = 0.", "", "| metric | source | budget | tau | p-value | policies |",
+                  "|---|---|---|---|---|---|"]
+        for row in taus:
+            lines.append(f"| {row['metric']} | {row['source']} | {row['budget']} | {_number(row['tau'], 2)} | "
+                         f"{_number(row['p_value'], 3)} | {row['policies']} |")
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     lines += ["", f"Every number: `results.json` / `results.csv`. Versions: {meta['versions']}."]
     path = out / "LEADERBOARD.md"
     write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+def _number(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _cell(value: float, stats: dict[str, Any] | None, digits: int) -> str:
+    """``value [low, high]`` (just the value without statistics)."""
+    if stats is None or math.isnan(value):
+        return _number(value, digits)
+    return f"{value:.{digits}f} [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
+
+
+def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list[int], what: str) -> list[str]:
+    """Per policy and budget: the normalised score and P(beats the next policy at that budget)."""
+    policies = [p for p in cells if p != FULL_CACHE and any(b in cells[p] for b in budgets)]
+    if not policies:
+        return []
+    lines = ["", f"Normalised {what} score / P(beats the next policy at that budget):", "",
+             "| policy | " + " | ".join(f"b={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for policy in sorted(policies):
+        row = cells[policy]
+        lines.append(f"| {policy} | " + " | ".join(
+            "-" if b not in row else f"{_number(row[b]['normalized'], 2)} / {_number(row[b]['p_beats_next'], 2)}"
+            for b in budgets) + " |")
+    return lines
 
 
 def _write_csv(path: Path, results: dict[str, Any]) -> None:

@@ -163,7 +163,7 @@ def normalized_score(value: float, oracle: float, floor: float) -> float:
     """
     if floor == oracle or any(math.isnan(v) for v in (value, oracle, floor)):
         return math.nan
-    return (floor - value) / (floor - oracle)
+    return (floor - value) / (floor - oracle) + 0.0  # no -0.0
 
 
 def worse_of(values: Iterable[float], lower_is_better: bool = True) -> float:
