@@ -3,8 +3,9 @@
     python examples/heuristics_table.py --traces DIR [DIR ...]
 
 The episodes are every (layer, KV head) of every trace at prefixes of 25/50/75% of its length (the
-leaderboard's grid); every scorer sees the same observations, with every optional input available:
-the last 64 queries (SnapKV, TOVA), the attention received so far (H2O), the true future (oracle).
+leaderboard's grid); every scorer sees the same observations, but only the optional inputs it declares:
+the last 64 queries (SnapKV, TOVA, ExpectedAttention), the attention received so far (H2O, h2o-norm),
+the true future (oracle only).
 """
 
 import argparse
