@@ -59,8 +59,8 @@ def train_command(
     )
     try:
         result = train(config)
-    except (ValueError, TypeError) as error:  # TypeError: an --env-opt the env does not take
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    except (ValueError, TypeError, FileNotFoundError) as error:  # TypeError: an --env-opt the env does not take
+        typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
     typer.echo(f"scorer: {result.scorer_path}")
     if result.evaluation:

@@ -91,8 +91,10 @@ def save_scorer(
             raise CheckpointError(
                 f"scorer config has {key}={config[key]} but the model {model_spec.name!r} has {getattr(model_spec, spec_key)}"
             )
-    if not all(isinstance(value, int) and value >= 0 for value in protected.values()):
-        raise CheckpointError(f"protected must map names to non-negative token counts, got {protected}")
+    if not set(protected) <= {"sink", "recent"} or not all(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in protected.values()
+    ):
+        raise CheckpointError(f"protected must map 'sink' / 'recent' to non-negative ints, got {protected}")
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,11 +133,36 @@ def _read(file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{file} has no kvp-gym scorer header (not a scorer checkpoint?)") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has no kvp-gym scorer header (not a scorer checkpoint?)")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{file} has format {header.get('format')!r} v{header.get('format_version')}, expected {FORMAT!r} v{FORMAT_VERSION}"
         )
+    _check_header(header, file)
+    try:
+        ModelSpec.from_dict(header["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{file}: header field 'model' is not a model spec ({error})") from None
     return header, tensors
+
+
+def _check_header(data: dict[str, Any], file: Path) -> None:
+    """Every header field has the type it must have (a hand-edited header fails here, naming the field)."""
+    kinds = {"registry_name": str, "config": dict, "model": dict, "training": dict, "versions": dict,
+             "created": str}
+    for field, kind in kinds.items():
+        if not isinstance(data.get(field), kind):
+            raise CheckpointError(f"{file}: header field {field!r} must be a {kind.__name__}, got {data.get(field)!r}")
+    protected = data.get("protected")
+    if not isinstance(protected, dict) or not set(protected) <= {"sink", "recent"} or not all(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in protected.values()
+    ):
+        raise CheckpointError(
+            f"{file}: header field 'protected' must map 'sink' / 'recent' to non-negative ints, got {protected!r}"
+        )
+    if data.get("env") is not None and not isinstance(data["env"], str):
+        raise CheckpointError(f"{file}: header field 'env' must be an env id or null, got {data['env']!r}")
 
 
 def _header(data: dict[str, Any]) -> CheckpointHeader:

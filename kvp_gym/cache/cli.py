@@ -38,15 +38,22 @@ def generate(
     from kvp_gym.cache import EvictingCache
     from kvp_gym.models import load_model
 
-    text = _read_prompt(prompt, file)
-    language_model, tokenizer = load_model(model)
-    scorer, protected = _resolve_policy(policy, language_model, model)
-    sink = protected.sink if sink is None else sink
-    recent = protected.recent if recent is None else recent
-    try:
-        cache = EvictingCache(scorer, budget, config=language_model.config, sink=sink, recent=recent, every=every)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--budget") from error
+    from kvp_gym.traces.cli import one_line_errors
+
+    with one_line_errors():  # every check before the first token: one line on stderr, exit code 2
+        text = _read_prompt(prompt, file)
+        if Path(policy).expanduser().exists():
+            from kvp_gym.checkpoint import read_header
+
+            read_header(policy)  # a corrupt checkpoint fails before the model loads
+        language_model, tokenizer = load_model(model)
+        scorer, protected = _resolve_policy(policy, language_model, model)
+        sink = protected.sink if sink is None else sink
+        recent = protected.recent if recent is None else recent
+        try:
+            cache = EvictingCache(scorer, budget, config=language_model.config, sink=sink, recent=recent, every=every)
+        except ValueError as error:
+            raise ValueError(f"--budget / --sink / --recent: {error}") from None
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
@@ -65,10 +72,10 @@ def generate(
 
 def _read_prompt(prompt: str | None, file: Path | None) -> str:
     if (prompt is None) == (file is None):
-        raise typer.BadParameter("give exactly one of --prompt TEXT or --file PATH", param_hint="--prompt / --file")
+        raise ValueError("give exactly one of --prompt TEXT or --file PATH")
     text = prompt if prompt is not None else file.read_text(encoding="utf-8")
     if not text.strip():
-        raise typer.BadParameter("the prompt is empty", param_hint="--prompt / --file")
+        raise ValueError("--prompt / --file: the prompt is empty")
     return text
 
 
@@ -82,15 +89,32 @@ def _resolve_policy(policy: str, language_model: Any, model_name: str) -> tuple[
         try:
             return scorers.get(policy), DEFAULT_PROTECTED
         except (KeyError, TypeError) as error:
-            raise typer.BadParameter(
-                f"{error.args[0] if error.args else error} (or give the path of a scorer checkpoint)", param_hint="--policy"
-            ) from error
+            raise ValueError(
+                f"--policy: {error.args[0] if error.args else error} (or give the path of a scorer checkpoint)"
+            ) from None
+    spec = ModelSpec.from_config(language_model.config, model_name)
     try:
-        scorer = load_scorer(policy, expect_spec=ModelSpec.from_config(language_model.config, model_name))
+        scorer = load_scorer(policy, expect_spec=spec)
         protected = Protected.from_dict(read_header(policy).protected)
     except ValueError as error:  # kvp_gym.checkpoint.CheckpointError, or a checkpoint made for another model
-        raise typer.BadParameter(str(error), param_hint="--policy") from error
+        raise ValueError(f"--policy: {error}") from None
+    check_every_head(scorer, spec, policy)
     return scorer, protected
+
+
+def check_every_head(scorer: Any, spec: Any, policy: str) -> None:
+    """A scorer with per-head agents (``heads``: [(layer, kv_head)], None = all) must cover every head of the model."""
+    heads = getattr(scorer, "heads", None)
+    if heads is None:
+        return
+    every = [(layer, head) for layer in range(spec.num_layers) for head in range(spec.num_kv_heads)]
+    missing = [pair for pair in every if pair not in {tuple(h) for h in heads}]
+    if missing:
+        raise ValueError(
+            f"--policy {policy}: the checkpoint has agents for {len(every) - len(missing)} of the model's {len(every)} "
+            f"(layer, KV head) pairs, missing {missing[0]}{' and more' if len(missing) > 1 else ''}; a cache needs every "
+            f"head: train it with --all-heads"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from kvp_gym.traces.dataset import Trace, TraceDataset
 from kvp_gym.utility.importance import AGGREGATIONS
 
 FP16_MAX = 65504.0  # traces store q/k/v in fp16, which bounds every entry
+MAX_TOKENS = 16384  # the largest padded observation size N (max_tokens) an env accepts
 
 
 # ----------------------------------------------------------------------------- trace sets
@@ -97,15 +98,43 @@ def _identity(trace_set: Any) -> Any:
 # ----------------------------------------------------------------------------- argument checks
 
 
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer; bool is not an int here."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, none_ok: bool = False) -> None:
+    """``value`` must be an int in [low, high] (None allowed with ``none_ok``); ValueError naming ``name``."""
+    if value is None and none_ok:
+        return
+    allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if none_ok:
+        allowed += " or None"
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float) -> None:
+    """A finite real number > low (bool is not a number here)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value <= low:
+        raise ValueError(f"{name} must be a finite number > {low}, got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
+    if not isinstance(value, (str, int, float, type(None))) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_index(name: str, value: int | None, bound: int) -> None:
     """A fixed layer / KV head must lie in [0, bound); None means sampled."""
-    if value is not None and not (isinstance(value, (int, np.integer)) and 0 <= value < bound):
-        raise ValueError(f"{name}={value!r} is out of range [0, {bound})")
+    if value is not None and not (is_int(value) and 0 <= value < bound):
+        raise ValueError(f"{name} must be None (sampled) or an int in [0, {bound - 1}], got {value!r}")
 
 
 def check_common(spec: ModelSpec, layer: int | None, kv_head: int | None, agg: str, horizon: int | None,
@@ -114,18 +143,20 @@ def check_common(spec: ModelSpec, layer: int | None, kv_head: int | None, agg: s
     check_index("layer", layer, spec.num_layers)
     check_index("kv_head", kv_head, spec.num_kv_heads)
     check_choice("agg", agg, AGGREGATIONS)
-    if horizon is not None and horizon < 1:
-        raise ValueError(f"horizon must be a positive number of future queries or None, got {horizon}")
-    if sink < 0:
-        raise ValueError(f"sink must be >= 0, got {sink}")
-    if obs_queries < 0:
-        raise ValueError(f"obs_queries must be >= 0 (0 = off), got {obs_queries}")
+    check_int("horizon", horizon, 1, none_ok=True)
+    check_int("sink", sink, 0)
+    check_int("obs_queries", obs_queries, 0)
 
 
-def check_vector(num_envs: int, group_size: int) -> None:
-    if num_envs < 1:
-        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    if group_size < 1 or num_envs % group_size:
+def check_flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
+def check_vector(num_envs: int, group_size: int, as_torch: Any = False) -> None:
+    check_int("num_envs", num_envs, 1)
+    check_bool("as_torch", as_torch)
+    if not is_int(group_size) or group_size < 1 or num_envs % group_size:
         raise ValueError(f"group_size must be >= 1 and divide num_envs={num_envs}, got {group_size}")
 
 
@@ -154,13 +185,18 @@ def episode_options(
     options: dict[str, Any] | None, ranges: dict[str, tuple[int, int]], count: int
 ) -> dict[str, np.ndarray]:
     """reset(options=...) entries that pin episode fields: an int, or one int per new episode."""
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"reset options must be a dict with keys from {tuple(ranges)} or None, got {options!r}")
     chosen = {}
     for name, value in (options or {}).items():
         if name not in ranges:
             raise ValueError(f"reset options: unknown key {name!r}; known keys: {tuple(ranges)}")
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged nests
+            array = np.asarray(0.5)
         low, high = ranges[name]
-        if not np.issubdtype(array.dtype, np.integer) or array.ndim > 1:
+        if not np.issubdtype(array.dtype, np.integer) or array.ndim > 1 or array.size == 0:
             raise ValueError(f"reset options: {name}={value!r} must be an int or a sequence of ints")
         array = np.broadcast_to(array, (count,)).astype(np.int64) if array.ndim == 0 else array.astype(np.int64)
         if array.shape != (count,) or array.min() < low or array.max() > high:

@@ -18,9 +18,13 @@ import torch
 
 from kvp_gym.envs.core import CoreEnv
 from kvp_gym.envs.episodes import (
+    MAX_TOKENS,
     TraceSource,
     check_choice,
     check_common,
+    check_flags,
+    check_int,
+    check_number,
     episode_options,
     episode_ranges,
     grouped,
@@ -36,16 +40,24 @@ REWARDS = ("cost_ratio", "neg_cost")
 
 def prefix_range(
     lengths: np.ndarray, max_tokens: int, protected: Protected,
-    prefix: tuple[int, int] | None, min_prefix: int | None, max_prefix: int | None,
+    prefix: tuple[int, int] | None, min_prefix: int | None, max_prefix: int | None, obs_queries: int = 0,
 ) -> tuple[int, int]:
-    """The prefix lengths (lo, hi) episodes sample from, checked against N and the traces' lengths."""
+    """The prefix lengths (lo, hi) episodes sample from, checked against N and the traces' lengths.
+
+    The default shortest prefix is max(sink + recent + 16, obs_queries): every episode has the
+    ``obs_queries`` queries it shows.
+    """
     if prefix is not None:
         if min_prefix is not None or max_prefix is not None:
             raise ValueError("prefix: give either prefix=(lo, hi) or min_prefix/max_prefix, not both")
+        if not isinstance(prefix, (tuple, list)) or len(prefix) != 2:
+            raise ValueError(f"prefix must be a pair (lo, hi) of ints, got {prefix!r}")
         min_prefix, max_prefix = prefix
+    check_int("min_prefix", min_prefix, 1, none_ok=True)
+    check_int("max_prefix", max_prefix, 1, none_ok=True)
     shortest = int(lengths.min())
     sink, recent = protected.sink, protected.recent
-    lo = sink + recent + 16 if min_prefix is None else min_prefix
+    lo = max(sink + recent + 16, obs_queries) if min_prefix is None else min_prefix
     hi = min(max_tokens, shortest - 1) if max_prefix is None else max_prefix
     if lo < sink + recent + 1:
         raise ValueError(f"min_prefix={lo} leaves no token to rank: it must be > sink + recent = {sink + recent}")
@@ -55,6 +67,11 @@ def prefix_range(
         raise ValueError(
             f"prefix range ({lo}, {hi}) is outside the traces' lengths: the shortest trace has {shortest} "
             f"tokens, so prefixes must be < {shortest} (a prefix needs at least one future token)"
+        )
+    if min_prefix is None and obs_queries > hi:
+        raise ValueError(
+            f"obs_queries={obs_queries} exceeds the longest prefix {hi} (max_prefix, else the smaller of "
+            f"max_tokens={max_tokens} and the shortest trace's {shortest} tokens - 1)"
         )
     if lo > hi:
         raise ValueError(f"prefix range ({lo}, {hi}) is empty (min_prefix > max_prefix)")
@@ -91,15 +108,18 @@ class KVEvictCore:
         num_rows: int = 1,
         group_size: int = 1,
     ) -> None:
+        check_int("max_tokens", max_tokens, 2, MAX_TOKENS)
+        check_flags(obs_attention=obs_attention, obs_future=obs_future, curve=curve)
+        check_number("cache_gb", cache_gb, 0.0)
         self.source = TraceSource(traces, model)
         spec = self.source.spec
         check_common(spec, layer, kv_head, agg, horizon, sink, obs_queries)
         check_choice("reward", reward, REWARDS)
-        if recent < 0:
-            raise ValueError(f"recent must be >= 0, got {recent}")
+        check_int("recent", recent, 0)
         self.protected = Protected(sink, recent)
         self.budget = self.step_size = None  # budget-agnostic, one step
-        self.lo, self.hi = prefix_range(self.source.lengths, max_tokens, self.protected, prefix, min_prefix, max_prefix)
+        self.lo, self.hi = prefix_range(self.source.lengths, max_tokens, self.protected, prefix, min_prefix, max_prefix,
+                                        obs_queries)
         if obs_queries > self.lo:
             raise ValueError(f"obs_queries={obs_queries} exceeds the shortest prefix {self.lo} (min_prefix)")
         self.size = max_tokens
@@ -177,8 +197,8 @@ class KVEvictEnv(CoreEnv):
                       generated once into $KVP_GYM_HOME)
       layer, kv_head  fix them (one agent per head) or None to sample per episode
       prefix          (lo, hi) range of the prefix length n (or min_prefix / max_prefix); default
-                      lo = sink + recent + 16, hi = min(max_tokens, shortest trace - 1)
-      max_tokens      N, the padded observation size (default 512)
+                      lo = max(sink + recent + 16, obs_queries), hi = min(max_tokens, shortest trace - 1)
+      max_tokens      N, the padded observation size (default 512; at most MAX_TOKENS = 16384)
       sink, recent    protected first / last tokens (4, 16): kept by every policy, never ranked
       agg             "max" (KVP) or "mean" (ForesightKV) over the query heads of the group
       horizon         future queries counted in the importance (None: the rest of the trace)

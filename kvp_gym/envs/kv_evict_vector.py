@@ -30,5 +30,5 @@ class KVEvictVectorEnv(CoreVectorEnv):
 
     def __init__(self, num_envs: int = 1, traces: Any = None, *, group_size: int = 1, as_torch: bool = False,
                  **kwargs: Any) -> None:
-        check_vector(num_envs, group_size)
+        check_vector(num_envs, group_size, as_torch)
         super().__init__(KVEvictCore(traces, num_rows=num_envs, group_size=group_size, **kwargs), num_envs, as_torch)

@@ -20,8 +20,12 @@ import torch
 
 from kvp_gym.envs.core import CoreEnv, CoreVectorEnv
 from kvp_gym.envs.episodes import (
+    MAX_TOKENS,
     TraceSource,
     check_common,
+    check_flags,
+    check_int,
+    check_number,
     check_vector,
     episode_options,
     episode_ranges,
@@ -84,6 +88,10 @@ class StreamCore:
         num_rows: int = 1,
         group_size: int = 1,
     ) -> None:
+        check_int("budget", budget, 1, MAX_TOKENS)
+        check_int("step", step, 1, MAX_TOKENS)
+        check_flags(obs_attention=obs_attention, obs_future=obs_future)
+        check_number("cache_gb", cache_gb, 0.0)
         self.source = TraceSource(traces, model)
         spec, lengths = self.source.spec, self.source.lengths
         check_common(spec, layer, kv_head, agg, horizon, sink, obs_queries)
@@ -227,5 +235,5 @@ class KVEvictStreamVectorEnv(CoreVectorEnv):
 
     def __init__(self, num_envs: int = 1, traces: Any = None, *, group_size: int = 1, as_torch: bool = False,
                  **kwargs: Any) -> None:
-        check_vector(num_envs, group_size)
+        check_vector(num_envs, group_size, as_torch)
         super().__init__(StreamCore(traces, num_rows=num_envs, group_size=group_size, **kwargs), num_envs, as_torch)

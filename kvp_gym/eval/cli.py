@@ -1,4 +1,5 @@
-"""`kvp-gym leaderboard`."""
+"""`kvp-gym leaderboard`. Bad input (unknown suite or scorer, missing or colliding checkpoint) is one line
+on stderr and exit code 2, reported before any trace is generated."""
 
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ def leaderboard(
     from kvp_gym.eval.report import ranking_table, write_report
     from kvp_gym.eval.suite import get_suite
 
-    try:
-        chosen = get_suite(suite)
-    except KeyError as error:
-        raise typer.BadParameter(str(error.args[0]), param_hint="--suite") from error
-    names = [name.strip() for name in policies.split(",")] if policies else None
-    try:
-        results = run_leaderboard(chosen, out, names, checkpoint, downstream=downstream)
-    except KeyError as error:
-        raise typer.BadParameter(str(error.args[0]), param_hint="--policies") from error
-    path = write_report(results, out)
+    from kvp_gym.traces.cli import one_line_errors
+
+    with one_line_errors():
+        try:
+            chosen = get_suite(suite)
+        except KeyError as error:
+            raise ValueError(f"--suite: {error.args[0]}") from None
+        names = [name.strip() for name in policies.split(",") if name.strip()] if policies else None
+        if policies is not None and not names:
+            raise ValueError("--policies: give at least one registered scorer name")
+        try:
+            results = run_leaderboard(chosen, out, names, checkpoint, downstream=downstream)
+        except KeyError as error:  # an unknown scorer name
+            raise ValueError(f"--policies: {error.args[0]}") from None
+        path = write_report(results, out)
     typer.echo(f"\nmean cost ratio (lower is better, oracle = 1):")
     for row in ranking_table(results):
         typer.echo(f"  {row['policy']:<24} {row['cost_ratio']:.3f}")

@@ -8,6 +8,9 @@ number is deterministic (seeded random scorer, greedy decoding): rerunning a sui
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,7 +23,7 @@ from kvp_gym.eval.suite import Suite
 from kvp_gym.progress import progress_bar
 from kvp_gym.scorers import Scorer, is_future_only
 from kvp_gym.traces import TraceDataset
-from kvp_gym.io import write_json_atomic
+from kvp_gym.io import remove_temp_files, write_json_atomic
 
 FULL_CACHE = "full cache"
 
@@ -30,23 +33,76 @@ def default_policies() -> list[str]:
     return [name for name in scorers.available() if not scorers.is_trainable(name)]
 
 
+def scorer_identity(scorer: Any) -> str:
+    """What a registered scorer's records are keyed by: sha256 of its class's source and its config.
+
+    Re-registering a name with other code or another config gives other records, never the old numbers.
+    """
+    cls = type(scorer)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # defined where no source file can be read (e.g. an interactive session)
+        source = f"{cls.__module__}.{cls.__qualname__} (no source)"
+    fields = vars(scorer) if hasattr(scorer, "__dict__") else {}
+    if dataclasses.is_dataclass(scorer):
+        fields = {field.name: getattr(scorer, field.name) for field in dataclasses.fields(scorer)}
+    config = {key: value for key, value in fields.items() if not key.startswith("_") and _is_plain(value)}
+    encoded = json.dumps({"source": source, "config": config}, sort_keys=True)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _is_plain(value: Any) -> bool:
+    """A JSON value (the config part of an identity; generators, tensors and modules are state, not config)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_plain(item) for key, item in value.items())
+    return False
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """The leaderboard name of a checkpoint: its run directory's name (or the file's stem)."""
+    from kvp_gym.checkpoint import FILE_NAME, checkpoint_file
+
+    file = checkpoint_file(path)
+    return file.parent.name if file.name == FILE_NAME else file.stem
+
+
 def load_policies(
-    names: Iterable[str], checkpoints: Iterable[str | Path], expect_spec: Any
+    names: Iterable[str], checkpoints: Iterable[str | Path], expect_spec: Any = None
 ) -> tuple[dict[str, Scorer], dict[str, str]]:
     """Registered scorers by name, plus trained checkpoints named after their run directory (or file).
 
-    Also returns each policy's record id: its name, and for a checkpoint the name plus the start of
-    the file's sha256, so a retrained checkpoint is never scored with the old one's records.
+    Every policy gets one name: a checkpoint whose name is taken (by another checkpoint or a
+    registered scorer) is refused with a ValueError naming both. Also returns each policy's record
+    id, ``name@hash``: for a registered scorer the hash of its class's source and config
+    (``scorer_identity``), for a checkpoint the file's sha256; so records are never reused for other code,
+    another config or a retrained checkpoint. Unknown names (KeyError) and bad checkpoints (ValueError,
+    CheckpointError) fail before any work is done.
     """
-    from kvp_gym.checkpoint import FILE_NAME, checkpoint_file, load_scorer
+    from kvp_gym.checkpoint import checkpoint_file, load_scorer
     from kvp_gym.traces.dataset import sha256_of
 
-    policies: dict[str, Scorer] = {name: scorers.get(name) for name in names}
-    ids = {name: name for name in policies}
+    policies: dict[str, Scorer] = {}
+    ids: dict[str, str] = {}
+    for name in names:
+        if name in policies:
+            raise ValueError(f"--policies names {name!r} twice")
+        policies[name] = scorers.get(name)  # KeyError naming the known scorers
+        ids[name] = f"{name}@{scorer_identity(policies[name])[:12]}"
+    origin = {name: "the registered scorer" for name in policies}
     for path in checkpoints:
         file = checkpoint_file(path)
-        name = file.parent.name if file.name == FILE_NAME else file.stem
+        name = checkpoint_name(path)
+        if name in policies:
+            raise ValueError(
+                f"--checkpoint {path} would be named {name!r} on the leaderboard, like {origin[name]} {name!r}; "
+                f"every policy needs its own name: rename its run directory (or file)"
+            )
         policies[name] = load_scorer(path, expect_spec=expect_spec)
+        origin[name] = f"--checkpoint {path}"
         ids[name] = f"{name}@{sha256_of(file)[:12]}"
     return policies, ids
 
@@ -102,11 +158,26 @@ def run_leaderboard(
     """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number."""
     from kvp_gym.models import load_model
 
+    from kvp_gym.checkpoint import read_header
+
     out = Path(out).expanduser()
-    store = RecordStore(out / "records" / suite.id)
+    checkpoints = list(checkpoints)
+    policies, ids = load_policies(policy_names or default_policies(), checkpoints)  # bad input fails before any work
     traces = suite.traces(show_progress=show_progress)
     spec = next(iter(traces.values())).spec
-    policies, ids = load_policies(policy_names or default_policies(), checkpoints, spec)
+    for path in checkpoints:
+        spec.check_compatible(read_header(path).model_spec, f"--checkpoint {path}")
+    registered = set(policy_names or default_policies())
+
+    def fresh(name: str) -> Scorer:
+        """A new instance of a registered scorer for every unit of work, so that a scorer with state (the
+        random scorer's generator) gives each unit the same numbers whatever ran before it: resumed and
+        uninterrupted runs agree. Checkpoints are stateless modules, loaded once."""
+        return scorers.get(name) if name in registered else policies[name]
+
+    store = RecordStore(out / "records" / suite.id)
+    remove_temp_files(store.directory)
+    remove_temp_files(out)
 
     ranking = []
     total = sum(len(dataset) for dataset in traces.values())
@@ -114,9 +185,9 @@ def run_leaderboard(
         for source, dataset in traces.items():
             evaluator = SuiteRanking(suite, source, dataset)
             for trace in range(len(dataset)):
-                for name, scorer in policies.items():
+                for name in policies:
                     ranking.append(store.get_or_compute(
-                        ("ranking", ids[name], source, trace), lambda: evaluator.evaluate(trace, {name: scorer})[0]
+                        ("ranking", ids[name], source, trace), lambda: evaluator.evaluate(trace, {name: fresh(name)})[0]
                     ))
                 bar.advance(1)
 
@@ -127,7 +198,7 @@ def run_leaderboard(
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
             for unit in units:
                 key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
-                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, policies, unit)))
+                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, fresh, unit)))
                 bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     return {"suite": suite.to_dict(), "policies": sorted(policies), "future_only": future_only, "ranking": ranking,
@@ -135,9 +206,9 @@ def run_leaderboard(
 
 
 def _downstream(suite: Suite, model: Any, tokenizer: Any, traces: Mapping[str, TraceDataset],
-                policies: Mapping[str, Scorer], unit: tuple) -> dict[str, Any]:
+                policy_of: Callable[[str], Scorer], unit: tuple) -> dict[str, Any]:
     kind, policy, source, trace_index, budget, placement = unit
-    scorer = None if policy == FULL_CACHE else policies[policy]
+    scorer = None if policy == FULL_CACHE else policy_of(policy)
     trace = traces[source][trace_index]
     record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget, "placement": placement}
     if kind == "ppl":
