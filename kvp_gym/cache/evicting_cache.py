@@ -245,6 +245,9 @@ def _check_scorer(scorer: Scorer, name: str) -> None:
 
 
 def _check_budget(budget: int, sink: int, recent: int, every: int | None) -> None:
+    for arg, value in (("budget", budget), ("sink", sink), ("recent", recent), ("every", every)):
+        if not (value is None and arg == "every") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{arg} must be an int{' or None' if arg == 'every' else ''}, got {value!r}")
     if sink < 0 or recent < 0:
         raise ValueError(f"sink and recent must be >= 0, got sink={sink}, recent={recent}")
     if budget < max(1, sink + recent):
