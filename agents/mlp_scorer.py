@@ -67,7 +67,59 @@ def position_features(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.stack(features, dim=-1)
 
 
-class PerHeadMLPScorer(nn.Module):
+class PerHeadModule(nn.Module):
+    """The bookkeeping of a scorer with one agent per (layer, KV head), for a subset ``heads`` of them.
+
+    Buffer: slot_of [L * Hkv], the agent index of each head (-1 where the scorer has no agent).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, heads: Sequence[Sequence[int]] | None) -> None:
+        super().__init__()
+        if min(num_layers, num_kv_heads, head_dim) < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs positive sizes, got num_layers={num_layers}, "
+                f"num_kv_heads={num_kv_heads}, head_dim={head_dim}"
+            )
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        all_heads = [(layer, head) for layer in range(num_layers) for head in range(num_kv_heads)]
+        self.heads: list[tuple[int, int]] = all_heads if heads is None else [(int(l), int(h)) for l, h in heads]
+        for layer, head in self.heads:
+            if not (0 <= layer < num_layers and 0 <= head < num_kv_heads):
+                raise ValueError(f"head (layer={layer}, kv_head={head}) is outside a {num_layers}x{num_kv_heads} model")
+        if len(set(self.heads)) != len(self.heads) or not self.heads:
+            raise ValueError(f"heads must be a non-empty list of distinct (layer, kv_head) pairs, got {self.heads}")
+        self._all_heads = heads is None
+        slot_of = torch.full((num_layers * num_kv_heads,), -1, dtype=torch.long)
+        for slot, (layer, head) in enumerate(self.heads):
+            slot_of[layer * num_kv_heads + head] = slot
+        self.register_buffer("slot_of", slot_of)
+
+    def head_config(self) -> dict[str, Any]:
+        """The constructor arguments this class owns (JSON-serialisable)."""
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "heads": None if self._all_heads else [list(pair) for pair in self.heads],
+        }
+
+    def slots(self, layer: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+        """Agent index of each (row, head): layer [B], kv_heads [B, H] -> [B, H] long."""
+        flat = layer.long()[:, None] * self.num_kv_heads + kv_heads.long()
+        if flat.numel() and (flat.min() < 0 or flat.max() >= self.slot_of.numel()):
+            raise ValueError(
+                f"view asks for (layer, kv_head) outside this scorer's {self.num_layers}x{self.num_kv_heads} model"
+            )
+        slots = self.slot_of[flat]
+        if (slots < 0).any():
+            missing = sorted({divmod(int(index), self.num_kv_heads) for index in flat[slots < 0].unique()})
+            raise ValueError(
+                f"this scorer has no agent for (layer, kv_head) {missing}; it was trained for {self.heads}"
+            )
+        return slots
+
+
+class PerHeadMLPScorer(PerHeadModule):
     """One 2-layer MLP per (layer, KV head); ``score(view) -> [B, H, N]``, higher = keep.
 
     Parameters (S = number of agents, F = 2 head_dim + 7):
@@ -91,24 +143,12 @@ class PerHeadMLPScorer(nn.Module):
         heads: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if min(num_layers, num_kv_heads, head_dim, hidden) < 1:
-            raise ValueError(
-                f"PerHeadMLPScorer needs positive sizes, got num_layers={num_layers}, "
-                f"num_kv_heads={num_kv_heads}, head_dim={head_dim}, hidden={hidden}"
-            )
+        if hidden < 1:
+            raise ValueError(f"PerHeadMLPScorer needs hidden >= 1, got {hidden}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        super().__init__(num_layers, num_kv_heads, head_dim, heads)
         self.hidden, self.activation, self.seed = hidden, activation, seed
-        all_heads = [(layer, head) for layer in range(num_layers) for head in range(num_kv_heads)]
-        self.heads: list[tuple[int, int]] = all_heads if heads is None else [(int(l), int(h)) for l, h in heads]
-        for layer, head in self.heads:
-            if not (0 <= layer < num_layers and 0 <= head < num_kv_heads):
-                raise ValueError(f"head (layer={layer}, kv_head={head}) is outside a {num_layers}x{num_kv_heads} model")
-        if len(set(self.heads)) != len(self.heads) or not self.heads:
-            raise ValueError(f"heads must be a non-empty list of distinct (layer, kv_head) pairs, got {self.heads}")
-        self._all_heads = heads is None
 
         slots, features = len(self.heads), 2 * head_dim + POSITION_FEATURES
         generator = torch.Generator().manual_seed(seed)
@@ -119,37 +159,10 @@ class PerHeadMLPScorer(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(slots))
         self.register_buffer("feature_shift", torch.zeros(slots, features))
         self.register_buffer("feature_scale", torch.ones(slots, features))
-        slot_of = torch.full((num_layers * num_kv_heads,), -1, dtype=torch.long)
-        for slot, (layer, head) in enumerate(self.heads):
-            slot_of[layer * num_kv_heads + head] = slot
-        self.register_buffer("slot_of", slot_of)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``PerHeadMLPScorer(**scorer.config())`` rebuilds it."""
-        return {
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden": self.hidden,
-            "activation": self.activation,
-            "heads": None if self._all_heads else [list(pair) for pair in self.heads],
-            "seed": self.seed,
-        }
-
-    def slots(self, layer: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
-        """Agent index of each (row, head): layer [B], kv_heads [B, H] -> [B, H] long."""
-        flat = layer.long()[:, None] * self.num_kv_heads + kv_heads.long()
-        if flat.numel() and (flat.min() < 0 or flat.max() >= self.slot_of.numel()):
-            raise ValueError(
-                f"view asks for (layer, kv_head) outside this scorer's {self.num_layers}x{self.num_kv_heads} model"
-            )
-        slots = self.slot_of[flat]
-        if (slots < 0).any():
-            missing = sorted({divmod(int(index), self.num_kv_heads) for index in flat[slots < 0].unique()})
-            raise ValueError(
-                f"this scorer has no agent for (layer, kv_head) {missing}; it was trained for {self.heads}"
-            )
-        return slots
+        return {**self.head_config(), "hidden": self.hidden, "activation": self.activation, "seed": self.seed}
 
     def features(self, view: ScoringView, slots: torch.Tensor) -> torch.Tensor:
         """Standardised inputs [B, H, N, F] of each entry for the agent in ``slots [B, H]``."""

@@ -1,0 +1,141 @@
+"""Distillation of the future-attention oracle: supervised regression of every head's ranking target.
+
+ForesightKV's first stage, made cheap: instead of stepping the env, each update reads one
+(trace, prefix n) from the importance store (``kvp_gym.utility.store``: the env's target I_n and the
+attention statistics the cache has, precomputed once per trace set) and the keys / values from the
+trace, and updates all heads at once on ``tokens`` entries drawn from the unprotected prefix:
+
+    log-mse:  mean_i ((s_i - mean s) - (t_i - mean t))^2,  t_i = log(target_i + 1e-3)   (every entry counts)
+    listnet:  - sum_i p_i log softmax(s)_i,  p_i = target_i / sum target                (the heavy entries count)
+    pairwise: ForesightKV's hinge max(0, m - (s_i - s_j)) over the ordered pairs         (agents.pairwise)
+
+target_i is I_n(i) (``target="imp"``, the env's agg=max reward target), its group mean (``"imp_mean"``)
+or I_n(i) ||v_i|| (``"imp_vnorm"``). Scores are compared within a row only, so one ranking per head
+serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from agents.common import warmup_cosine
+from agents.kvp_scorer import attention_features
+from agents.pairwise import pairwise_hinge
+from kvp_gym.ranking import DEFAULT_PROTECTED
+from kvp_gym.traces import TraceDataset
+from kvp_gym.utility.store import ImportanceStore
+
+LOSSES = ("log-mse", "listnet", "pairwise")
+TARGETS = ("imp", "imp_mean", "imp_vnorm")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Hyperparameters of one distillation update."""
+
+    loss: str = "log-mse"
+    target: str = "imp"
+    prefixes: str = "256,512,768"
+    tokens: int = 128
+    window: int = 64
+    lr: float = 1e-3
+    lr_min: float = 1e-6
+    warmup: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    margin: float = 0.01
+
+
+def distill_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, margin: float = 0.01) -> torch.Tensor:
+    """The loss of the module docstring: scores, target [R, M] (target >= 0) -> scalar."""
+    if kind == "listnet":
+        share = target / target.sum(-1, keepdim=True).clamp_min(1e-9)
+        return -(share * torch.log_softmax(scores, -1)).sum(-1).mean()
+    if kind == "pairwise":
+        return pairwise_hinge(scores, target[:, :, None] > target[:, None, :], margin)
+    if kind != "log-mse":
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    log_target = torch.log(target + 1e-3)
+    return ((scores - scores.mean(-1, keepdim=True)) - (log_target - log_target.mean(-1, keepdim=True))).pow(2).mean()
+
+
+class DistillAgent:
+    """Supervised distillation from an importance store; ``update()`` is one gradient step on all heads."""
+
+    env_id = "KVEvict-v0"  # its target is that env's reward target
+    protected = DEFAULT_PROTECTED
+
+    def __init__(self, scorer: Any, traces: list[TraceDataset], env_kwargs: dict[str, Any], config: DistillConfig, total_steps: int) -> None:
+        if config.loss not in LOSSES:
+            raise ValueError(f"--set loss: must be one of {LOSSES}, got {config.loss!r}")
+        if config.target not in TARGETS:
+            raise ValueError(f"--set target: must be one of {TARGETS}, got {config.target!r}")
+        self.scorer, self.config, self.traces = scorer, config, traces
+        self.prefixes = tuple(int(n) for n in config.prefixes.split(","))
+        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window) for dataset in traces]
+        self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
+        self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
+        self.optimizer = torch.optim.AdamW(scorer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, total_steps, config.warmup, config.lr, config.lr_min) / config.lr,
+        )
+        self.generator = torch.Generator()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the example sampling from ``seed``."""
+        self.generator.manual_seed(seed)
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """One (trace, prefix) for every agent: keys / values [S, M, d], positions [S, M], target,
+        attention features [S, M, 2], on the same M entries of every head."""
+        pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
+        store_index, position = self.examples[pick]
+        store = self.stores[store_index]
+        trace = self.traces[store_index][store.indices[position]]
+        n = self.prefixes[int(torch.randint(len(self.prefixes), (1,), generator=self.generator))]
+        first, last = self.protected.sink, n - self.protected.recent
+        entries = torch.randperm(last - first, generator=self.generator)[: self.config.tokens] + first
+        layers, kv_heads = self.heads[:, 0], self.heads[:, 1]
+        keys = torch.stack([trace.k(int(layer))[int(head)] for layer, head in self.heads])[:, entries]
+        values = torch.stack([trace.v(int(layer))[int(head)] for layer, head in self.heads])[:, entries]
+        stats = store.load(position)
+        pick_rows = lambda name: stats[f"{name}.{n}"][layers, kv_heads][:, entries].float()  # noqa: E731
+        target = pick_rows("imp_mean" if self.config.target == "imp_mean" else "imp")
+        if self.config.target == "imp_vnorm":
+            target = target * values.norm(dim=-1)
+        return {
+            "keys": keys, "values": values, "target": target, "n": torch.tensor(n),
+            "positions": entries[None].expand(len(self.heads), -1),
+            "h2o": pick_rows("h2o"), "window": pick_rows("window"),
+        }
+
+    def update(self) -> dict[str, float]:
+        batch = self.sample()
+        slots = torch.arange(len(self.heads))
+        extra = attention_features(batch["h2o"], batch["window"]) if "attention" in self.scorer.needs else None
+        scores = self.scorer.network(
+            slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra
+        )
+        loss = distill_loss(self.config.loss, scores, batch["target"], self.config.margin)
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "train/distill_loss": loss.item(),
+            "train/grad_norm": grad_norm.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "env_steps": float(len(slots)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,163 @@
+"""KVP's agent: a per-head network over key, value and position, all heads batched as one bmm.
+
+The released KVP agent (apple/ml-learning-to-evict) has, per (layer, KV head):
+
+    h_i = LN(W_k k_i) + LN(W_v v_i) + E_rel[bucket(newest - pos_i)] + E_abs[bucket(pos_i)]
+    s_i = w_3 . SiLU(W_2 LN(SiLU(W_1 LN(h_i)))) + b_3
+
+with W_k, W_v: d -> W, LayerNorm LN (no affine), learned position embeddings E (32 log-spaced buckets,
+two per octave, of the entry's recency and of its absolute position), a 2-hidden-layer MLP of width
+W with SiLU. KVP uses W = 256, about 0.18M parameters per head at d = 64 (16M for SmolLM2's 90 heads).
+
+``inputs="kv+attention"`` adds what the cache already has at compression time, the attention each
+entry received so far, as two features per entry, projected to W and LayerNorm-ed like k and v:
+
+    log(mean_g A_sum_g(i) / (newest + 1 - pos_i) + 1e-6) / 5     normalised H2O (kvpress ObservedAttention)
+    log(mean_g sum_{last w queries t} A_g[t, i] + 1e-6) / 5      the attention of the recent window (SnapKV's vote)
+
+The first makes the scorer read the ``attention`` input, the second the ``queries`` input, so it
+declares both in ``needs``; it then learns when to trust keys and positions and when the observed
+attention, per head. ``inputs="kv"`` is KVP's own agent (no optional input).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.mlp_scorer import PerHeadModule
+from baselines._attention import window_attention
+from kvp_gym.scorers import ScoringView
+
+INPUTS = ("kv", "kv+attention")
+POSITION_BUCKETS = 32
+ATTENTION_FEATURES = 2
+
+
+def log_bucket(distance: torch.Tensor) -> torch.Tensor:
+    """Non-negative distances (any shape) -> bucket index in [0, 32): two buckets per octave, long."""
+    return (torch.log2(1.0 + distance.float().clamp_min(0.0)) * 2.0).long().clamp_max(POSITION_BUCKETS - 1)
+
+
+def attention_features(h2o_normalised: torch.Tensor, window_attention: torch.Tensor) -> torch.Tensor:
+    """The two attention inputs [..., N] each -> [..., N, 2] (see the module docstring)."""
+    return torch.stack([torch.log(h2o_normalised.float() + 1e-6), torch.log(window_attention.float() + 1e-6)], -1) / 5.0
+
+
+def view_attention_features(view: ScoringView, window: int) -> torch.Tensor:
+    """attention_features of a view that carries ``attention`` and ``queries``: [B, H, N, 2]."""
+    newest = view.positions.masked_fill(~view.mask, -1).amax(-1, keepdim=True)
+    seen_by = (newest + 1 - view.positions).clamp_min(1).float()  # queries that attended to each entry
+    h2o = view.attention.float().mean(2) / seen_by[:, None]
+    return attention_features(h2o, window_attention(view, window).sum(3).mean(2))
+
+
+class PerHeadKVPScorer(PerHeadModule):
+    """KVP's per-head network (module docstring); ``score(view) -> [B, H, N]``, higher = keep.
+
+    Parameters (S agents, d head_dim, W width, A = 2 attention features when used):
+        key_w / value_w [S, d, W], key_b / value_b [S, 1, W], relative / absolute [S, 32, W],
+        (attention_w [S, A, W], attention_b [S, 1, W]), hidden1_w / hidden2_w [S, W, W],
+        hidden1_b / hidden2_b [S, 1, W], out_w [S, W, 1], out_b [S, 1, 1]
+    """
+
+    trainable: ClassVar[bool] = True
+    registry_name: ClassVar[str] = "kvp-net"
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        width: int = 256,
+        inputs: str = "kv",
+        window: int = 64,
+        heads: Sequence[Sequence[int]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_layers, num_kv_heads, head_dim, heads)
+        if width < 1 or window < 1:
+            raise ValueError(f"PerHeadKVPScorer needs width >= 1 and window >= 1, got width={width}, window={window}")
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+        self.width, self.inputs, self.window, self.seed = width, inputs, window, seed
+        self.needs = frozenset({"attention", "queries"}) if inputs == "kv+attention" else frozenset()
+        slots, generator = len(self.heads), torch.Generator().manual_seed(seed)
+
+        def linear(fan_in: int, fan_out: int, gain: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:
+            weight = gain * torch.randn(slots, fan_in, fan_out, generator=generator) / math.sqrt(fan_in)
+            return nn.Parameter(weight), nn.Parameter(torch.zeros(slots, 1, fan_out))
+
+        self.key_w, self.key_b = linear(head_dim, width)
+        self.value_w, self.value_b = linear(head_dim, width)
+        self.relative = nn.Parameter(0.1 * torch.randn(slots, POSITION_BUCKETS, width, generator=generator))
+        self.absolute = nn.Parameter(0.1 * torch.randn(slots, POSITION_BUCKETS, width, generator=generator))
+        if inputs == "kv+attention":
+            self.attention_w, self.attention_b = linear(ATTENTION_FEATURES, width)
+        self.hidden1_w, self.hidden1_b = linear(width, width)
+        self.hidden2_w, self.hidden2_b = linear(width, width)
+        # a small output layer: the initial policy is close to uniform
+        self.out_w, self.out_b = linear(width, 1, gain=0.1)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-serialisable): ``PerHeadKVPScorer(**scorer.config())`` rebuilds it."""
+        return {**self.head_config(), "width": self.width, "inputs": self.inputs, "window": self.window, "seed": self.seed}
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        """Scores [B, H, N] (float32)."""
+        b, h, n, d = view.keys.shape
+        if d != self.head_dim:
+            raise ValueError(f"view has head_dim {d}, this scorer was built for {self.head_dim}")
+        slots = self.slots(view.layer, view.kv_heads).reshape(-1)
+        positions = view.positions.masked_fill(~view.mask, 0)
+        newest = positions.amax(-1, keepdim=True)
+        extra = None
+        if self.inputs == "kv+attention":
+            extra = view_attention_features(view, self.window).reshape(b * h, n, ATTENTION_FEATURES)
+        scores = self.network(
+            slots,
+            view.keys.reshape(b * h, n, d).float(),
+            view.values.reshape(b * h, n, d).float(),
+            (newest - positions)[:, None].expand(b, h, n).reshape(b * h, n),
+            positions[:, None].expand(b, h, n).reshape(b * h, n),
+            extra,
+        )
+        return scores.view(b, h, n)
+
+    def forward(self, view: ScoringView) -> torch.Tensor:
+        return self.score(view)
+
+    def network(
+        self,
+        slots: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        recency: torch.Tensor,
+        positions: torch.Tensor,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The per-row network: slots [R], keys / values [R, N, d], recency / positions [R, N] (long),
+        attention [R, N, 2] or None -> scores [R, N]. Row r runs agent ``slots[r]``."""
+        width = self.width
+
+        def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return torch.baddbmm(bias[slots], x, weight[slots])
+
+        def embed(table: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+            return torch.gather(table[slots], 1, log_bucket(distance)[..., None].expand(-1, -1, width))
+
+        def norm(x: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x, (width,))
+
+        x = norm(project(keys, self.key_w, self.key_b)) + norm(project(values, self.value_w, self.value_b))
+        x = x + embed(self.relative, recency) + embed(self.absolute, positions)
+        if attention is not None:
+            x = x + norm(project(attention, self.attention_w, self.attention_b))
+        x = F.silu(project(norm(x), self.hidden1_w, self.hidden1_b))
+        x = F.silu(project(norm(x), self.hidden2_w, self.hidden2_b))
+        return project(x, self.out_w, self.out_b)[..., 0]

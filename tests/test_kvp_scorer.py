@@ -1,0 +1,146 @@
+"""KVP's per-head network (agents.kvp_scorer), the importance store and the distillation agent."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.distill import DistillAgent, DistillConfig, distill_loss
+from agents.kvp_scorer import PerHeadKVPScorer, attention_features, log_bucket
+from kvp_gym import scorers
+from kvp_gym.cache import EvictingCache
+from kvp_gym.checkpoint import load_scorer, save_scorer
+from kvp_gym.models import ModelSpec
+from kvp_gym.scorers import ScoringView
+from kvp_gym.utility import future_importance
+from kvp_gym.utility.store import ImportanceStore, trace_statistics
+
+
+def view_of(keys: torch.Tensor, layer: int, attention: bool = False) -> ScoringView:
+    """A view [1, H, N, d] of one layer with entries at positions 0..N-1."""
+    _, h, n, d = keys.shape
+    extra = {}
+    if attention:
+        extra = {
+            "attention": torch.rand(1, h, 2, n),
+            "queries": torch.randn(1, h, 2, 8, d),
+            "query_positions": torch.arange(n - 8, n)[None],
+        }
+    return ScoringView(
+        keys=keys, values=keys.flip(-1), positions=torch.arange(n)[None], mask=torch.ones(1, n, dtype=torch.bool),
+        layer=torch.tensor([layer]), kv_heads=torch.arange(h)[None], num_layers=3, num_kv_heads=h, **extra,
+    )
+
+
+def test_shapes_needs_and_parameter_count() -> None:
+    scorer = PerHeadKVPScorer(3, 2, 16, width=32)
+    assert scorer.trainable and scorer.needs == frozenset()
+    assert scorer.score(view_of(torch.randn(1, 2, 40, 16), layer=1)).shape == (1, 2, 40)
+    with_attention = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention", window=8)
+    assert with_attention.needs == {"attention", "queries"}
+    assert with_attention.score(view_of(torch.randn(1, 2, 40, 16), 1, attention=True)).shape == (1, 2, 40)
+    # KVP's width on SmolLM2's head_dim: key/value projections, 2 x 256 hidden, 2 x 32 position embeddings
+    per_head = sum(p.numel() for p in PerHeadKVPScorer(1, 1, 64).parameters())
+    assert per_head == 2 * (64 * 256 + 256) + 2 * 32 * 256 + 2 * (256 * 256 + 256) + 256 + 1
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        PerHeadKVPScorer(3, 2, 16, inputs="queries")
+
+
+def test_each_head_runs_its_own_agent() -> None:
+    scorer = PerHeadKVPScorer(3, 2, 16, width=32, seed=1)
+    keys = torch.randn(1, 2, 20, 16)
+    both = scorer.score(view_of(keys, layer=2))
+    alone = scorer.score(view_of(keys[:, 1:], layer=2).__class__(**{**view_of(keys[:, 1:], layer=2).__dict__, "kv_heads": torch.tensor([[1]]), "num_kv_heads": 2}))
+    torch.testing.assert_close(both[:, 1], alone[:, 0])
+    assert not torch.allclose(scorer.score(view_of(keys, layer=0)), both)
+
+
+def test_log_buckets() -> None:
+    assert log_bucket(torch.tensor([0, 1, 2, 3, 7, 10**9])).tolist() == [0, 2, 3, 4, 6, 31]
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    scorer = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention", window=8, heads=[(0, 1), (2, 0)], seed=3)
+    spec = ModelSpec(name="toy", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4)
+    path = save_scorer(scorer, tmp_path, registry_name=scorer.registry_name, config=scorer.config(), model_spec=spec,
+                       protected={"sink": 4, "recent": 16}, training={})
+    loaded = load_scorer(path, expect_spec=spec)
+    view = view_of(torch.randn(1, 2, 30, 16), layer=2, attention=True)
+    view = ScoringView(**{**view.__dict__, "keys": view.keys[:, :1], "values": view.values[:, :1], "attention": view.attention[:, :1],
+                          "queries": view.queries[:, :1], "kv_heads": torch.tensor([[0]])})
+    torch.testing.assert_close(loaded.score(view), scorer.score(view))
+    assert scorers.is_trainable("kvp-net")
+
+
+def test_drives_the_evicting_cache(tiny_model_dir: Path) -> None:
+    from kvp_gym.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    spec = ModelSpec.from_config(model.config, "tiny")
+    ids = torch.randint(3, 1000, (2, 60), generator=torch.Generator().manual_seed(0))
+    for inputs in ("kv", "kv+attention"):
+        scorer = PerHeadKVPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, width=16, inputs=inputs, window=8)
+        cache = EvictingCache(scorer, budget=32, config=model.config)
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)  # the compression happens at the next forward
+        assert cache.layers[0].keys.shape[2] == 33
+
+
+def test_trace_statistics_match_their_definitions(tiny_traces) -> None:
+    trace = tiny_traces[0]
+    stats = trace_statistics(trace, (40, 64), window=8)
+    for layer in range(trace.spec.num_layers):
+        for head in range(trace.spec.num_kv_heads):
+            torch.testing.assert_close(stats["imp.40"][layer, head], future_importance(trace, layer, head, 40, agg="max"))
+            torch.testing.assert_close(stats["imp_mean.64"][layer, head], future_importance(trace, layer, head, 64, agg="mean"))
+    # normalised H2O and the window vote, written out query by query
+    q, k = trace.q(1), trace.k(1)
+    group = q.shape[0] // k.shape[0]
+    n, head = 40, 1
+    h2o, window = torch.zeros(n), torch.zeros(n)
+    for g in range(head * group, (head + 1) * group):
+        for j in range(n):
+            probs = torch.softmax(q[g, j] @ k[head, : j + 1].T / math.sqrt(q.shape[-1]), -1)
+            h2o[: j + 1] += probs / group
+            if j >= n - 8:
+                window[: j + 1] += probs / group
+    torch.testing.assert_close(stats["h2o.40"][1, head], h2o / (n - torch.arange(n)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats["window.40"][1, head], window, rtol=1e-4, atol=1e-6)
+
+
+def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
+    store = ImportanceStore.build(tiny_traces, (40, 64), window=8, show_progress=False)
+    files = sorted(store.directory.glob("seq_*.safetensors"))
+    assert len(store) == len(tiny_traces) == len(files)
+    stamp = files[0].stat().st_mtime_ns
+    assert ImportanceStore.build(tiny_traces, (64, 40), window=8, show_progress=False).directory == store.directory
+    assert files[0].stat().st_mtime_ns == stamp
+    assert store.load(0)["imp.64"].shape == (2, 2, 64)
+    with pytest.raises(ValueError, match="longer than the largest prefix"):
+        ImportanceStore.build(tiny_traces, (200,), window=8, show_progress=False)
+
+
+def test_distill_losses() -> None:
+    target = torch.tensor([[0.0, 1.0, 3.0, 10.0]])
+    perfect = torch.log(target + 1e-3) + 5.0
+    assert distill_loss("log-mse", perfect, target) < 1e-10
+    assert distill_loss("log-mse", perfect.flip(-1), target) > 1.0
+    assert distill_loss("listnet", torch.log(target + 1e-9), target) < distill_loss("listnet", -target, target)
+    assert distill_loss("pairwise", target, target) == 0.0
+    with pytest.raises(ValueError, match="loss must be one of"):
+        distill_loss("mse", perfect, target)
+
+
+@pytest.mark.parametrize("inputs", ["kv", "kv+attention"])
+def test_distillation_learns_the_ranking(tiny_traces, inputs: str) -> None:
+    spec = tiny_traces.spec
+    torch.manual_seed(0)
+    scorer = PerHeadKVPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, width=32, inputs=inputs, window=8)
+    config = DistillConfig(prefixes="48,64,80", tokens=32, window=8, lr=3e-3, warmup=5)
+    agent = DistillAgent(scorer, [tiny_traces], {}, config, total_steps=120)
+    agent.reseed(0)
+    losses = [agent.update()["train/distill_loss"] for _ in range(120)]
+    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
