@@ -16,10 +16,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvp_gym import scorers
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, continuation_nll, ruler_answer
 from kvp_gym.eval.ranking import SuiteRanking
-from kvp_gym.eval.suite import Suite
+from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
+from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
 from kvp_gym.progress import progress_bar
 from kvp_gym.scorers import Scorer, is_future_only
 from kvp_gym.traces import TraceDataset
@@ -127,21 +130,27 @@ class RecordStore:
         return value
 
 
-def downstream_units(suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer]) -> list[tuple]:
+def downstream_units(
+    suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer], oracle: bool = False
+) -> list[tuple]:
     """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite.
 
-    Future-only policies have none: they cannot run in a real cache.
+    ``budget`` is a suite budget setting (tokens, or a fraction label like "25%"; None = full cache).
+    Future-only policies have none: they cannot run in a real cache. ``oracle`` adds the future
+    oracle's units (``ORACLE``: the trace's own future attention, an upper bound), the full cache first.
     """
     real_cache = [name for name, scorer in policies.items() if not is_future_only(scorer)]
-    settings = [(FULL_CACHE, None)] + [(name, budget) for name in real_cache for budget in suite.budgets]
+    if oracle:
+        real_cache.append(ORACLE)
+    settings = [(FULL_CACHE, None)] + [(name, budget) for name in real_cache for budget in suite.budget_settings()]
     units = []
     for policy, budget in settings:
         for source in suite.ppl_sources:
             units += [("ppl", policy, source, trace, budget, "-") for trace in range(len(traces.get(source, [])))]
-        if "ruler" in traces:
+        for source in (key for key in traces if is_ruler(key)):
             units += [
-                ("ruler", policy, "ruler", trace, budget, placement)
-                for trace in range(len(traces["ruler"]))
+                ("ruler", policy, source, trace, budget, placement)
+                for trace in range(len(traces[source]))
                 for placement in QUESTION_PLACEMENTS
             ]
     return units
@@ -154,8 +163,12 @@ def run_leaderboard(
     checkpoints: Iterable[str | Path] = (),
     downstream: bool = True,
     show_progress: bool = True,
+    oracle: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number."""
+    """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number.
+
+    ``oracle``: also run the future oracle downstream (``ORACLE``, built per unit from the test trace's
+    own future attention: an upper bound row next to the full cache)."""
     from kvp_gym.models import load_model
 
     from kvp_gym.checkpoint import read_header
@@ -180,11 +193,11 @@ def run_leaderboard(
     remove_temp_files(out)
 
     ranking = []
-    total = sum(len(dataset) for dataset in traces.values())
+    total = sum(min(len(dataset), suite.ranking_traces or len(dataset)) for dataset in traces.values())
     with progress_bar(total, "leaderboard: ranking", enabled=show_progress) as bar:
         for source, dataset in traces.items():
             evaluator = SuiteRanking(suite, source, dataset)
-            for trace in range(len(dataset)):
+            for trace in range(min(len(dataset), suite.ranking_traces or len(dataset))):
                 for name in policies:
                     ranking.append(store.get_or_compute(
                         ("ranking", ids[name], source, trace), lambda: evaluator.evaluate(trace, {name: fresh(name)})[0]
@@ -194,25 +207,49 @@ def run_leaderboard(
     results: list[dict[str, Any]] = []
     if downstream:
         model, tokenizer = load_model(suite.model)
-        units = downstream_units(suite, traces, policies)
+        units = downstream_units(suite, traces, policies, oracle=oracle)
+        ids[ORACLE] = f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
+        importance: dict[tuple, torch.Tensor] = {}  # (source, trace, prefix) -> [L, Hkv, prefix], the latest only
+
+        def policy_of(name: str, source: str, trace_index: int, prefix: int) -> Scorer:
+            if name != ORACLE:
+                return fresh(name)
+            key = (source, trace_index, prefix)
+            if key not in importance:
+                importance.clear()
+                importance[key] = trace_importance(traces[source][trace_index], prefix, agg=suite.agg)
+            return TraceOracle(importance[key])
+
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
             for unit in units:
                 key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
-                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, fresh, unit)))
+                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, policy_of, unit)))
                 bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
-    return {"suite": suite.to_dict(), "policies": sorted(policies), "future_only": future_only, "ranking": ranking,
-            "downstream": results}
+    if downstream and oracle:
+        future_only = sorted({*future_only, ORACLE})
+    return {"suite": {**suite.to_dict(), "hash": suite.hash()}, "policies": sorted(policies), "future_only": future_only,
+            "ranking": ranking, "downstream": results, "downstream_oracle": ORACLE if downstream and oracle else None}
+
+
+def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:
+    """How many tokens a downstream unit prefills and compresses (a fractional budget is a share of it)."""
+    if kind == "ppl":
+        return suite.ppl_prefix
+    return trace.meta["question_token"] if placement == "outside" else trace.meta["answer_token"] - 1
 
 
 def _downstream(suite: Suite, model: Any, tokenizer: Any, traces: Mapping[str, TraceDataset],
-                policy_of: Callable[[str], Scorer], unit: tuple) -> dict[str, Any]:
+                policy_of: Callable[[str, str, int, int], Scorer], unit: tuple) -> dict[str, Any]:
     kind, policy, source, trace_index, budget, placement = unit
-    scorer = None if policy == FULL_CACHE else policy_of(policy)
     trace = traces[source][trace_index]
-    record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget, "placement": placement}
+    prefix = compressed_prefix(suite, kind, trace, placement)
+    scorer = None if policy == FULL_CACHE else policy_of(policy, source, trace_index, prefix)
+    tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
+    record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget, "placement": placement,
+              "budget_tokens": tokens}
     if kind == "ppl":
-        nll, count = continuation_nll(model, trace, suite.ppl_prefix, scorer, budget, suite.sink, suite.recent)
+        nll, count = continuation_nll(model, trace, suite.ppl_prefix, scorer, tokens, suite.sink, suite.recent)
         return {**record, "nll_sum": nll, "tokens": count}
-    answer, score = ruler_answer(model, tokenizer, trace, placement, scorer, budget, suite.sink, suite.recent, suite.answer_tokens)
+    answer, score = ruler_answer(model, tokenizer, trace, placement, scorer, tokens, suite.sink, suite.recent, suite.answer_tokens)
     return {**record, "task": trace.meta.get("task"), "answer": answer, "score": score}

@@ -8,6 +8,8 @@ training) into $KVP_GYM_HOME/suites/<name>-v<version>/<source>.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,16 @@ from kvp_gym.traces import TraceDataset, generate_traces
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """What a leaderboard run evaluates. Budgets are absolute tokens kept per KV head."""
+    """What a leaderboard run evaluates.
+
+    Budgets: ``budgets`` are absolute tokens kept per KV head; ``budget_fractions`` are fractions of
+    the compressed prefix (a unit's budget is ``int(f * prefix)`` tokens, at least the protected
+    ones), reported as e.g. "25%". ``source_traces`` overrides ``traces_per_source`` per source;
+    ``ruler_lengths`` adds RULER sets at other context lengths (sources ``ruler-<length>``);
+    ``ranking_traces`` caps the traces per source the (costly) ranking grid runs on;
+    ``min_task_accuracy`` calibrates RULER to the model: only tasks the full cache answers right at
+    least that often are scored (every task's full-cache accuracy is reported).
+    """
 
     name: str
     version: int
@@ -37,6 +48,11 @@ class Suite:
     ppl_prefix: int = 768
     ppl_sources: tuple[str, ...] = ("dialogue", "prose")
     answer_tokens: int = 32
+    budget_fractions: tuple[float, ...] = ()
+    source_traces: tuple[tuple[str, int], ...] = ()
+    ruler_lengths: tuple[int, ...] = ()
+    ranking_traces: int | None = None
+    min_task_accuracy: float | None = None
 
     @property
     def id(self) -> str:
@@ -45,29 +61,81 @@ class Suite:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "id": self.id}
 
+    def hash(self) -> str:
+        """sha256 (first 16 hex digits) of every field: two runs with one hash scored the same suite."""
+        encoded = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+    def budget_settings(self) -> list[int | str]:
+        """Every budget a downstream unit runs at: the absolute ones (ints), then the fractions ("25%")."""
+        return [*self.budgets, *(fraction_label(f) for f in self.budget_fractions)]
+
+    def trace_count(self, source: str) -> int:
+        return dict(self.source_traces).get(source, self.traces_per_source)
+
+    def trace_sets(self) -> list[tuple[str, str, int, int]]:
+        """(key, data source, traces, length) of every trace set; extra RULER lengths as ``ruler-<length>``."""
+        sets = [(source, source, self.trace_count(source), self.length) for source in self.sources]
+        if "ruler" in self.sources:
+            sets += [(f"ruler-{length}", "ruler", self.trace_count(f"ruler-{length}"), length) for length in self.ruler_lengths]
+        return sets
+
     def directory(self) -> Path:
         return home_dir() / "suites" / self.id
 
     def traces(self, show_progress: bool = True) -> dict[str, TraceDataset]:
         """The suite's test trace sets by source, generated on first use and reused afterwards."""
         return {
-            source: generate_traces(
-                self.directory() / source,
+            key: generate_traces(
+                self.directory() / key,
                 source,
-                n=self.traces_per_source,
-                length=self.length,
+                n=n,
+                length=length,
                 split="test",
                 model_name=self.model,
                 seed=self.seed,
                 show_progress=show_progress,
             )
-            for source in self.sources
+            for key, source, n, length in self.trace_sets()
         }
+
+
+def fraction_label(fraction: float) -> str:
+    """0.25 -> "25%" (the budget key of a fractional budget)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"a budget fraction must lie in (0, 1), got {fraction}")
+    return f"{fraction * 100:g}%"
+
+
+def resolve_budget(setting: int | str, prefix: int, sink: int, recent: int) -> int:
+    """Tokens kept per KV head for a budget setting: an int as is; "25%" -> int(0.25 * prefix), at least
+    the protected tokens (sink + recent) and at most the prefix."""
+    if isinstance(setting, str):
+        tokens = int(float(setting.rstrip("%")) / 100 * prefix)
+        return min(prefix, max(tokens, sink + recent, 1))
+    return setting
+
+
+def is_ruler(source: str) -> bool:
+    """Whether a trace set key holds RULER samples ("ruler" or "ruler-<length>")."""
+    return source == "ruler" or source.startswith("ruler-")
 
 
 SUITES: dict[str, Suite] = {
     "full": Suite(name="full", version=1),
     "demo": Suite(name="demo", version=1, traces_per_source=2, budgets=(64, 256), prefix_fractions=(0.5,)),
+    # v2: budgets as fractions of the prefix too, more held-out texts, RULER at two context lengths
+    # calibrated to the model (tasks the full cache gets right < 80% of the time are reported, not scored).
+    "full-v2": Suite(
+        name="full", version=2, budgets=(64, 256), budget_fractions=(0.1, 0.25, 0.5),
+        source_traces=(("dialogue", 32), ("prose", 32), ("ruler", 63), ("ruler-512", 63)), ruler_lengths=(512,),
+        ranking_traces=6, min_task_accuracy=0.8,
+    ),
+    # small, for the demo and smoke checks: 4 texts per perplexity source, 12 RULER samples, 10/25% budgets
+    "quick": Suite(
+        name="quick", version=1, budgets=(), budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,),
+        source_traces=(("dialogue", 4), ("prose", 4), ("ruler", 12)), ranking_traces=2, min_task_accuracy=0.8,
+    ),
 }
 
 
