@@ -30,7 +30,7 @@ def _pairs(items: list[str], option: str, parse_json: bool) -> dict[str, Any]:
 
 @app.command("train")
 def train_command(
-    agent: Annotated[str, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, ppo, a2c, trpo, ars, recurrent-ppo")],
+    agent: Annotated[str, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, ppo, a2c, trpo, ars, recurrent-ppo")],
     traces: Annotated[list[Path], typer.Option(help="training trace set directory (repeatable)")],
     steps: Annotated[int, typer.Option(help="gradient updates (one batch of episodes each)")],
     out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.safetensors, tb/ (rerun to resume)")],
@@ -41,7 +41,12 @@ def train_command(
     eval_traces: Annotated[list[Path] | None, typer.Option(help="test trace set(s) for periodic evaluation (mean cost ratio)")] = None,
     eval_every: Annotated[int, typer.Option(help="evaluate every K steps")] = 50,
     save_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 50,
-    hidden: Annotated[int, typer.Option(help="hidden units of each head's MLP (not with --init)")] = 64,
+    hidden: Annotated[int, typer.Option(help="hidden units of each head's MLP (--arch mlp, not with --init)")] = 64,
+    arch: Annotated[str, typer.Option(help="trainable architecture: mlp (one hidden layer) or kvp-net (KVP's agent; --agent distill needs it)")] = "mlp",
+    arch_opt: Annotated[list[str], typer.Option("--arch-opt", help="architecture option KEY=VALUE (repeatable), e.g. --arch-opt width=256 --arch-opt inputs=kv+attention")] = [],  # noqa: B006
+    val_traces: Annotated[Path | None, typer.Option(help="validation trace set: downstream perplexity at 10%/25% kept every --val-every steps; the best checkpoint goes to OUT/best")] = None,
+    val_every: Annotated[int, typer.Option(help="validate every K steps")] = 100,
+    val_texts: Annotated[int, typer.Option(help="validation texts")] = 4,
     init: Annotated[Path | None, typer.Option(help="start from this scorer checkpoint (e.g. a pairwise run before grpo)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="agent hyperparameter KEY=VALUE (repeatable), e.g. --set lr=1e-3")] = [],  # noqa: B006
     env_opt: Annotated[list[str], typer.Option("--env-opt", help="training env option KEY=VALUE (repeatable), e.g. --env-opt max_tokens=256")] = [],  # noqa: B006
@@ -52,7 +57,9 @@ def train_command(
 
     config = TrainConfig(
         agent=agent, traces=[str(path) for path in traces], out=str(out), steps=steps, layer=layer, kv_head=kv_head,
-        all_heads=all_heads, seed=seed, hidden=hidden, init=None if init is None else str(init),
+        all_heads=all_heads, seed=seed, hidden=hidden, arch=arch, arch_options=_pairs(arch_opt, "--arch-opt", parse_json=True),
+        init=None if init is None else str(init),
+        val_traces=None if val_traces is None else str(val_traces), val_every=val_every, val_texts=val_texts,
         agent_options=_pairs(set_, "--set", parse_json=False), env_options=_pairs(env_opt, "--env-opt", parse_json=True),
         eval_traces=[str(path) for path in eval_traces] if eval_traces else None, eval_every=eval_every, save_every=save_every,
         progress=progress,

@@ -16,8 +16,10 @@ entry received so far, as two features per entry, projected to W and LayerNorm-e
     log(mean_g sum_{last w queries t} A_g[t, i] + 1e-6) / 5      the attention of the recent window (SnapKV's vote)
 
 The first makes the scorer read the ``attention`` input, the second the ``queries`` input, so it
-declares both in ``needs``; it then learns when to trust keys and positions and when the observed
-attention, per head. ``inputs="kv"`` is KVP's own agent (no optional input).
+declares both in ``needs``. They also enter the score directly, s_i += c . a_i with c [S, 2] learned
+and initialised to (5, 0): an untrained scorer ranks exactly as normalised H2O, the strongest heuristic
+downstream, and training learns per head where keys, values and positions correct it.
+``inputs="kv"`` is KVP's own agent (no optional input).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class PerHeadKVPScorer(PerHeadModule):
 
     Parameters (S agents, d head_dim, W width, A = 2 attention features when used):
         key_w / value_w [S, d, W], key_b / value_b [S, 1, W], relative / absolute [S, 32, W],
-        (attention_w [S, A, W], attention_b [S, 1, W]), hidden1_w / hidden2_w [S, W, W],
+        (attention_w [S, A, W], attention_b [S, 1, W], attention_skip [S, 1, A]), hidden1_w / hidden2_w [S, W, W],
         hidden1_b / hidden2_b [S, 1, W], out_w [S, W, 1], out_b [S, 1, 1]
     """
 
@@ -99,6 +101,9 @@ class PerHeadKVPScorer(PerHeadModule):
         self.absolute = nn.Parameter(0.1 * torch.randn(slots, POSITION_BUCKETS, width, generator=generator))
         if inputs == "kv+attention":
             self.attention_w, self.attention_b = linear(ATTENTION_FEATURES, width)
+            skip = torch.zeros(slots, 1, ATTENTION_FEATURES)
+            skip[..., 0] = 5.0  # undoes the feature's / 5: the score starts as log normalised H2O
+            self.attention_skip = nn.Parameter(skip)
         self.hidden1_w, self.hidden1_b = linear(width, width)
         self.hidden2_w, self.hidden2_b = linear(width, width)
         # a small output layer: the initial policy is close to uniform
@@ -160,4 +165,7 @@ class PerHeadKVPScorer(PerHeadModule):
             x = x + norm(project(attention, self.attention_w, self.attention_b))
         x = F.silu(project(norm(x), self.hidden1_w, self.hidden1_b))
         x = F.silu(project(norm(x), self.hidden2_w, self.hidden2_b))
-        return project(x, self.out_w, self.out_b)[..., 0]
+        scores = project(x, self.out_w, self.out_b)[..., 0]
+        if attention is not None:
+            scores = scores + (attention * self.attention_skip[slots]).sum(-1)
+        return scores

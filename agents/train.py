@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,22 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.common import seed_for
+from agents.distill import DistillAgent, DistillConfig
 from agents.grpo import GRPOAgent, GRPOConfig
 from agents.kvp import KVPAgent, KVPConfig
 from agents.pairwise import PairwiseAgent, PairwiseConfig
 from agents.mlp_scorer import PerHeadMLPScorer
 from agents.sb3_agents import SB3Agent, SB3Config
-from kvp_gym.checkpoint import checkpoint_file, load_scorer, load_state, save_scorer, save_state
+from agents.validation import DownstreamValidator
+from kvp_gym import scorers
+from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, load_state, save_scorer, save_state
 from kvp_gym.envs.episodes import TraceSource
 from kvp_gym.envs.kv_evict import KVEvictCore
 from kvp_gym.eval.ranking import RankingEvaluator
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
 from kvp_gym.io import remove_temp_files, write_json_atomic
-from kvp_gym.traces.dataset import sha256_of
+from kvp_gym.traces.dataset import TraceDataset, sha256_of
 
 # name -> (agent class, default hyperparameters)
 AGENTS: dict[str, tuple[type, Any]] = {
@@ -60,6 +64,7 @@ AGENTS: dict[str, tuple[type, Any]] = {
     "grpo-stream": (GRPOAgent, GRPOConfig(stream=True)),
     "pairwise": (PairwiseAgent, PairwiseConfig()),
     "pairwise-stream": (PairwiseAgent, PairwiseConfig(stream=True)),
+    "distill": (DistillAgent, DistillConfig()),
     "ppo": (SB3Agent, SB3Config(algo="ppo")),
     "a2c": (SB3Agent, SB3Config(algo="a2c")),
     "trpo": (SB3Agent, SB3Config(algo="trpo")),
@@ -67,6 +72,7 @@ AGENTS: dict[str, tuple[type, Any]] = {
     "recurrent-ppo": (SB3Agent, SB3Config(algo="recurrent-ppo", envs=16, n_steps=16)),
 }
 EVAL_MIN_PREFIX = 64  # evaluation episodes leave room for the 64-query window SnapKV / TOVA read
+BEST_DIR = "best"  # the checkpoint with the best downstream validation (with --val-traces)
 RUN_FILE, STATE_FILE, PICKLED_STATE = "run.json", "state.safetensors", "state.pt"
 
 
@@ -84,18 +90,23 @@ class TrainConfig:
     all_heads: bool = False
     seed: int = 0
     hidden: int = 64
+    arch: str = "mlp"
+    arch_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     init: str | None = None
     agent_options: dict[str, str] = dataclasses.field(default_factory=dict)
     env_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_traces: str | list[str] | None = None
     eval_every: int = 50
+    val_traces: str | None = None
+    val_every: int = 100
+    val_texts: int = 4
     eval_episodes: int = 128
     save_every: int = 50
     progress: bool = True
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share (evaluation and display settings may change)."""
-        keep = ("agent", "traces", "steps", "layer", "kv_head", "all_heads", "seed", "hidden", "init",
+        keep = ("agent", "traces", "steps", "layer", "kv_head", "all_heads", "seed", "hidden", "arch", "arch_options", "init",
                 "agent_options", "env_options", "save_every")
         return {key: getattr(self, key) for key in keep}
 
@@ -160,16 +171,21 @@ def evaluator(traces: str | list[str], env_kwargs: dict[str, Any], episodes: int
     return RankingEvaluator(KVEvictCore(traces, num_rows=episodes, **env_kwargs), seed)
 
 
-def _make_scorer(config: TrainConfig, source: TraceSource, heads: list[tuple[int, int]] | None) -> PerHeadMLPScorer:
+def _make_scorer(config: TrainConfig, source: TraceSource, heads: list[tuple[int, int]] | None) -> Any:
+    """A fresh trainable scorer of architecture ``config.arch`` for ``heads``, or the ``--init`` checkpoint."""
     spec = source.spec
     if config.init is None:
-        scorer = PerHeadMLPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, hidden=config.hidden,
-                                  heads=heads, seed=config.seed)
-        scorer.fit_normalization(source.traces)
+        if not scorers.is_trainable(config.arch):
+            raise ValueError(f"--arch {config.arch!r} is not a trainable architecture")
+        options = {"hidden": config.hidden} if config.arch == PerHeadMLPScorer.registry_name else {}
+        scorer = scorers.get(config.arch, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+                             head_dim=spec.head_dim, heads=heads, seed=config.seed, **options, **config.arch_options)
+        if hasattr(scorer, "fit_normalization"):
+            scorer.fit_normalization(source.traces)
         return scorer
     scorer = load_scorer(config.init, expect_spec=spec)
-    if not isinstance(scorer, PerHeadMLPScorer):
-        raise ValueError(f"--init {config.init}: not a per-head MLP scorer checkpoint ({type(scorer).__name__})")
+    if not getattr(scorer, "trainable", False):
+        raise ValueError(f"--init {config.init}: not a trainable scorer checkpoint ({type(scorer).__name__})")
     every_head = {(layer, head) for layer in range(spec.num_layers) for head in range(spec.num_kv_heads)}
     if not (every_head if heads is None else set(heads)) <= set(scorer.heads):
         raise ValueError(f"--init {config.init} has agents for {scorer.heads}, not for every head this run trains")
@@ -181,7 +197,7 @@ def _check_run(out: Path, config: TrainConfig) -> None:
     run_file = out / RUN_FILE
     identity = json.loads(json.dumps(config.identity()))  # as JSON stores it (tuples become lists)
     if run_file.exists():
-        saved = json.loads(run_file.read_text())
+        saved = {"arch": "mlp", "arch_options": {}, **json.loads(run_file.read_text())}  # runs made before --arch
         if saved != identity:
             changed = sorted(key for key in identity if saved.get(key) != identity[key])
             raise ValueError(
@@ -243,13 +259,33 @@ def train(config: TrainConfig) -> TrainResult:
         if agent.env_id == "KVEvict-v0" and "max_tokens" in config.env_options:
             eval_kwargs["max_tokens"] = config.env_options["max_tokens"]
         evaluate = evaluator(config.eval_traces, eval_kwargs, config.eval_episodes).summary
+    protected = agent.protected if hasattr(agent, "protected") else agent.env.unwrapped.protected
+    validate = None
+    if config.val_traces is not None:
+        validate = DownstreamValidator(TraceDataset(config.val_traces), protected, texts=config.val_texts)
     training = {"agent": config.agent, "hyperparameters": dataclasses.asdict(hyper), **config.identity(),
                 "trace_model": spec.name}
 
     def save_checkpoint_scorer(step: int, evaluation: dict[str, float]) -> Path:
         return save_scorer(agent.scorer, out, registry_name=agent.scorer.registry_name, config=agent.scorer.config(),
-                           model_spec=spec, protected=agent.env.unwrapped.protected.to_dict(),
+                           model_spec=spec, protected=protected.to_dict(),
                            training={**training, "step": step, "evaluation": evaluation}, env=agent.env_id)
+
+    best_file = checkpoint_file(out / BEST_DIR)
+    best = read_header(best_file).training["validation"]["val/ppl_ratio"] if best_file.exists() else math.inf
+
+    def validate_and_keep_best(step: int) -> dict[str, float]:
+        """Downstream validation at ``step``; the scorer goes to ``best/`` when its perplexity ratio is the lowest yet."""
+        nonlocal best
+        metrics = validate(agent.scorer)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        if metrics["val/ppl_ratio"] < best:
+            best = metrics["val/ppl_ratio"]
+            save_scorer(agent.scorer, out / BEST_DIR, registry_name=agent.scorer.registry_name, config=agent.scorer.config(),
+                        model_spec=spec, protected=protected.to_dict(),
+                        training={**training, "step": step, "validation": metrics}, env=agent.env_id)
+        return metrics
 
     def checkpoint(step: int, evaluation: dict[str, float]) -> Path:
         file = save_checkpoint_scorer(step, evaluation)  # first the scorer, then the state that names it
@@ -292,13 +328,15 @@ def train(config: TrainConfig) -> TrainResult:
                 evaluations[done] = evaluate(agent.scorer)
                 for key, value in evaluations[done].items():
                     writer.add_scalar(f"eval/{key}", value, done)
+            if validate is not None and (done % config.val_every == 0 or done == config.steps):
+                evaluations.setdefault(done, {}).update(validate_and_keep_best(done))
             if evaluations:
                 last = evaluations[max(evaluations)]
             if done % config.save_every == 0 or done == config.steps:
                 checkpoint(done, last)
             first = next(iter(metrics))
             status = f"{first.split('/')[-1]} {metrics[first]:.3f}"
-            if last:
+            if "cost_ratio" in last:
                 status += f" | eval cost {last['cost_ratio']:.3f}"
             bar.advance(1, status=status)
     writer.close()

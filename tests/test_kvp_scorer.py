@@ -45,6 +45,12 @@ def test_shapes_needs_and_parameter_count() -> None:
     # KVP's width on SmolLM2's head_dim: key/value projections, 2 x 256 hidden, 2 x 32 position embeddings
     per_head = sum(p.numel() for p in PerHeadKVPScorer(1, 1, 64).parameters())
     assert per_head == 2 * (64 * 256 + 256) + 2 * 32 * 256 + 2 * (256 * 256 + 256) + 256 + 1
+    # with attention inputs, the untrained scorer ranks exactly as normalised H2O plus a near-constant
+    untrained = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention", window=8)
+    torch.nn.init.zeros_(untrained.out_w)
+    view = view_of(torch.randn(1, 2, 40, 16), 1, attention=True)
+    h2o = view.attention.mean(2) / (40 - torch.arange(40)).float()
+    torch.testing.assert_close(untrained.score(view), torch.log(h2o + 1e-6))
     with pytest.raises(ValueError, match="inputs must be one of"):
         PerHeadKVPScorer(3, 2, 16, inputs="queries")
 
@@ -144,3 +150,23 @@ def test_distillation_learns_the_ranking(tiny_traces, inputs: str) -> None:
     agent.reseed(0)
     losses = [agent.update()["train/distill_loss"] for _ in range(120)]
     assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+
+
+def test_train_distill_validates_downstream_and_keeps_the_best(tiny_traces, tmp_path: Path) -> None:
+    from agents.train import BEST_DIR, TrainConfig, train
+
+    config = TrainConfig(
+        agent="distill", traces=str(tiny_traces.directory), out=str(tmp_path / "run"), steps=6, all_heads=True,
+        arch="kvp-net", arch_options={"width": 16, "inputs": "kv+attention", "window": 8},
+        agent_options={"prefixes": "48,64,80", "tokens": "16", "window": "8"},
+        val_traces=str(tiny_traces.directory), val_every=3, val_texts=1, save_every=3, progress=False,
+    )
+    result = train(config)
+    assert sorted(result.evaluations) == [3, 6]
+    assert all(value > 0 for value in result.evaluations[6].values())
+    best = load_scorer(tmp_path / "run" / BEST_DIR)
+    assert isinstance(best, PerHeadKVPScorer) and best.inputs == "kv+attention"
+    assert train(config).scorer_path == result.scorer_path  # finished: a rerun returns at once
+    with pytest.raises(ValueError, match="not a trainable architecture"):
+        train(TrainConfig(agent="distill", traces=str(tiny_traces.directory), out=str(tmp_path / "x"), steps=1,
+                          all_heads=True, arch="knorm", progress=False))
