@@ -228,8 +228,17 @@ def run_leaderboard(
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     if downstream and oracle:
         future_only = sorted({*future_only, ORACLE})
+    learned = sorted(name for name in policies if name not in registered or _is_trainable(name))
     return {"suite": {**suite.to_dict(), "hash": suite.hash()}, "policies": sorted(policies), "future_only": future_only,
+            "learned": learned,
             "ranking": ranking, "downstream": results, "downstream_oracle": ORACLE if downstream and oracle else None}
+
+
+def _is_trainable(name: str) -> bool:
+    try:
+        return scorers.is_trainable(name)
+    except KeyError:
+        return False
 
 
 def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:

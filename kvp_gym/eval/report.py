@@ -15,6 +15,8 @@ import numpy as np
 
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
+from kvp_gym.eval.oracle import ORACLE
+from kvp_gym.eval.suite import fraction_label, is_ruler
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
 from kvp_gym.eval.stats import (
     Interval,
@@ -94,8 +96,8 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
 
     Units are texts (source, trace), stratified by source. Perplexity: the interval of exp(mean NLL
     per token), tokens as weights (so the estimate is the pooled perplexity); normalised between the
-    worse of random and StreamingLLM (0) and the full cache (1; no future-only policy runs
-    downstream). Accuracy: the interval of the mean score; normalised the same way.
+    worse of random and StreamingLLM (0) and the downstream future oracle at that budget (1; the
+    full cache where the oracle did not run). Accuracy: the interval of the mean score; normalised the same way.
     Returns {"perplexity": {policy: {budget: {...}}}, "accuracy": {placement: {policy: {budget: {...}}}}}
     where each cell holds estimate, low, high, normalized and p_beats_next (the next policy by
     estimate at that budget).
@@ -124,6 +126,8 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
                 stats[policy] = Interval(*(transform(x) for x in interval[:3]))
             reference = None if full is None else transform(bootstrap_ci([v for v, _ in full.values()],
                                                                        weights=[w for _, w in full.values()]).estimate)
+            if ORACLE in stats:  # the downstream oracle (reads the future) is the 1 where it ran
+                reference = stats[ORACLE].estimate
             floor = worse_of((stats[p].estimate for p in FLOOR_POLICIES if p in stats), lower_is_better)
             order = sorted(stats, key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
             for policy, following in zip(order, order[1:] + [None]):
@@ -193,70 +197,168 @@ def downstream_tables(results: dict[str, Any]) -> tuple[dict, dict]:
     return ppl, accuracy
 
 
+def budget_keys(suite: dict[str, Any]) -> list[Any]:
+    """The suite's budget settings as the records key them: tokens (ints), then fractions ("25%")."""
+    return [*suite.get("budgets", ()), *(fraction_label(f) for f in suite.get("budget_fractions", ()))]
+
+
+def calibration(results: dict[str, Any]) -> dict[str, Any]:
+    """RULER difficulty calibrated to the model: full-cache accuracy per task (both question placements
+    pooled), and which tasks are scored (accuracy >= the suite's ``min_task_accuracy``; all when None)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for record in results["downstream"]:
+        if record["kind"] == "ruler" and record["policy"] == FULL_CACHE:
+            scores[str(record.get("task"))].append(float(record["score"]))
+    threshold = results["suite"].get("min_task_accuracy")
+    accuracy = {task: float(np.mean(values)) for task, values in sorted(scores.items())}
+    scored = [task for task, acc in accuracy.items() if threshold is None or acc >= threshold]
+    return {"threshold": threshold, "task_accuracy": accuracy, "samples": {t: len(v) for t, v in sorted(scores.items())},
+            "scored_tasks": scored}
+
+
+def scored_results(results: dict[str, Any], scored_tasks: list[str]) -> dict[str, Any]:
+    """``results`` with the RULER records of unscored tasks left out (every other record kept)."""
+    keep = set(scored_tasks)
+    downstream = [r for r in results["downstream"] if r["kind"] != "ruler" or str(r.get("task")) in keep]
+    return {**results, "downstream": downstream}
+
+
+def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """headroom closed = (best heuristic - policy) / (best heuristic - oracle), per metric, source and budget.
+
+    The best heuristic is the best non-learned, non-future policy at that budget and source; the oracle
+    is the downstream future oracle. Perplexity per perplexity source; RULER accuracy per question
+    placement over every (scored) RULER sample. 1 = as good as the oracle, 0 = as the best heuristic,
+    < 0 worse. Same formula for both orientations. One row per (metric, source, budget, policy).
+    """
+    if not results.get("downstream_oracle"):
+        return []
+    sums: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    for record in results["downstream"]:
+        if record["budget"] is None:
+            continue
+        if record["kind"] == "ppl":
+            key, value, weight = ("perplexity", record["source"], record["budget"]), record["nll_sum"], record["tokens"]
+        else:
+            key, value, weight = (f"accuracy ({record['placement']})", "ruler", record["budget"]), float(record["score"]), 1.0
+        cell = sums[key][record["policy"]]
+        cell[0] += value
+        cell[1] += weight
+    learned = set(results.get("learned", ()))
+    future = set(results.get("future_only", ())) | {ORACLE}
+    rows = []
+    for (metric, source, budget), by_policy in sums.items():
+        lower = metric == "perplexity"
+        value = {p: (math.exp(a / w) if lower else a / w) for p, (a, w) in by_policy.items()}
+        heuristics = [p for p in value if p not in learned and p not in future]
+        if ORACLE not in value or not heuristics:
+            continue
+        best = (min if lower else max)(heuristics, key=lambda p: value[p])
+        for policy, v in sorted(value.items()):
+            if policy == ORACLE:
+                continue
+            rows.append({"metric": metric, "source": source, "budget": budget, "policy": policy, "value": v,
+                         "best_heuristic": best, "best_heuristic_value": value[best], "oracle": value[ORACLE],
+                         "headroom_closed": normalized_score(v, value[ORACLE], value[best])})
+    rows.sort(key=lambda r: (r["metric"], r["source"], str(r["budget"]), r["policy"]))
+    return rows
+
+
 def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym leaderboard") -> Path:
-    """Write LEADERBOARD.md, results.json, results.csv and plots into ``out``; returns the .md path."""
+    """Write LEADERBOARD.md, results.json, results.csv and plots into ``out``; returns the .md path.
+
+    RULER tables and statistics count only the scored tasks (``calibration``); every record stays in
+    results.json / results.csv."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    calibrated = calibration(results)
+    scored = scored_results(results, calibrated["scored_tasks"])
     ranking = ranking_table(results)
-    ppl, accuracy = downstream_tables(results)
-    downstream_stats = downstream_statistics(results)
-    taus = env_downstream_tau(results)
+    ppl, accuracy = downstream_tables(scored)
+    downstream_stats = downstream_statistics(scored)
+    taus = env_downstream_tau(scored)
+    closed = headroom(scored)
+    suite = results["suite"]
+    suite_hash = suite.get("hash", "-")
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions(), "machine": machine()}
-    statistics = {"downstream": downstream_stats, "env_downstream_tau": taus}
+    statistics = {"downstream": downstream_stats, "env_downstream_tau": taus, "headroom_closed": closed,
+                  "ruler_calibration": calibrated}
     write_json_atomic(out / "results.json", {**results, **meta, "ranking_table": ranking, "perplexity": ppl, "accuracy": accuracy,
                                              "statistics": statistics})
     _write_csv(out / "results.csv", results)
-    plots = _plots(results, ranking, ppl, accuracy, out)
-    budgets = list(results["suite"]["budgets"])
-    lines = [f"# {title}", "", f"Suite `{results['suite']['id']}` on `{results['suite']['model']}` "
-             f"({results['suite']['traces_per_source']} held-out test traces of {results['suite']['length']} tokens per source: "
-             f"{', '.join(results['suite']['sources'])}; seed {results['suite']['seed']}). Created {meta['created']} on "
-             f"{meta['machine']['processor']} ({meta['machine']['cpus']} CPUs); torch {meta['versions']['torch']}, "
-             f"transformers {meta['versions']['transformers']}, kvp-gym {meta['versions']['kvp-gym']}.", "",
+    plots = _plots(results, ranking, ppl, accuracy, out, downstream_stats, taus)
+    budgets = budget_keys(suite)
+    oracle = results.get("downstream_oracle")
+    m = meta["machine"]
+    counts = ", ".join(f"{key}: {n}" for key, n in _trace_counts(results).items())
+    lines = [f"# {title}", "",
+             f"Suite `{suite['id']}` (hash `{suite_hash}`) on `{suite['model']}`: held-out test traces per source "
+             f"({counts}); seed {suite['seed']}. Budgets: {', '.join(str(b) for b in budgets)} "
+             "(ints: tokens kept per KV head; %: share of the compressed prefix).", "",
+             f"Created {meta['created']} on {m['platform']} ({m['processor']}, {m['cpus']} CPUs, torch threads "
+             f"{m['torch_threads']}); torch {meta['versions'].get('torch')}, transformers {meta['versions'].get('transformers')}, "
+             f"kvp-gym {meta['versions'].get('kvp-gym')}.", "",
              "Intervals are 95% percentile bootstrap intervals over texts (traces), resampled within each source. "
              "P(beats next) is the bootstrap probability, over the same texts paired, that the policy's mean beats the "
-             "next row's. Normalised: 0 = the worse of random and StreamingLLM, 1 = the oracle (ranking) or the full "
-             "cache (downstream).", "",
+             "next row's. Normalised: 0 = the worse of random and StreamingLLM, 1 = the oracle (ranking: the "
+             "future-attention oracle; downstream: the future oracle in the real cache"
+             + ("" if oracle else ", here not run, so the full cache") + ").", "",
              "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
              "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle. Kept@x% = share of the "
              "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
              "policy has the lowest mean cost ratio (oracle excluded). Upper bounds read the true future "
              "(future-only scorers): they are references, not policies.", ""]
-    sources = results["suite"]["sources"]
+    sources = suite["sources"]
     lines.append("| policy | cost ratio (mean ± std) | 95% CI | " + " | ".join(sources)
                  + " | kept@10% | kept@25% | kept@50% | heads won | P(beats next) | normalised | |")
     lines.append("|---|---|---|" + "---|" * len(sources) + "---|---|---|---|---|---|---|")
     for row in ranking:
         lines.append(f"| {row['policy']} | {row['cost_ratio']:.3f} ± {row['cost_ratio_std']:.3f} | "
                      f"[{row['cost_ratio_low']:.3f}, {row['cost_ratio_high']:.3f}] | "
-                     + " | ".join(f"{row[f'cost_ratio_{s}']:.3f}" for s in sources)
+                     + " | ".join(_number(row[f'cost_ratio_{s}'], 3) for s in sources)
                      + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} | "
                      f"{_number(row['p_beats_next'], 2)} | {_number(row['normalized'], 3)} | "
                      f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
+    oracle_note = (f" `{oracle}` evicts by the trace's own future attention in the real cache: an upper bound "
+                   "(reads the future), not a policy." if oracle else "")
     if ppl:
         lines += ["", "## Perplexity with the compressed cache (compressed once after the prefill)", "",
-                  f"Prefill {results['suite']['ppl_prefix']} tokens, compress to the budget (tokens kept per KV head), "
-                  f"then score the rest of each {', '.join(results['suite']['ppl_sources'])} test trace. Lower is better; "
-                  "[95% CI].", "",
-                  "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |", "|---|" + "---|" * (len(budgets) + 1)]
-        full = ppl.get(FULL_CACHE, {}).get("full", math.nan)
-        cells = downstream_stats["perplexity"]
-        for policy in sorted((p for p in ppl if p != FULL_CACHE), key=lambda p: ppl[p].get(budgets[0], math.inf)):
-            lines.append(f"| {policy} | " + " | ".join(_cell(ppl[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
-                                                       for b in budgets) + f" | {full:.2f} |")
-        lines += _beats_table(cells, budgets, "perplexity")
+                  f"Prefill {suite['ppl_prefix']} tokens, compress to the budget, then score the rest of each "
+                  f"{', '.join(suite['ppl_sources'])} test trace. Lower is better; [95% CI].{oracle_note}", ""]
+        lines += _downstream_table(ppl, downstream_stats["perplexity"], budgets, oracle, lambda p: ppl[p].get(budgets[0], math.inf))
+        lines += _beats_table(downstream_stats["perplexity"], budgets, "perplexity", oracle)
+    if calibrated["task_accuracy"]:
+        threshold = calibrated["threshold"]
+        lines += ["", "## RULER calibration (full cache)", "",
+                  "Full-cache accuracy per task (both question placements); "
+                  + (f"only tasks at >= {threshold:.0%} are scored below." if threshold is not None else "every task is scored."),
+                  "", "| task | samples | full-cache accuracy | scored |", "|---|---|---|---|"]
+        for task, acc in calibrated["task_accuracy"].items():
+            lines.append(f"| {task} | {calibrated['samples'][task]} | {acc:.2f} | "
+                         f"{'yes' if task in calibrated['scored_tasks'] else 'no'} |")
     for placement, table in accuracy.items():
         if not table:
             continue
         where = "after the compression (not in the compressed prefix)" if placement == "outside" else "inside the compressed prefix"
-        lines += ["", f"## RULER accuracy, question {where}", "", "| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full |",
-                  "|---|" + "---|" * (len(budgets) + 1)]
-        full = table.get(FULL_CACHE, {}).get("full", math.nan)
         cells = downstream_stats["accuracy"].get(placement, {})
-        for policy in sorted((p for p in table if p != FULL_CACHE), key=lambda p: -np.mean([table[p].get(b, 0.0) for b in budgets])):
-            lines.append(f"| {policy} | " + " | ".join(_cell(table[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
-                                                       for b in budgets) + f" | {full:.2f} |")
-        lines += _beats_table(cells, budgets, f"accuracy (question {placement})")
+        lines += ["", f"## RULER accuracy, question {where}", "", f"Higher is better; [95% CI].{oracle_note}", ""]
+        lines += _downstream_table(table, cells, budgets, oracle, lambda p, t=table: -np.mean([t[p].get(b, 0.0) for b in budgets]))
+        lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracle)
+    if closed:
+        lines += ["", "## Headroom closed", "",
+                  "(best heuristic - policy) / (best heuristic - oracle) at each budget and source: 1 = as good as the "
+                  "future oracle, 0 = as the best non-learned heuristic there, < 0 = worse than it.", "",
+                  "| metric | source | budget | best heuristic | oracle | " + " | ".join(
+                      sorted({r['policy'] for r in closed})) + " |", "|---|---|---|---|---|" + "---|" * len({r['policy'] for r in closed})]
+        names = sorted({r["policy"] for r in closed})
+        groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+        for r in closed:
+            groups[(r["metric"], r["source"], r["budget"])][r["policy"]] = r
+        for (metric, source, budget), per in groups.items():
+            first = next(iter(per.values()))
+            lines.append(f"| {metric} | {source} | {budget} | {first['best_heuristic']} ({first['best_heuristic_value']:.2f}) | "
+                         f"{first['oracle']:.2f} | " + " | ".join(_number(per[n]["headroom_closed"], 2) if n in per else "-"
+                                                                 for n in names) + " |")
     if taus:
         lines += ["", "## How far to trust the env's reward", "",
                   "Kendall's tau, across policies (future-only ones and the full cache left out), between the mean env "
@@ -274,6 +376,29 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     return path
 
 
+def _trace_counts(results: dict[str, Any]) -> dict[str, int]:
+    """Held-out texts per trace set, as the records show them (ranking and downstream)."""
+    seen: dict[str, set] = defaultdict(set)
+    for record in [*results["ranking"], *results["downstream"]]:
+        seen[record["source"]].add(record.get("trace"))
+    return {source: len(traces) for source, traces in sorted(seen.items())}
+
+
+def _downstream_table(table: dict, cells: dict, budgets: list, oracle: str | None, order) -> list[str]:
+    """Rows: every policy (by ``order``), then the oracle (upper bound); columns: budgets and the full cache."""
+    full = table.get(FULL_CACHE, {}).get("full", math.nan)
+    lines = ["| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full cache | |",
+             "|---|" + "---|" * (len(budgets) + 2)]
+    names = sorted((p for p in table if p not in (FULL_CACHE, oracle)), key=order)
+    if oracle in table:
+        names.append(oracle)
+    for policy in names:
+        lines.append(f"| {policy} | " + " | ".join(_cell(table[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
+                                                   for b in budgets)
+                     + f" | {_number(full, 2)} | {'upper bound (reads the future)' if policy == oracle else ''} |")
+    return lines
+
+
 def _number(value: float, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -285,9 +410,9 @@ def _cell(value: float, stats: dict[str, Any] | None, digits: int) -> str:
     return f"{value:.{digits}f} [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
 
 
-def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list[int], what: str) -> list[str]:
+def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracle: str | None = None) -> list[str]:
     """Per policy and budget: the normalised score and P(beats the next policy at that budget)."""
-    policies = [p for p in cells if p != FULL_CACHE and any(b in cells[p] for b in budgets)]
+    policies = [p for p in cells if p not in (FULL_CACHE, oracle) and any(b in cells[p] for b in budgets)]
     if not policies:
         return []
     lines = ["", f"Normalised {what} score / P(beats the next policy at that budget):", "",
@@ -321,7 +446,8 @@ def _write_csv(path: Path, results: dict[str, Any]) -> None:
     write_atomic(path, write)
 
 
-def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, accuracy: dict, out: Path) -> list[str]:
+def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, accuracy: dict, out: Path,
+           stats: dict[str, Any] | None = None, taus: list | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,33 +493,89 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     written.append(_save(fig, out / "head_winners.png"))
 
-    budgets = list(results["suite"]["budgets"])
-    if ppl:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        _budget_curves(ax, ppl, budgets, colors)
-        ax.set_ylabel("perplexity")
-        ax.legend(fontsize=7)
+    budgets = budget_keys(results["suite"])
+    stats = stats or {"perplexity": {}, "accuracy": {}}
+    oracle = results.get("downstream_oracle")
+    colors.setdefault(FULL_CACHE, "black")
+    if oracle:
+        colors[oracle] = "dimgray"
+    if ppl and budgets:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _budget_curves(ax, ppl, budgets, colors, stats["perplexity"], oracle)
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title("Perplexity against budget (95% CI bands)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         written.append(_save(fig, out / "perplexity.png"))
-    if any(accuracy.values()):
-        fig, axes = plt.subplots(1, len(accuracy), figsize=(11, 4), sharey=True)
+    if any(accuracy.values()) and budgets:
+        fig, axes = plt.subplots(1, len(accuracy), figsize=(12, 4), sharey=True)
         for ax, (placement, table) in zip(np.atleast_1d(axes), accuracy.items()):
-            _budget_curves(ax, table, budgets, colors)
+            _budget_curves(ax, table, budgets, colors, stats["accuracy"].get(placement, {}), oracle)
             ax.set_title(f"RULER, question {placement}")
         np.atleast_1d(axes)[0].set_ylabel("accuracy")
-        np.atleast_1d(axes)[-1].legend(fontsize=7)
+        np.atleast_1d(axes)[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         written.append(_save(fig, out / "ruler_accuracy.png"))
+    normalized = {policy: [cells[b]["normalized"] for b in budgets if b in cells]
+                  for policy, cells in stats["perplexity"].items() if policy not in (FULL_CACHE, oracle)}
+    normalized = {p: float(np.nanmean(v)) for p, v in normalized.items() if v and not all(math.isnan(x) for x in v)}
+    if normalized:
+        names = sorted(normalized, key=normalized.get, reverse=True)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(names, [normalized[n] for n in names], color=[colors.get(n, "C0") for n in names])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.axhline(1, color="dimgray", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("normalised perplexity score (mean over budgets)")
+        ax.set_title("0 = worse of random/StreamingLLM, 1 = " + ("future oracle" if oracle else "full cache"))
+        ax.tick_params(axis="x", rotation=30)
+        for label in ax.get_xticklabels():
+            label.set_ha("right")
+        written.append(_save(fig, out / "normalized_score.png"))
+    env = {row["policy"]: row["cost_ratio"] for row in ranking if not row["upper_bound"]}
+    points = [(p, env[p], cells[b]["estimate"], b) for p, cells in stats["perplexity"].items() if p in env
+              for b in budgets if b in cells]
+    if points:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k, budget in enumerate(budgets):
+            chosen = [(p, x, y) for p, x, y, b in points if b == budget]
+            if chosen:
+                ax.scatter([x for _, x, _ in chosen], [y for _, _, y in chosen], marker="os^Dv<>"[k % 7], label=f"b={budget}",
+                           c=[colors.get(p, "C0") for p, _, _ in chosen])
+        for p, x, y, b in points:
+            if b == budgets[0]:
+                ax.annotate(p, (x, y), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("env mean cost ratio (lower is better)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title("Env reward against downstream perplexity")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "env_vs_downstream.png"))
     return written
 
 
-def _budget_curves(ax: Any, table: dict[str, dict[Any, float]], budgets: list[int], colors: dict[str, Any]) -> None:
-    """One line per policy over the budgets (log2 axis); the full cache as a dashed horizontal line."""
-    for policy, cells in table.items():
+def _budget_curves(ax: Any, table: dict[str, dict[Any, float]], budgets: list, colors: dict[str, Any],
+                   cells: dict | None = None, oracle: str | None = None) -> None:
+    """One line per policy over the budgets, with its 95% CI band; the full cache as a dashed line.
+
+    Token budgets alone are on a log2 axis; with fractional ones the budgets are evenly spaced categories."""
+    categorical = any(isinstance(b, str) for b in budgets)
+    x = list(range(len(budgets))) if categorical else budgets
+    for policy, values in table.items():
         if policy == FULL_CACHE:
-            ax.axhline(cells["full"], color="black", linestyle="--", label=FULL_CACHE)
-        else:
-            ax.plot(budgets, [cells.get(b, math.nan) for b in budgets], marker="o", label=policy, color=colors[policy])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("cache budget (tokens per KV head)")
+            if "full" in values:
+                ax.axhline(values["full"], color="black", linestyle="--", label=FULL_CACHE)
+            continue
+        style = {"linestyle": ":", "marker": "*"} if policy == oracle else {"marker": "o"}
+        label = f"{policy} (upper bound)" if policy == oracle else policy
+        ax.plot(x, [values.get(b, math.nan) for b in budgets], label=label, color=colors.get(policy, "C0"), **style)
+        band = (cells or {}).get(policy, {})
+        if band:
+            ax.fill_between(x, [band[b]["low"] if b in band else math.nan for b in budgets],
+                            [band[b]["high"] if b in band else math.nan for b in budgets], color=colors.get(policy, "C0"), alpha=0.12)
+    if categorical:
+        ax.set_xticks(x, [str(b) for b in budgets])
+        ax.set_xlabel("cache budget (tokens per KV head, or % of the prefix)")
+    else:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache budget (tokens per KV head)")
 
 
 def _save(fig: Any, path: Path) -> str:
