@@ -6,7 +6,7 @@
                 record post-RoPE Q/K/V of every layer (train split);
 2. train:       one KVP policy for all 90 (layer, KV head) pairs, REINFORCE over Plackett-Luce rankings
                 in the KVEvict-v0 vector env;
-3. leaderboard: the trained policy against every heuristic on the held-out demo suite: ranking cost on
+3. leaderboard: the trained policy against every heuristic on the held-out quick suite: ranking cost on
                 the env and the real model's perplexity / RULER accuracy with the compressed cache;
 4. generate:    SmolLM2 answering a prompt with the trained policy evicting its KV cache.
 
@@ -43,7 +43,7 @@ train_dirs = [
 ]
 
 print("== 2/4 train: one KVP policy for every (layer, KV head) ==")
-suite = get_suite("demo")
+suite = get_suite("quick")
 test_sets = suite.traces()
 result = train(TrainConfig(
     agent="kvp", traces=train_dirs, out=str(out / "kvp-policy"), steps=args.steps, all_heads=True,

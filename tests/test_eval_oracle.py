@@ -90,3 +90,64 @@ def test_downstream_units_hold_the_oracle_and_every_budget_setting():
     assert policies == {FULL_CACHE, "knorm", ORACLE}
     assert {unit[4] for unit in units if unit[1] == ORACLE} == {"10%", "25%"}
     assert len([u for u in units if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 2
+
+
+def v2_results() -> dict:
+    from test_report_stats import fake_results
+
+    results = fake_results()
+    extra = []
+    for record in results["downstream"]:
+        if record["policy"] == "good":  # the oracle: better than every policy; a hard task the full cache fails
+            nll = record["nll_sum"] - 10.0 if record["kind"] == "ppl" else None
+            extra.append({**record, "policy": ORACLE, **({"nll_sum": nll} if nll is not None else {"score": 1.0})})
+    for trace in range(4):
+        for name in ("good", "random", "streamingllm", FULL_CACHE, ORACLE):
+            for budget in ([None] if name == FULL_CACHE else [16, 32]):
+                extra.append({"kind": "ruler", "policy": name, "source": "ruler", "trace": 10 + trace, "budget": budget,
+                              "placement": "outside", "task": "hard", "answer": "x", "score": 0.0})
+    results["downstream"] += extra
+    results["suite"] = {**results["suite"], "min_task_accuracy": 0.8, "hash": "abc123"}
+    results["future_only"] = sorted({*results["future_only"], ORACLE})
+    results["downstream_oracle"], results["learned"] = ORACLE, ["good"]
+    return results
+
+
+def test_v2_report_oracle_row_headroom_and_calibration(tmp_path):
+    import json
+
+    import pytest
+
+    from kvp_gym.eval.report import calibration, downstream_statistics, headroom, write_report
+
+    results = v2_results()
+    calibrated = calibration(results)
+    assert calibrated["task_accuracy"]["hard"] == 0.0 and calibrated["scored_tasks"] == ["niah"]
+    stats = downstream_statistics(results)
+    assert stats["perplexity"][ORACLE][16]["normalized"] == pytest.approx(1.0)  # the oracle is the 1
+    rows = {(r["metric"], r["budget"], r["policy"]): r for r in headroom(results)}
+    good = rows["perplexity", 16, "good"]
+    assert good["best_heuristic"] == "streamingllm"  # "good" is learned: never the best heuristic
+    assert good["headroom_closed"] == pytest.approx((good["best_heuristic_value"] - good["value"])
+                                                    / (good["best_heuristic_value"] - good["oracle"]))
+    assert rows["perplexity", 16, "streamingllm"]["headroom_closed"] == pytest.approx(0.0)
+    markdown = write_report(results, tmp_path).read_text()
+    assert "hash `abc123`" in markdown and "torch threads" in markdown
+    assert f"| {ORACLE} |" in markdown and "Headroom closed" in markdown and "RULER calibration" in markdown
+    assert "| hard | 4 | 0.00 | no |" in markdown
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["statistics"]["headroom_closed"] and saved["statistics"]["ruler_calibration"]["scored_tasks"] == ["niah"]
+    assert {"perplexity.png", "normalized_score.png", "env_vs_downstream.png", "head_winners.png"} <= {
+        p.name for p in tmp_path.glob("*.png")}
+
+
+def test_v2_report_with_fractional_budgets(tmp_path):
+    from kvp_gym.eval.report import write_report
+
+    results = v2_results()
+    for record in results["downstream"]:
+        if record["budget"] is not None:
+            record["budget"] = {16: "10%", 32: "25%"}[record["budget"]]
+    results["suite"] = {**results["suite"], "budgets": [], "budget_fractions": [0.1, 0.25]}
+    markdown = write_report(results, tmp_path).read_text()
+    assert "b=10%" in markdown and "b=25%" in markdown

@@ -512,7 +512,9 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
             _budget_curves(ax, table, budgets, colors, stats["accuracy"].get(placement, {}), oracle)
             ax.set_title(f"RULER, question {placement}")
         np.atleast_1d(axes)[0].set_ylabel("accuracy")
-        np.atleast_1d(axes)[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        labelled = [ax for ax in np.atleast_1d(axes) if ax.get_legend_handles_labels()[0]]
+        if labelled:
+            labelled[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         written.append(_save(fig, out / "ruler_accuracy.png"))
     normalized = {policy: [cells[b]["normalized"] for b in budgets if b in cells]
                   for policy, cells in stats["perplexity"].items() if policy not in (FULL_CACHE, oracle)}
