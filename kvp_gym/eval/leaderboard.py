@@ -228,10 +228,15 @@ def run_leaderboard(
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     if downstream and oracle:
         future_only = sorted({*future_only, ORACLE})
-    learned = sorted(name for name in policies if name not in registered or _is_trainable(name))
+    learned = sorted(name for name in policies if name not in registered or _is_trainable(name) or _has_weights(policies[name]))
     return {"suite": {**suite.to_dict(), "hash": suite.hash()}, "policies": sorted(policies), "future_only": future_only,
             "learned": learned,
             "ranking": ranking, "downstream": results, "downstream_oracle": ORACLE if downstream and oracle else None}
+
+
+def _has_weights(scorer: Any) -> bool:
+    """A registered scorer with trained weights (e.g. a shipped policy) is learned, not a heuristic."""
+    return isinstance(scorer, torch.nn.Module) and any(True for _ in scorer.parameters())
 
 
 def _is_trainable(name: str) -> bool:
