@@ -30,10 +30,11 @@ def _pairs(items: list[str], option: str, parse_json: bool) -> dict[str, Any]:
 
 @app.command("train")
 def train_command(
-    agent: Annotated[str, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, ppo, a2c, trpo, ars, recurrent-ppo")],
-    traces: Annotated[list[Path], typer.Option(help="training trace set directory (repeatable)")],
-    steps: Annotated[int, typer.Option(help="gradient updates (one batch of episodes each)")],
     out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.safetensors, tb/ (rerun to resume)")],
+    agent: Annotated[str | None, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, ppo, a2c, trpo, ars, recurrent-ppo")] = None,
+    traces: Annotated[list[Path] | None, typer.Option(help="training trace set directory (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(help="gradient updates (one batch of episodes each)")] = None,
+    recipe: Annotated[str | None, typer.Option(help="train the recipe's policy (smollm2, smollm2-quick): makes its traces and sets every option")] = None,
     layer: Annotated[int | None, typer.Option(help="train the KV heads of this layer (with --kv-head: one head)")] = None,
     kv_head: Annotated[int | None, typer.Option(help="train this KV head of --layer")] = None,
     all_heads: Annotated[bool, typer.Option("--all-heads", help="train every (layer, KV head) at once")] = False,
@@ -53,8 +54,14 @@ def train_command(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train an eviction agent on a trace set and save it as a scorer checkpoint."""
-    from agents.train import TrainConfig, train
+    from agents.train import TrainConfig
 
+    if recipe is not None:
+        _run(lambda: _recipe_config(recipe, out, seed, progress))
+        return
+    if agent is None or not traces or steps is None:
+        typer.secho("error: give --agent, --traces and --steps, or a --recipe", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
     config = TrainConfig(
         agent=agent, traces=[str(path) for path in traces], out=str(out), steps=steps, layer=layer, kv_head=kv_head,
         all_heads=all_heads, seed=seed, hidden=hidden, arch=arch, arch_options=_pairs(arch_opt, "--arch-opt", parse_json=True),
@@ -64,8 +71,21 @@ def train_command(
         eval_traces=[str(path) for path in eval_traces] if eval_traces else None, eval_every=eval_every, save_every=save_every,
         progress=progress,
     )
+    _run(lambda: config)
+
+
+def _recipe_config(name: str, out: Path, seed: int, progress: bool):
+    from agents.recipes import get_recipe
+
+    return get_recipe(name).config(str(out), seed=seed, progress=progress)
+
+
+def _run(make_config) -> None:
+    """Train the config ``make_config()`` returns; every input error is one line and rc 2."""
+    from agents.train import train
+
     try:
-        result = train(config)
+        result = train(make_config())
     except (ValueError, TypeError, FileNotFoundError) as error:  # TypeError: an --env-opt the env does not take
         typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

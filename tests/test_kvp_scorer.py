@@ -170,3 +170,29 @@ def test_train_distill_validates_downstream_and_keeps_the_best(tiny_traces, tmp_
     with pytest.raises(ValueError, match="not a trainable architecture"):
         train(TrainConfig(agent="distill", traces=str(tiny_traces.directory), out=str(tmp_path / "x"), steps=1,
                           all_heads=True, arch="knorm", progress=False))
+
+
+def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.recipes import RECIPES, Recipe, get_recipe
+
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        get_recipe("nope")
+    monkeypatch.setattr(Recipe, "trace_sets", lambda self, show_progress=True: (["/t/prose", "/t/ruler"], "/t/val"))
+    config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
+    assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
+    assert config.arch_options == {"width": 64, "inputs": "kv+attention"} and config.traces == ["/t/prose", "/t/ruler"]
+
+
+@pytest.mark.slow
+def test_shipped_policy_drives_smollm2(real_traces) -> None:
+    from kvp_gym.eval.downstream import continuation_nll
+    from kvp_gym.models import load_model
+
+    scorer = scorers.get("kvp")
+    assert isinstance(scorer, PerHeadKVPScorer) and not scorers.is_trainable("kvp")
+    assert scorer.needs == {"attention", "queries"} and len(scorer.heads) == 90
+    model, _ = load_model("smollm2-135m")
+    trace = real_traces[0]
+    full, count = continuation_nll(model, trace, 192, None, None, 4, 16)
+    kept, _ = continuation_nll(model, trace, 192, scorer, 48, 4, 16)
+    assert math.isfinite(kept) and kept / count < full / count + 1.0

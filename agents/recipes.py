@@ -1,0 +1,68 @@
+"""Recipes: one name for everything a good policy needs, ``kvp-gym train --recipe smollm2 --out DIR``.
+
+A recipe makes its training and validation trace sets (once, into $KVP_GYM_HOME/recipes/<name>/,
+resumable) and returns the TrainConfig that trains on them. ``smollm2`` distils the future-attention
+oracle into KVP's per-head network reading keys, values, positions and the attention statistics the
+cache already has (``--agent distill --arch kvp-net --arch-opt inputs=kv+attention``), validating
+downstream perplexity every ``val_every`` steps and keeping the best checkpoint in ``DIR/best``.
+``smollm2-quick`` is the same at demo size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from agents.train import TrainConfig
+from kvp_gym.paths import home_dir
+from kvp_gym.traces import generate_traces
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Training sets per source ({source: sequences}), their length, the validation set, and the run's settings."""
+
+    name: str
+    train_sets: tuple[tuple[str, int], ...]
+    val_set: tuple[str, int]
+    steps: int
+    length: int = 1024
+    model: str = "smollm2-135m"
+    arch_options: tuple[tuple[str, Any], ...] = (("width", 64), ("inputs", "kv+attention"))
+    agent_options: tuple[tuple[str, str], ...] = (("loss", "log-mse"), ("prefixes", "256,512,768"))
+    val_every: int = 500
+    val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
+
+    def trace_sets(self, show_progress: bool = True) -> tuple[list[str], str]:
+        """(training trace set directories, validation set directory), generated on first use."""
+        root = home_dir() / "recipes" / self.name
+        train = [
+            str(generate_traces(root / f"{source}-train", source, n, self.length, split="train", model_name=self.model,
+                                show_progress=show_progress).directory)
+            for source, n in self.train_sets
+        ]
+        source, n = self.val_set
+        val = generate_traces(root / f"{source}-val", source, n, self.length, split="train", model_name=self.model,
+                              seed=self.val_seed, show_progress=show_progress)
+        return train, str(val.directory)
+
+    def config(self, out: str, seed: int = 0, progress: bool = True) -> TrainConfig:
+        train, val = self.trace_sets(show_progress=progress)
+        return TrainConfig(
+            agent="distill", traces=train, out=out, steps=self.steps, all_heads=True, seed=seed, arch="kvp-net",
+            arch_options=dict(self.arch_options), agent_options=dict(self.agent_options), val_traces=val,
+            val_every=self.val_every, save_every=min(250, self.steps), progress=progress,
+        )
+
+
+RECIPES: dict[str, Recipe] = {
+    "smollm2": Recipe("smollm2", train_sets=(("prose", 64), ("ruler", 48), ("dialogue", 16)), val_set=("prose", 4), steps=1500),
+    "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12), ("ruler", 8)), val_set=("prose", 2), steps=300,
+                            val_every=150),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]
