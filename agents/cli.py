@@ -94,3 +94,9 @@ def _run(make_config) -> None:
         typer.echo("evaluation: " + ", ".join(f"{key} {value:.4f}" for key, value in result.evaluation.items()))
     if result.seconds:
         typer.echo(f"{result.env_steps} env steps in {result.seconds:.1f} s")
+
+
+# `kvp-gym sweep`: a grid of training runs (agents x heads x seeds x rewards), on Ray workers with --workers
+from agents.sweep import sweep_command  # noqa: E402  (light: agents.train is imported when it runs)
+
+app.command("sweep")(sweep_command)

@@ -17,6 +17,8 @@ def leaderboard(
     policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: every heuristic and the oracle)."),
     out: Path = typer.Option(Path("leaderboard"), help="Output directory: LEADERBOARD.md, results.json/csv, plots."),
     downstream: bool = typer.Option(True, help="Also run the real model with the compressed cache (perplexity, RULER accuracy)."),
+    workers: int = typer.Option(0, help="Compute the units on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),
+    address: str | None = typer.Option(None, help="Join this Ray cluster instead (e.g. auto); uses its CPUs unless --workers."),
 ) -> None:
     """Evaluate every policy on one held-out suite and write LEADERBOARD.md, CSV/JSON and plots.
 
@@ -37,7 +39,7 @@ def leaderboard(
         if policies is not None and not names:
             raise ValueError("--policies: give at least one registered scorer name")
         try:
-            results = run_leaderboard(chosen, out, names, checkpoint, downstream=downstream)
+            results = run_leaderboard(chosen, out, names, checkpoint, downstream=downstream, workers=workers, address=address)
         except KeyError as error:  # an unknown scorer name
             raise ValueError(f"--policies: {error.args[0]}") from None
         path = write_report(results, out)

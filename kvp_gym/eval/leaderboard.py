@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvp_gym import scorers
-from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, continuation_nll, ruler_answer
+from kvp_gym.eval.downstream import continuation_nll, ruler_answer
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
@@ -133,7 +133,8 @@ class RecordStore:
 def downstream_units(
     suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer], oracle: bool = False
 ) -> list[tuple]:
-    """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite.
+    """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite (RULER: at
+    each of the suite's question placements).
 
     ``budget`` is a suite budget setting (tokens, or a fraction label like "25%"; None = full cache).
     Future-only policies have none: they cannot run in a real cache. ``oracle`` adds the future
@@ -151,7 +152,7 @@ def downstream_units(
             units += [
                 ("ruler", policy, source, trace, budget, placement)
                 for trace in range(len(traces[source]))
-                for placement in QUESTION_PLACEMENTS
+                for placement in suite.placements
             ]
     return units
 
@@ -164,11 +165,18 @@ def run_leaderboard(
     downstream: bool = True,
     show_progress: bool = True,
     oracle: bool = True,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number.
 
     ``oracle``: also run the future oracle downstream (``ORACLE``, built per unit from the test trace's
-    own future attention: an upper bound row next to the full cache)."""
+    own future attention: an upper bound row next to the full cache). ``workers`` / ``address``: compute
+    the missing units on Ray workers first (kvp_gym.scale; a local Ray with ``workers`` CPUs, or the
+    cluster at ``address``); the records are the serial run's."""
+    from kvp_gym.scale import wants_ray
+
+    distributed = wants_ray(workers, address)  # bad --workers / no Ray fails before any work
     from kvp_gym.models import load_model
 
     from kvp_gym.checkpoint import read_header
@@ -191,6 +199,11 @@ def run_leaderboard(
     store = RecordStore(out / "records" / suite.id)
     remove_temp_files(store.directory)
     remove_temp_files(out)
+    if distributed:  # the workers compute the missing units, the driver writes them; the loops below read them
+        from kvp_gym.scale.leaderboard import compute_missing_units
+
+        compute_missing_units(suite, store, traces, policies, ids, registered, checkpoints, downstream, oracle,
+                              workers, address, show_progress)
 
     ranking = []
     total = sum(min(len(dataset), suite.ranking_traces or len(dataset)) for dataset in traces.values())

@@ -39,12 +39,14 @@ def generate(
     out: Path = typer.Option(..., help="Output directory (rerun the same command to resume)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or local checkpoint directory."),
     seed: int | None = typer.Option(None, help="Seed (default: 0 for train, 1 for test)."),
+    workers: int = typer.Option(0, help="Trace on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),
+    address: str | None = typer.Option(None, help="Join this Ray cluster instead (e.g. auto); uses its CPUs unless --workers."),
 ) -> None:
     """Run the model once per sequence and store Q/K/V of every layer (fp16, safetensors)."""
     from kvp_gym.traces.generate import generate_traces
 
     with one_line_errors():
-        dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed)
+        dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed, workers=workers, address=address)
     print_summary(dataset)
 
 

@@ -106,23 +106,30 @@ class TraceWriter:
 
     def add(self, name: str, model: Any, ids: torch.Tensor, meta: dict[str, Any]) -> int:
         """Trace ``ids [T]`` through ``model`` and store it as ``name``; returns T."""
-        logits, captured = capture_qkv(model, ids[None])
-        loss, entropy = token_losses(logits, ids)
-        tensors = {"tokens": ids, "loss": loss, "entropy": entropy}
-        for layer in sorted(captured.k):
-            tensors[f"q.{layer}"] = captured.q[layer]
-            tensors[f"k.{layer}"] = captured.k[layer]
-            tensors[f"v.{layer}"] = captured.v[layer]
-        path = self.directory / name
-        _require_finite(tensors, path)
-        write_atomic(path, lambda tmp: save_file(tensors, tmp))
-        self.manifest["sequences"].append(
-            {"file": name, "length": int(ids.shape[0]), "bytes": path.stat().st_size,
-             "sha256": sha256_of(path), "meta": meta}
-        )
+        return self.add_record(write_sequence(self.directory, name, model, ids, meta))
+
+    def add_record(self, record: dict[str, Any]) -> int:
+        """Enter a sequence file already written by ``write_sequence`` (here or on a worker); returns T."""
+        self.manifest["sequences"] = [old for old in self.manifest["sequences"] if old["file"] != record["file"]]
+        self.manifest["sequences"].append(record)
         self.manifest["sequences"].sort(key=lambda record: record["file"])
         write_json_atomic(self.directory / MANIFEST, self.manifest)
-        return int(ids.shape[0])
+        return int(record["length"])
+
+
+def write_sequence(directory: Path, name: str, model: Any, ids: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+    """Trace ``ids [T]`` through ``model``, write ``directory/name`` atomically; returns its manifest record."""
+    logits, captured = capture_qkv(model, ids[None])
+    loss, entropy = token_losses(logits, ids)
+    tensors = {"tokens": ids, "loss": loss, "entropy": entropy}
+    for layer in sorted(captured.k):
+        tensors[f"q.{layer}"] = captured.q[layer]
+        tensors[f"k.{layer}"] = captured.k[layer]
+        tensors[f"v.{layer}"] = captured.v[layer]
+    path = directory / name
+    _require_finite(tensors, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
+    return {"file": name, "length": int(ids.shape[0]), "bytes": path.stat().st_size, "sha256": sha256_of(path), "meta": meta}
 
 
 def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -172,9 +179,17 @@ def generate_traces(
     model_name: str = DEFAULT_MODEL,
     seed: int | None = None,
     show_progress: bool = True,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> TraceDataset:
-    """Generate (or resume) a trace set of ``n`` sequences of ``length`` tokens at ``out``."""
+    """Generate (or resume) a trace set of ``n`` sequences of ``length`` tokens at ``out``.
+
+    ``workers`` / ``address``: trace the sequences on Ray actors (a local Ray with ``workers`` CPUs, or the
+    cluster at ``address``; kvp_gym.scale); the samples are still made once here, the files are the same."""
     _check_arguments(source, split, n, length)
+    from kvp_gym.scale import wants_ray
+
+    distributed = wants_ray(workers, address)
     directory = Path(out).expanduser()
     params = {
         "source": source,
@@ -192,6 +207,14 @@ def generate_traces(
     done = writer.done()
     with progress_bar(total=len(samples), description=f"traces {source}/{split}", enabled=show_progress) as bar:
         bar.advance(len(done))
+        if distributed:
+            from kvp_gym.scale.traces import trace_on_workers
+
+            jobs = [(f"seq_{index:05d}.safetensors", *_tokenize(tokenizer, sample, length)) for index, sample in enumerate(samples)]
+            jobs = [job for job in jobs if job[0] not in done]
+            trace_on_workers(model_name, directory, jobs, lambda record: bar.advance(1, status=f"{writer.add_record(record)} tok"),
+                             workers, address)
+            samples = []
         for index, sample in enumerate(samples):
             name = f"seq_{index:05d}.safetensors"
             if name in done:
