@@ -1,10 +1,13 @@
 """Text sources: the first stage of the flow (text tasks -> model -> traces -> ...).
 
-Three sources, all generated or shipped locally (nothing is fetched at run time):
+Four sources, all generated or shipped locally (nothing is fetched at run time):
 
 - ``ruler``: RULER-style synthetic long-context tasks with exact answers (:func:`make_ruler`);
 - ``dialogue``: multi-turn dialogues, the project's prompts answered by the model (:func:`make_dialogues`);
-- ``prose``: windows of Python's own documentation, ``pydoc_data.topics`` (:func:`make_prose`).
+- ``prose``: windows of Python's own documentation, ``pydoc_data.topics`` (:func:`make_prose`);
+- ``code``: windows of Python source from the interpreter's standard library (:func:`make_code`).
+  The out-of-domain source: held out of every training recipe and, unlike the other three, not in
+  the default suites' sources (:data:`TRAINING_SOURCES`); name it explicitly to evaluate on it.
 
 Every source returns :class:`TextSample` objects built to a target token length (never above it)
 with train/test splits that share no topics, keys or names. :func:`make_samples` dispatches by name.
@@ -17,21 +20,28 @@ from typing import Any
 from .common import SPLITS, count_tokens, split_of
 from .dialogue import dialogue_topics, make_dialogues
 from .prose import make_prose, prose_topics
+from .pycode import CODE_FILES, code_files, make_code
 from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer
 from .sample import EncodedSample, TextSample, encode_sample
 
-SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose")
+SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "code")
+# The in-domain sources; "code" is held out of every training recipe and of the shipped suites.
+TRAINING_SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose")
 
 __all__ = [
+    "CODE_FILES",
     "HAYSTACKS",
     "SOURCES",
     "SPLITS",
     "TASKS",
+    "TRAINING_SOURCES",
     "EncodedSample",
     "TextSample",
+    "code_files",
     "count_tokens",
     "dialogue_topics",
     "encode_sample",
+    "make_code",
     "make_dialogues",
     "make_prose",
     "make_ruler",
@@ -52,7 +62,7 @@ def make_samples(
     model: Any = None,
     **options: Any,
 ) -> list[TextSample]:
-    """`n` samples of `source` ("ruler", "dialogue" or "prose"); `options` go to that source's maker
+    """`n` samples of `source` ("ruler", "dialogue", "prose" or "code"); `options` go to that source's maker
     (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p, progress).
     `model` is needed by "dialogue" only."""
     if source not in SOURCES:
@@ -61,4 +71,6 @@ def make_samples(
         return make_ruler(tokenizer, n, split, seed, target_tokens, **options)
     if source == "dialogue":
         return make_dialogues(model, tokenizer, n, split, seed, target_tokens, **options)
+    if source == "code":
+        return make_code(tokenizer, n, split, seed, target_tokens, **options)
     return make_prose(tokenizer, n, split, seed, target_tokens, **options)

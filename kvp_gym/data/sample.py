@@ -13,11 +13,11 @@ class TextSample:
     """One text fed to the model.
 
     text: the full string (context + question + answer; chat-formatted when the tokenizer has a template).
-    source: "ruler", "dialogue" or "prose"; task: e.g. "niah_single" ("dialogue"/"prose" for those sources).
-    answer: the exact expected answers (empty for dialogue and prose).
+    source: "ruler", "dialogue", "prose" or "code"; task: e.g. "niah_single" (the source's name for the others).
+    answer: the exact expected answers (empty for dialogue, prose and code).
     question_start: char offset in `text` where the question begins (dialogue: the last user turn;
-        prose: len(text)). answer_start: char offset where the assistant answer begins (dialogue: the
-        last assistant turn; prose: len(text)).
+        prose, code: len(text)). answer_start: char offset where the assistant answer begins (dialogue:
+        the last assistant turn; prose, code: len(text)).
     meta: JSON-serialisable details (seed, index, token count, needle depths, topics, ...).
     """
 
