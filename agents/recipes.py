@@ -11,6 +11,7 @@ downstream perplexity every ``val_every`` steps and keeping the best checkpoint 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from agents.train import TrainConfig
@@ -33,9 +34,10 @@ class Recipe:
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
 
-    def trace_sets(self, show_progress: bool = True) -> tuple[list[str], str]:
-        """(training trace set directories, validation set directory), generated on first use."""
-        root = home_dir() / "recipes" / self.name
+    def trace_sets(self, show_progress: bool = True, root: str | Path | None = None) -> tuple[list[str], str]:
+        """(training trace set directories, validation set directory), generated on first use under ``root``
+        ($KVP_GYM_HOME/recipes/<name> by default)."""
+        root = home_dir() / "recipes" / self.name if root is None else Path(root).expanduser()
         train = [
             str(generate_traces(root / f"{source}-train", source, n, self.length, split="train", model_name=self.model,
                                 show_progress=show_progress).directory)
@@ -46,12 +48,13 @@ class Recipe:
                               seed=self.val_seed, show_progress=show_progress)
         return train, str(val.directory)
 
-    def config(self, out: str, seed: int = 0, progress: bool = True) -> TrainConfig:
-        train, val = self.trace_sets(show_progress=progress)
+    def config(self, out: str, seed: int = 0, progress: bool = True, traces_root: str | Path | None = None) -> TrainConfig:
+        """The run's TrainConfig; its trace sets are made first (under ``traces_root``, see ``trace_sets``)."""
+        train, val = self.trace_sets(show_progress=progress, root=traces_root)
         return TrainConfig(
             agent="distill", traces=train, out=out, steps=self.steps, all_heads=True, seed=seed, arch="kvp-net",
             arch_options=dict(self.arch_options), agent_options=dict(self.agent_options), val_traces=val,
-            val_every=self.val_every, save_every=min(250, self.steps), progress=progress,
+            val_every=self.val_every, val_texts=self.val_set[1], save_every=min(250, self.steps), progress=progress,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,7 +80,21 @@ def test_fractional_budgets_and_suites():
     assert {"10%", "25%", "50%"} <= set(v2.budget_settings())
     quick = get_suite("quick")
     assert quick.budget_settings() == ["10%", "25%"]
+    assert quick.id == "quick-v2" and quick.placements == ("outside",) and get_suite("quick-v1").placements == ("outside", "inside")
     assert len({s.hash() for s in SUITES.values()}) == len(SUITES)
+
+
+def test_placements_added_later_keep_the_hash_of_earlier_suites():
+    import dataclasses
+    import hashlib
+    import json
+
+    full = get_suite("full")
+    before = {key: value for key, value in full.to_dict().items() if key != "placements"}  # the fields it was hashed with
+    assert full.hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert dataclasses.replace(full, placements=("outside",)).hash() != full.hash()
+    with pytest.raises(ValueError, match="placements"):
+        dataclasses.replace(full, placements=("middle",))
 
 
 def test_downstream_units_hold_the_oracle_and_every_budget_setting():
@@ -89,7 +104,11 @@ def test_downstream_units_hold_the_oracle_and_every_budget_setting():
     policies = {unit[1] for unit in units}
     assert policies == {FULL_CACHE, "knorm", ORACLE}
     assert {unit[4] for unit in units if unit[1] == ORACLE} == {"10%", "25%"}
-    assert len([u for u in units if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 2
+    # quick runs the question outside the compressed part only: 2 budgets x 2 samples x 1 placement
+    assert {unit[5] for unit in units if unit[0] == "ruler"} == {"outside"}
+    assert len([u for u in units if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 1
+    both = downstream_units(get_suite("quick-v1"), traces, {"knorm": get("knorm")}, oracle=True)
+    assert len([u for u in both if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 2
 
 
 def v2_results() -> dict:

@@ -29,7 +29,9 @@ class Suite:
     ``ruler_lengths`` adds RULER sets at other context lengths (sources ``ruler-<length>``);
     ``ranking_traces`` caps the traces per source the (costly) ranking grid runs on;
     ``min_task_accuracy`` calibrates RULER to the model: only tasks the full cache answers right at
-    least that often are scored (every task's full-cache accuracy is reported).
+    least that often are scored (every task's full-cache accuracy is reported); ``placements`` are the
+    RULER question placements run ("outside": the question follows the compressed part; "inside": it is
+    in it).
     """
 
     name: str
@@ -53,6 +55,11 @@ class Suite:
     ruler_lengths: tuple[int, ...] = ()
     ranking_traces: int | None = None
     min_task_accuracy: float | None = None
+    placements: tuple[str, ...] = ("outside", "inside")
+
+    def __post_init__(self) -> None:
+        if not self.placements or not set(self.placements) <= {"outside", "inside"}:
+            raise ValueError(f"placements must be a non-empty subset of ('outside', 'inside'), got {self.placements}")
 
     @property
     def id(self) -> str:
@@ -62,8 +69,13 @@ class Suite:
         return {**dataclasses.asdict(self), "id": self.id}
 
     def hash(self) -> str:
-        """sha256 (first 16 hex digits) of every field: two runs with one hash scored the same suite."""
-        encoded = json.dumps(self.to_dict(), sort_keys=True)
+        """sha256 (first 16 hex digits) of every field: two runs with one hash scored the same suite.
+
+        Fields added after suites were published (``LATER_FIELDS``) count only when set away from their
+        default, so the suites defined before them keep their hash."""
+        fields = {key: value for key, value in self.to_dict().items()
+                  if key not in LATER_FIELDS or value != LATER_FIELDS[key]}
+        encoded = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(encoded.encode()).hexdigest()[:16]
 
     def budget_settings(self) -> list[int | str]:
@@ -98,6 +110,10 @@ class Suite:
             )
             for key, source, n, length in self.trace_sets()
         }
+
+
+# Fields added to Suite after suites were published, with their defaults (see Suite.hash).
+LATER_FIELDS: dict[str, Any] = {"placements": ("outside", "inside")}
 
 
 def fraction_label(fraction: float) -> str:
@@ -137,10 +153,17 @@ SUITES: dict[str, Suite] = {
         source_traces=(("dialogue", 32), ("prose", 32), ("ruler", 63), ("ruler-512", 63)), ruler_lengths=(512,),
         ranking_traces=6, min_task_accuracy=0.8,
     ),
-    # small, for the demo and smoke checks: 4 texts per perplexity source, 12 RULER samples, 10/25% budgets
-    "quick": Suite(
+    # v1 of quick (kept to reproduce its numbers): 4 texts per perplexity source, 12 RULER samples, both placements
+    "quick-v1": Suite(
         name="quick", version=1, sources=IN_DOMAIN_SOURCES, budgets=(), budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,),
         source_traces=(("dialogue", 4), ("prose", 4), ("ruler", 12)), ranking_traces=2, min_task_accuracy=0.8,
+    ),
+    # small, for the demo and smoke checks. v2 (sized for the 15-minute demo on 2 cores): 2 texts per perplexity
+    # source, 6 RULER samples with the question after the compressed part only, 10/25% budgets.
+    "quick": Suite(
+        name="quick", version=2, sources=IN_DOMAIN_SOURCES, budgets=(), budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,),
+        source_traces=(("dialogue", 2), ("prose", 2), ("ruler", 6)), ranking_traces=2, min_task_accuracy=0.8,
+        placements=("outside",),
     ),
 }
 
