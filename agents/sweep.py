@@ -61,9 +61,9 @@ def sweep_configs(base: TrainConfig, agents: list[str], heads: list[str], seeds:
                     labels = {"agent": agent, "reward": reward or "default", "heads": head_label, "seed": seed}
                     name = f"{agent}-{labels['reward']}-{head_label}-s{seed}"
                     env_options = dict(base.env_options) if reward is None else {**base.env_options, "reward": reward}
-                    config = dataclasses.replace(base, agent=agent, seed=seed, layer=None, kv_head=None, all_heads=False,
-                                                 env_options=env_options, out=str(out / "runs" / name), progress=False,
-                                                 **head_fields)
+                    heads_of_run = {"layer": None, "kv_head": None, "all_heads": False, **head_fields}
+                    config = dataclasses.replace(base, agent=agent, seed=seed, env_options=env_options,
+                                                 out=str(out / "runs" / name), progress=False, **heads_of_run)
                     runs.append(({"run": name, **labels}, config))
     return runs
 

@@ -1,0 +1,135 @@
+"""Scale-out on Ray (kvp_gym.scale, agents/sweep.py): a local Ray with 2 CPUs on the tiny model gives the
+serial path's outputs, and a worker killed mid-unit loses nothing (Ray retries the unit).
+
+Every Ray test shares one session-scoped Ray; each arms the crash hook (kvp_gym.scale.crash_once) so that
+one of its units kills its worker process the first time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvp_gym.scale.runtime import CRASH_DIR_ENV, RAY_MISSING, WORKER_ENV, wants_ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray (2 CPUs) for the session; yields the crash hook's marker directory."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: install the kvp-gym[ray] extra (./setup.sh does) to test the scale-out paths")
+    crash_dir = tmp_path_factory.mktemp("crash")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**WORKER_ENV, CRASH_DIR_ENV: str(crash_dir)}})
+    yield crash_dir
+    ray.shutdown()
+
+
+def arm(crash_dir: Path, kind: str) -> Path:
+    """The next unit of ``kind`` kills its worker; returns the marker that says it happened."""
+    (crash_dir / f"{kind}.arm").touch()
+    return crash_dir / f"{kind}.fired"
+
+
+def test_arguments_are_checked_without_ray(monkeypatch) -> None:
+    from kvp_gym.scale import runtime
+
+    assert not wants_ray(0, None) and not wants_ray(None, None)
+    with pytest.raises(ValueError, match="--workers"):
+        wants_ray(-1, None)
+    monkeypatch.setattr(runtime, "ray_available", lambda: False)
+    with pytest.raises(ValueError, match="not installed"):
+        runtime.wants_ray(2, None)
+    assert "[ray]" in RAY_MISSING
+
+
+def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp_path) -> None:
+    from kvp_gym.traces.generate import generate_traces
+
+    serial, distributed = tmp_path / "serial", tmp_path / "ray"
+    generate_traces(serial, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False)
+    fired = arm(ray_cluster, "trace")
+    generate_traces(distributed, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2)
+    assert fired.exists(), "the crash hook never killed a worker"
+
+    def same_set() -> None:
+        assert sorted(path.name for path in serial.iterdir()) == sorted(path.name for path in distributed.iterdir())  # no temp files
+        for path in serial.glob("seq_*.safetensors"):
+            assert path.read_bytes() == (distributed / path.name).read_bytes(), path.name  # byte-identical
+        a, b = (json.loads((directory / "manifest.json").read_text()) for directory in (serial, distributed))
+        assert {**a, "created": None} == {**b, "created": None}
+        assert (serial / "samples.json").read_bytes() == (distributed / "samples.json").read_bytes()
+
+    same_set()
+    # a sequence lost (its file gone): the rerun on workers completes the set again
+    (distributed / "seq_00002.safetensors").unlink()
+    generate_traces(distributed, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2)
+    same_set()
+
+
+@pytest.fixture
+def tiny_suite(tiny_model_dir, tmp_path, monkeypatch):
+    from kvp_gym.eval.suite import Suite
+
+    monkeypatch.setenv("KVP_GYM_HOME", str(tmp_path / "home"))
+    return Suite(
+        name="tiny", version=1, model=str(tiny_model_dir), sources=("ruler", "prose"), traces_per_source=1,
+        length=256, prefix_fractions=(0.5, 0.75), budgets=(48, 96), ppl_prefix=128, ppl_sources=("prose",),
+        query_window=16, answer_tokens=4,
+    )
+
+
+def test_leaderboard_on_workers_writes_the_serial_records(ray_cluster, tiny_suite, tmp_path) -> None:
+    from kvp_gym.eval.leaderboard import run_leaderboard
+
+    policies = ["streamingllm", "snapkv", "random"]
+    serial = run_leaderboard(tiny_suite, tmp_path / "serial", policies, show_progress=False)
+    fired = arm(ray_cluster, "leaderboard")
+    distributed = run_leaderboard(tiny_suite, tmp_path / "ray", policies, show_progress=False, workers=2)
+    assert fired.exists(), "the crash hook never killed a worker"
+    assert distributed == serial
+    a, b = (tmp_path / name / "records" / tiny_suite.id for name in ("serial", "ray"))
+    names = sorted(path.name for path in a.iterdir())
+    assert names == sorted(path.name for path in b.iterdir()) and len(names) > 10
+    for name in names:
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+def test_sweep_on_workers_trains_the_serial_runs(ray_cluster, tiny_traces, tmp_path) -> None:
+    from agents.sweep import run_sweep
+    from agents.train import TrainConfig, train
+    from kvp_gym.checkpoint import load_scorer
+
+    base = TrainConfig(agent="kvp", traces=str(tiny_traces.directory), out="", steps=2, env_options={"max_tokens": 96},
+                       eval_traces=str(tiny_traces.directory), eval_every=2, save_every=2, eval_episodes=16, progress=False)
+    fired = arm(ray_cluster, "sweep")
+    summary = run_sweep(base, tmp_path / "sweep", ["kvp"], ["1:0"], [0, 1], rewards=["cost_ratio", "neg_cost"],
+                        workers=2, show_progress=False)
+    assert fired.exists(), "the crash hook never killed a worker"
+    assert len(summary["runs"]) == 4 and len(summary["rows"]) == 2
+    assert all(row["iqm_low"] <= row["iqm"] <= row["iqm_high"] for row in summary["rows"])
+    assert {"SUMMARY.md", "summary.json", "summary.png"} <= {path.name for path in (tmp_path / "sweep").iterdir()}
+    run = next(run for run in summary["runs"] if run["seed"] == 1 and run["reward"] == "neg_cost")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train(TrainConfig(**{**vars(base), "seed": 1, "layer": 1, "kv_head": 0, "env_options": {"max_tokens": 96, "reward": "neg_cost"},
+                                     "out": str(tmp_path / "alone")}))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_scorer(alone.scorer_path), load_scorer(Path(run["out"]))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert run["evaluation"] == pytest.approx(alone.evaluation)
+
+
+def test_cli_rejects_bad_workers_in_one_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from kvp_gym.cli import app
+
+    result = CliRunner().invoke(app, ["traces", "generate", "--source", "prose", "--n", "1", "--out", str(tmp_path / "t"),
+                                      "--workers", "-1"])
+    assert result.exit_code == 2 and "--workers" in result.output
+    assert not (tmp_path / "t").exists()
