@@ -9,6 +9,7 @@ in the ranking: real (not padding) and not protected. Protected entries are kept
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -87,3 +88,44 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) 
 def seed_for(seed: int, step: int) -> int:
     """A distinct, reproducible 63-bit seed for (run seed, step): the RNG streams restart from it at checkpoints."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (1 << 63)
+
+
+class ScheduledOptimizer:
+    """Adam (ForesightKV) or AdamW (KVP) on ``warmup_cosine``, with gradient-norm clipping.
+
+    ``step(loss)`` back-propagates and takes one optimiser step (returns the gradient norm before
+    clipping); ``advance()`` moves the schedule on by one update (an update may take several steps).
+    """
+
+    def __init__(self, parameters: Any, *, lr: float, lr_min: float, warmup: int, total_steps: int,
+                 max_grad_norm: float, weight_decay: float = 0.0, adamw: bool = True) -> None:
+        self.parameters = list(parameters)
+        self.max_grad_norm = max_grad_norm
+        if adamw:
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, total_steps, warmup, lr, lr_min) / lr
+        )
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        return grad_norm.item()
+
+    def advance(self) -> None:
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from agents.common import warmup_cosine
+from agents.common import ScheduledOptimizer
 from agents.kvp_scorer import attention_features
 from agents.pairwise import pairwise_hinge
 from kvp_gym.ranking import DEFAULT_PROTECTED
@@ -78,10 +78,9 @@ class DistillAgent:
         self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window) for dataset in traces]
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
-        self.optimizer = torch.optim.AdamW(scorer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine(step, total_steps, config.warmup, config.lr, config.lr_min) / config.lr,
+        self.optimizer = ScheduledOptimizer(
+            scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=config.warmup, total_steps=total_steps,
+            max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
         )
         self.generator = torch.Generator()
 
@@ -121,21 +120,17 @@ class DistillAgent:
             slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra
         )
         loss = distill_loss(self.config.loss, scores, batch["target"], self.config.margin)
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self.optimizer.step(loss)
+        self.optimizer.advance()
         return {
             "train/distill_loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.lr,
             "env_steps": float(len(slots)),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state)

@@ -35,10 +35,10 @@ import torch
 
 from agents.common import (
     UNRANKED_SCORE,
+    ScheduledOptimizer,
     group_normalized_advantages,
     gumbel_sort,
     plackett_luce_terms,
-    warmup_cosine,
 )
 from agents.mlp_scorer import PerHeadMLPScorer
 from kvp_gym.envs.adapters import obs_to_view, ranked_entries
@@ -94,10 +94,9 @@ class GRPOAgent:
         )
         self.spec = self.env.unwrapped.model_spec
         self.reference = copy.deepcopy(scorer).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(scorer.parameters(), lr=config.lr)
-        warmup = int(config.warmup_fraction * total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, total_steps, warmup, config.lr, config.lr_min) / config.lr
+        self.optimizer = ScheduledOptimizer(
+            scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=int(config.warmup_fraction * total_steps),
+            total_steps=total_steps, max_grad_norm=config.max_grad_norm, adamw=False,
         )
         self.generator = torch.Generator()
         self.obs: dict[str, torch.Tensor] = {}
@@ -182,11 +181,8 @@ class GRPOAgent:
                 kl_total = kl_total + ((kl * decided).sum(-1) / count * batch.weight).sum()
                 weight_total += batch.weight.sum().item()
             loss = -(surrogate_total - kl_coef * kl_total) / weight_total
-            self.optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), config.max_grad_norm)
-            self.optimizer.step()
-        self.scheduler.step()
+            grad_norm = self.optimizer.step(loss)
+        self.optimizer.advance()
         self.steps_done += 1
         metric = "train/cost_ratio" if not config.stream else "train/episode_return"
         value = -returns.mean().item() if not config.stream else returns.mean().item()
@@ -194,21 +190,19 @@ class GRPOAgent:
             metric: value,
             "train/loss": loss.item(),
             "train/kl": (kl_total / weight_total).item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.lr,
             "env_steps": float(sum(batch.weight.sum().item() for batch in batches)),
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.optimizer.state_dict(),
             "reference": self.reference.state_dict(),
             "steps_done": self.steps_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state)
         self.reference.load_state_dict(state["reference"])
         self.steps_done = state["steps_done"]

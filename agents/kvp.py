@@ -27,11 +27,11 @@ import gymnasium as gym
 import torch
 
 from agents.common import (
+    ScheduledOptimizer,
     gumbel_sort,
     leave_one_out_advantages,
     normalize,
     plackett_luce_log_prob,
-    warmup_cosine,
 )
 from agents.mlp_scorer import PerHeadMLPScorer
 from kvp_gym.envs.adapters import obs_to_view, ranked_entries
@@ -65,10 +65,9 @@ class KVPAgent:
             group_size=config.samples, as_torch=True, traces=traces, **env_kwargs,
         )
         self.spec = self.env.unwrapped.model_spec
-        self.optimizer = torch.optim.AdamW(scorer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        warmup = int(config.warmup_fraction * total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, total_steps, warmup, config.lr, config.lr_min) / config.lr
+        self.optimizer = ScheduledOptimizer(
+            scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=int(config.warmup_fraction * total_steps),
+            total_steps=total_steps, max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
         )
         self.generator = torch.Generator()
         self.obs: dict[str, torch.Tensor] = {}
@@ -91,22 +90,18 @@ class KVPAgent:
         log_prob = plackett_luce_log_prob(scores, order, ranked)  # [E]
         loss = -(advantages * log_prob).mean()
 
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self.optimizer.step(loss)
+        self.optimizer.advance()
         return {
             "train/cost_ratio": -reward.mean().item(),
             "train/loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.lr,
             "env_steps": float(len(reward)),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state)

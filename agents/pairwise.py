@@ -27,7 +27,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-from agents.common import warmup_cosine
+from agents.common import ScheduledOptimizer
 from agents.mlp_scorer import PerHeadMLPScorer
 from kvp_gym.envs.adapters import GoldenPolicy, obs_to_view, ranked_entries
 from kvp_gym.scorers import score_one_head
@@ -73,10 +73,9 @@ class PairwiseAgent:
         )
         self.spec = self.env.unwrapped.model_spec
         self.golden = GoldenPolicy.from_env(self.env) if config.stream else None
-        self.optimizer = torch.optim.Adam(scorer.parameters(), lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine(step, total_steps, config.warmup, config.lr, config.lr_min) / config.lr,
+        self.optimizer = ScheduledOptimizer(
+            scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=config.warmup, total_steps=total_steps,
+            max_grad_norm=config.max_grad_norm, adamw=False,
         )
         self.obs: dict[str, torch.Tensor] = {}
         self.info: dict[str, Any] = {}
@@ -100,22 +99,18 @@ class PairwiseAgent:
         scores = score_one_head(self.scorer, obs_to_view(self.obs, self.spec))
         loss = pairwise_hinge(scores, better, self.config.margin)
 
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self.optimizer.step(loss)
+        self.optimizer.advance()
         self.obs, _, _, _, self.info = self.env.step(action)
         return {
             "train/hinge_loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.lr,
             "env_steps": float(len(scores)),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state)

@@ -5,7 +5,7 @@
 - ```bash blocks of `kvp-gym` commands run through the CLI in-process, in a temporary working directory,
   after the substitutions in SMALLER (shown here, applied only to make them fast; every other argument
   is run as documented). The embedded SmolLM2 is linked into the temporary $KVP_GYM_HOME.
-- LONG_JOBS (the 15-minute demo, the test suite itself, the full leaderboard) are not run: their shell
+- LONG_JOBS (the 15-minute demo, the test suite itself, the full leaderboard, the training recipe) are not run: their shell
   syntax is checked with `bash -n`, the scripts they name must exist and compile, and `kvp-gym` command
   lines are parsed with the real CLI's argument parser (every option name and value type checked).
 """
@@ -32,7 +32,7 @@ SMALLER = {
     "--steps 300": "--steps 2",
     '--prompt "Summarise the plot of Hamlet."': '--prompt "Summarise the plot of Hamlet." --max-new-tokens 4',
 }
-LONG_JOBS = ("examples/demo.py", "python -m pytest", "leaderboard --suite full")
+LONG_JOBS = ("examples/demo.py", "python -m pytest", "leaderboard --suite full", "train --recipe")
 
 
 def code_blocks(kind: str) -> list[tuple[str, str]]:
