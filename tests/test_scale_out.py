@@ -133,3 +133,22 @@ def test_cli_rejects_bad_workers_in_one_line(tmp_path) -> None:
                                       "--workers", "-1"])
     assert result.exit_code == 2 and "--workers" in result.output
     assert not (tmp_path / "t").exists()
+
+
+def test_the_three_commands_parse(tmp_path) -> None:
+    """The documented scale-out command lines parse with the real CLI (option names and types)."""
+    import typer
+
+    from kvp_gym.cli import app
+
+    group = typer.main.get_command(app)
+    for line in (
+        "traces generate --source prose --n 64 --length 1024 --split test --out t --workers 2",
+        "leaderboard --suite quick --out lb --workers 2 --address auto",
+        "sweep --agent kvp --agent pairwise --traces a --eval-traces b --steps 3 --heads each --heads 1:0 --seed 0 --seed 1 "
+        "--reward cost_ratio --reward neg_cost --out s --workers 2",
+    ):
+        args = line.split()
+        context = group.make_context("kvp-gym", list(args))
+        name, command, rest = group.resolve_command(context, list(args))
+        command.make_context(name, rest, parent=context)
