@@ -1,87 +1,118 @@
 """The whole kvp-gym story on the embedded SmolLM2-135M, end to end (about 15 minutes on 2 CPU cores).
 
-    python examples/demo.py [--out demo] [--steps 300]
+    python examples/demo.py [--out demo] [--budget 64]
 
-1. traces:      run SmolLM2 over RULER-style tasks, dialogues and Python's documentation prose and
-                record post-RoPE Q/K/V of every layer (train split);
-2. train:       one KVP policy for all 90 (layer, KV head) pairs, REINFORCE over Plackett-Luce rankings
-                in the KVEvict-v0 vector env;
-3. leaderboard: the trained policy against every heuristic on the held-out quick suite: ranking cost on
-                the env and the real model's perplexity / RULER accuracy with the compressed cache;
-4. generate:    SmolLM2 answering a prompt with the trained policy evicting its KV cache.
+1. traces:      run SmolLM2 over Python's documentation prose and RULER-style tasks and record the
+                post-RoPE Q/K/V of every layer (the train split of the ``smollm2-quick`` recipe);
+2. train:       the recipe: KVP's per-head network reading keys, values, positions and the attention
+                statistics the cache has, distilled from the future-attention oracle and validated by
+                downstream perplexity with the compressed cache (best checkpoint in OUT/policy/best);
+3. leaderboard: on the held-out ``quick`` suite, real perplexity and RULER accuracy with the compressed
+                cache at 10% and 25% budgets: StreamingLLM (the floor), kvpress's normalised H2O (the
+                strongest heuristic downstream in our measurements), SnapKV, the shipped ``kvp`` policy
+                and the policy trained in step 2, between the full cache and the future oracle (an
+                upper bound: it reads the future);
+4. generate:    SmolLM2 answering one prompt at the same KV budget with the full cache, with the best
+                heuristic and with the learned policy evicting its cache.
 
 Every step shows progress and reuses what an earlier run already made: rerunning is cheap.
 """
 
 import argparse
+import shutil
+import time
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
 
-from agents.train import TrainConfig, train
+from agents.recipes import RECIPES
+from agents.train import BEST_DIR, train
+from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
+from kvp_gym.checkpoint import FILE_NAME, checkpoint_file, read_header
 from kvp_gym.eval.leaderboard import run_leaderboard
 from kvp_gym.eval.report import ranking_table, write_report
 from kvp_gym.eval.suite import get_suite
 from kvp_gym.models import load_model
-from kvp_gym.checkpoint import load_scorer
-from kvp_gym.traces import generate_traces
+from kvp_gym.traces.dataset import sha256_of
+
+RECIPE = "smollm2-quick"
+HEURISTICS = ["streamingllm", "h2o-norm", "snapkv"]  # the floor, the strongest downstream, a classic
+BEST_HEURISTIC = "h2o-norm"
+SHIPPED = "kvp"  # the registered policy shipped with kvp-gym (agents/shipped.py)
+TRAINED = "kvp-demo"  # the leaderboard name of the policy this demo trains
+SECTIONS = ("Perplexity", "RULER accuracy", "Headroom closed")  # of the report, printed here
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="demo", help="where the traces, the policy and the leaderboard go")
-parser.add_argument("--steps", type=int, default=600, help="KVP training steps (64 cache states x 4 rankings each)")
 parser.add_argument("--budget", type=int, default=64, help="KV entries kept per head when generating")
 args = parser.parse_args()
 out = Path(args.out)
+started = time.perf_counter()
 
-print("== 1/4 traces: SmolLM2 over real text, Q/K/V of every layer ==")
-TRAIN_SETS = {"ruler": 6, "prose": 6, "dialogue": 2}
-train_dirs = [
-    str(generate_traces(out / "traces" / f"{source}-train", source, n=n, length=1024, split="train").directory)
-    for source, n in TRAIN_SETS.items()
-]
 
-print("== 2/4 train: one KVP policy for every (layer, KV head) ==")
+def elapsed() -> str:
+    return f"[{(time.perf_counter() - started) / 60:.1f} min]"
+
+
+recipe = RECIPES[RECIPE]
+print(f"== 1/4 traces: SmolLM2 over real text, Q/K/V of every layer (recipe {RECIPE}: "
+      f"{', '.join(f'{n} {source}' for source, n in recipe.train_sets)}, {recipe.val_set[1]} {recipe.val_set[0]} "
+      f"for validation) ==")
+config = recipe.config(str(out / "policy"), progress=True, traces_root=out / "traces")
+
+print(f"== 2/4 train: KVP's network distilled from the future-attention oracle, {recipe.steps} steps {elapsed()} ==")
+result = train(config)
+
+
+def ratios(metrics: dict[str, float]) -> str:
+    """The validation's perplexity / full-cache perplexity per budget (share of the prefix kept)."""
+    return ", ".join(f"{float(key.split('@')[1]):.0%} kept: {value:.3f}" for key, value in sorted(metrics.items())
+                     if key.startswith("val/ppl_ratio@"))
+
+
+print(f"validation (perplexity with the compressed cache / full-cache perplexity on {recipe.val_set[1]} validation "
+      f"{recipe.val_set[0]} texts, not trained on; 1 = lossless):")
+for step, metrics in sorted(result.evaluations.items()):
+    print(f"  step {step}: {ratios(metrics)}")
+best_file = checkpoint_file(out / "policy" / BEST_DIR)
+best = read_header(best_file).training
+print(f"trained in {result.seconds:.0f} s; best checkpoint (step {best['step']}: {ratios(best['validation'])}): {best_file}")
+
+# the leaderboard names a checkpoint after its directory: the best one goes to OUT/kvp-demo
+trained = out / TRAINED / FILE_NAME
+if not trained.exists() or sha256_of(trained) != sha256_of(best_file):
+    trained.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best_file, trained)
+
 suite = get_suite("quick")
-test_sets = suite.traces()
-result = train(TrainConfig(
-    agent="kvp", traces=train_dirs, out=str(out / "kvp-policy"), steps=args.steps, all_heads=True,
-    agent_options={"states": "64"},
-    eval_traces=[str(dataset.directory) for dataset in test_sets.values()],
-    eval_every=max(1, args.steps // 3), save_every=max(1, args.steps // 6),
-))
-print(f"trained in {result.seconds:.0f} s; held-out evaluation: {result.evaluation}")
-
-print("== 3/4 leaderboard: the trained policy against every heuristic on held-out traces ==")
-# the floors of the normalised score (random, streamingllm), one strong heuristic and the ranking oracle:
-# the quick suite's downstream units take ~3-6 s each on 2 cores, so every heuristic would not fit the demo
-results = run_leaderboard(suite, out / "leaderboard", policy_names=["streamingllm", "random", "snapkv", "oracle"],
-                          checkpoints=[result.scorer_path])
+print(f"== 3/4 leaderboard: held-out suite {suite.id}, real perplexity and RULER accuracy with the compressed cache "
+      f"{elapsed()} ==")
+results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED], checkpoints=[trained.parent])
 report = write_report(results, out / "leaderboard", title="kvp-gym demo leaderboard")
-print(f"{'policy':<24}{'mean cost ratio':>16}")
+print(f"\nRanking quality on the env (cost ratio, 1 = the future-attention oracle, lower is better):")
 for row in ranking_table(results):
-    print(f"{row['policy']:<24}{row['cost_ratio']:>16.3f}")
+    print(f"  {row['policy']:<24}{row['cost_ratio']:>8.3f}")
 text = report.read_text()
-print("## Perplexity" + text.split("## Perplexity")[1].split("## Plots")[0] if "## Perplexity" in text else "")
-print(f"full report: {report}")
+for section in text.split("\n## ")[1:]:
+    if section.startswith(SECTIONS):
+        print("\n## " + section.rstrip())
+print(f"\nfull report: {report} {elapsed()}")
 
-print(f"== 4/4 generate: SmolLM2 with the trained policy keeping {args.budget} entries per KV head ==")
+print(f"== 4/4 generate: SmolLM2 keeping {args.budget} entries per KV head ==")
 model, tokenizer = load_model()
-scorer = load_scorer(result.scorer_path)
-prompt = ("Here is a note: the locker code is 4821 and the meeting moved to Thursday at 3 pm in room 12B. "
-          "Python's list.sort() is stable; sorted() returns a new list. " * 4
-          + "What is the locker code, and when is the meeting?")
+note = ("Here is a note: the locker code is 4821 and the meeting moved to Thursday at 3 pm in room 12B. "
+        "Python's list.sort() is stable; sorted() returns a new list. ")
+question = "What is the locker code, and when is the meeting?"
+prompt = note * 4 + question
 ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
 ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-print("full cache:")
-with torch.inference_mode():
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                   pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-print(f"trained KVP policy, {args.budget} entries per KV head:")
-cache = EvictingCache(scorer, args.budget, config=model.config)
-with torch.inference_mode():
-    model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=48, do_sample=False,
-                   pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-print(cache.report())
+print(f"prompt ({ids.shape[1]} tokens): 4 x \"{note.strip()}\" + \"{question}\"\n")
+for label, policy in [("full cache", None), (f"best heuristic ({BEST_HEURISTIC}), {args.budget} per KV head", BEST_HEURISTIC),
+                      (f"learned policy (shipped {SHIPPED}), {args.budget} per KV head", SHIPPED)]:
+    cache = None if policy is None else EvictingCache(scorers.get(policy), args.budget, config=model.config)
+    with torch.inference_mode():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, **({} if cache is None else {"cache": cache}))
+    print(f"{label}:\n  {tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()}\n")
+print(f"done {elapsed()}")

@@ -159,10 +159,12 @@ SUITES: dict[str, Suite] = {
         source_traces=(("dialogue", 4), ("prose", 4), ("ruler", 12)), ranking_traces=2, min_task_accuracy=0.8,
     ),
     # small, for the demo and smoke checks. v2 (sized for the 15-minute demo on 2 cores): 2 texts per perplexity
-    # source, 6 RULER samples with the question after the compressed part only, 10/25% budgets.
+    # source, 10/25% budgets, 4 RULER samples (one of each needle task: samples cycle through the tasks) with the
+    # question after the compressed part only; one sample per task, so a task is scored when the full cache gets
+    # at least half of it right (SmolLM2-135M: niah_single, niah_multivalue, niah_multiquery; not niah_multikey).
     "quick": Suite(
         name="quick", version=2, sources=IN_DOMAIN_SOURCES, budgets=(), budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,),
-        source_traces=(("dialogue", 2), ("prose", 2), ("ruler", 6)), ranking_traces=2, min_task_accuracy=0.8,
+        source_traces=(("dialogue", 2), ("prose", 2), ("ruler", 4)), ranking_traces=2, min_task_accuracy=0.5,
         placements=("outside",),
     ),
 }
