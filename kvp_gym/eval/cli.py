@@ -12,7 +12,7 @@ app = typer.Typer()
 
 @app.command()
 def leaderboard(
-    suite: str = typer.Option("full", help="Benchmark suite: full (v1) | full-v2 (fractional budgets, calibrated RULER) | quick (smoke checks, the demo) | demo."),
+    suite: str = typer.Option("full", help="Benchmark suite: full (v1) | full-v2 (fractional budgets, calibrated RULER) | headline (learned vs heuristics at 10/25% kept, with an out-of-domain source) | quick (smoke checks, the demo) | demo."),
     checkpoint: list[Path] = typer.Option([], "--checkpoint", help="A trained scorer checkpoint to include (repeatable)."),
     policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: every heuristic and the oracle)."),
     out: Path = typer.Option(Path("leaderboard"), help="Output directory: LEADERBOARD.md, results.json/csv, plots."),

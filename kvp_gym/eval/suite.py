@@ -167,6 +167,15 @@ SUITES: dict[str, Suite] = {
         source_traces=(("dialogue", 2), ("prose", 2), ("ruler", 4)), ranking_traces=2, min_task_accuracy=0.5,
         placements=("outside",),
     ),
+    # the learned-vs-heuristics question at the budgets users run (10/25% kept), sized for one CPU hour:
+    # perplexity on prose and dialogue plus Python source code, a domain no training recipe uses, and RULER
+    # with the question after the compressed part
+    "headline": Suite(
+        name="headline", version=1, sources=("prose", "dialogue", "code", "ruler"), budgets=(),
+        budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,), ppl_sources=("prose", "dialogue", "code"),
+        source_traces=(("prose", 8), ("dialogue", 6), ("code", 6), ("ruler", 8)), ranking_traces=2,
+        min_task_accuracy=0.8, placements=("outside",),
+    ),
 }
 
 
