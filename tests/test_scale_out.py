@@ -6,8 +6,8 @@ one of its units kills its worker process the first time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
              runtime_env={"env_vars": {**WORKER_ENV, CRASH_DIR_ENV: str(crash_dir)}})
     yield crash_dir
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The serial reference on one torch thread, as every worker runs: float32 sums in the same order, so the
+    outputs are bitwise equal (with more threads, perplexity sums can differ in the last bits: docs/scale-out.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def arm(crash_dir: Path, kind: str) -> Path:
@@ -49,7 +61,8 @@ def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp
     from kvp_gym.traces.generate import generate_traces
 
     serial, distributed = tmp_path / "serial", tmp_path / "ray"
-    generate_traces(serial, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False)
+    with one_torch_thread():
+        generate_traces(serial, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False)
     fired = arm(ray_cluster, "trace")
     generate_traces(distributed, "prose", 4, 128, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2)
     assert fired.exists(), "the crash hook never killed a worker"
@@ -85,7 +98,8 @@ def test_leaderboard_on_workers_writes_the_serial_records(ray_cluster, tiny_suit
     from kvp_gym.eval.leaderboard import run_leaderboard
 
     policies = ["streamingllm", "snapkv", "random"]
-    serial = run_leaderboard(tiny_suite, tmp_path / "serial", policies, show_progress=False)
+    with one_torch_thread():
+        serial = run_leaderboard(tiny_suite, tmp_path / "serial", policies, show_progress=False)
     fired = arm(ray_cluster, "leaderboard")
     distributed = run_leaderboard(tiny_suite, tmp_path / "ray", policies, show_progress=False, workers=2)
     assert fired.exists(), "the crash hook never killed a worker"
@@ -112,13 +126,9 @@ def test_sweep_on_workers_trains_the_serial_runs(ray_cluster, tiny_traces, tmp_p
     assert all(row["iqm_low"] <= row["iqm"] <= row["iqm_high"] for row in summary["rows"])
     assert {"SUMMARY.md", "summary.json", "summary.png"} <= {path.name for path in (tmp_path / "sweep").iterdir()}
     run = next(run for run in summary["runs"] if run["seed"] == 1 and run["reward"] == "neg_cost")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         alone = train(TrainConfig(**{**vars(base), "seed": 1, "layer": 1, "kv_head": 0, "env_options": {"max_tokens": 96, "reward": "neg_cost"},
                                      "out": str(tmp_path / "alone")}))
-    finally:
-        torch.set_num_threads(threads)
     a, b = load_scorer(alone.scorer_path), load_scorer(Path(run["out"]))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert run["evaluation"] == pytest.approx(alone.evaluation)
