@@ -3,6 +3,7 @@
     python benchmarks/scale_out.py                 # SmolLM2-135M: 8 prose traces of 512 tokens; 24 perplexity units
     python benchmarks/scale_out.py --workers 4     # more workers (a bigger box)
     python benchmarks/scale_out.py --tiny          # the tiny random Llama (plumbing check, seconds)
+    python benchmarks/scale_out.py --serial-threads 1   # serial on one thread, as each worker runs
 
 Each phase runs serially in this process (torch's default threads) and then on ``--workers`` Ray workers
 (one CPU and one torch thread each), into separate directories, and the outputs are compared (trace files
@@ -66,9 +67,13 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4, help="perplexity texts of the leaderboard suite")
     parser.add_argument("--tiny", action="store_true", help="the tiny random Llama instead of SmolLM2-135M")
     parser.add_argument("--skip", choices=("traces", "leaderboard"), action="append", default=[])
+    parser.add_argument("--serial-threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
     args = parser.parse_args()
     import ray
     import torch
+
+    if args.serial_threads:
+        torch.set_num_threads(args.serial_threads)
 
     from kvp_gym.eval.leaderboard import run_leaderboard
     from kvp_gym.eval.suite import Suite
