@@ -201,3 +201,13 @@ def test_shipped_policy_drives_smollm2(real_traces) -> None:
     full, count = continuation_nll(model, trace, 192, None, None, 4, 16)
     kept, _ = continuation_nll(model, trace, 192, scorer, 48, 4, 16)
     assert math.isfinite(kept) and kept / count < full / count + 1.0
+
+
+def test_leaderboard_records_follow_the_weights() -> None:
+    from kvp_gym.eval.leaderboard import scorer_identity
+
+    first, same = PerHeadKVPScorer(3, 2, 16, width=8), PerHeadKVPScorer(3, 2, 16, width=8)
+    assert scorer_identity(first) == scorer_identity(same)
+    with torch.no_grad():
+        same.out_b += 1.0
+    assert scorer_identity(first) != scorer_identity(same)

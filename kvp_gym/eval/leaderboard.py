@@ -37,7 +37,7 @@ def default_policies() -> list[str]:
 
 
 def scorer_identity(scorer: Any) -> str:
-    """What a registered scorer's records are keyed by: sha256 of its class's source and its config.
+    """What a registered scorer's records are keyed by: sha256 of its class's source, its config and its weights.
 
     Re-registering a name with other code or another config gives other records, never the old numbers.
     """
@@ -50,8 +50,12 @@ def scorer_identity(scorer: Any) -> str:
     if dataclasses.is_dataclass(scorer):
         fields = {field.name: getattr(scorer, field.name) for field in dataclasses.fields(scorer)}
     config = {key: value for key, value in fields.items() if not key.startswith("_") and _is_plain(value)}
-    encoded = json.dumps({"source": source, "config": config}, sort_keys=True)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({"source": source, "config": config}, sort_keys=True).encode())
+    if isinstance(scorer, torch.nn.Module):  # a registered policy with weights (e.g. the shipped kvp): new weights, new records
+        for name, tensor in sorted(scorer.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _is_plain(value: Any) -> bool:
