@@ -98,6 +98,7 @@ class KVEvictCore:
         recent: int = DEFAULT_PROTECTED.recent,
         agg: str = "max",
         horizon: int | None = None,
+        value_weighted: bool = False,
         reward: str = "cost_ratio",
         obs_queries: int = 0,
         obs_attention: bool = False,
@@ -109,7 +110,7 @@ class KVEvictCore:
         group_size: int = 1,
     ) -> None:
         check_int("max_tokens", max_tokens, 2, MAX_TOKENS)
-        check_flags(obs_attention=obs_attention, obs_future=obs_future, curve=curve)
+        check_flags(obs_attention=obs_attention, obs_future=obs_future, curve=curve, value_weighted=value_weighted)
         check_number("cache_gb", cache_gb, 0.0)
         self.source = TraceSource(traces, model)
         spec = self.source.spec
@@ -129,18 +130,20 @@ class KVEvictCore:
         self.observation_space = observation_space(
             spec, max_tokens, int(self.source.lengths.max()), obs_queries, obs_attention, obs_future
         )
-        self.cache = self._layer_cache(agg, horizon, bool(obs_queries), obs_attention, cache_gb)
+        self.cache = self._layer_cache(agg, horizon, value_weighted, bool(obs_queries), obs_attention, cache_gb)
 
-    def _layer_cache(self, agg: str, horizon: int | None, queries: bool, attention: bool, cache_gb: float) -> LayerCache:
+    def _layer_cache(self, agg: str, horizon: int | None, value_weighted: bool, queries: bool, attention: bool,
+                     cache_gb: float) -> LayerCache:
         """Per (trace, layer): keys/values [Hkv, N, d] and importance at every prefix n in [lo, hi]."""
         source, spec, width = self.source, self.source.spec, self.size
         prefixes = torch.arange(self.lo, self.hi + 1)
         layout = layer_layout(spec, len(prefixes), width, queries, attention)
 
         def build(trace: int, layer: int) -> dict[str, torch.Tensor]:
-            return layer_tensors(source.traces[trace], layer, prefixes, width, agg, horizon, queries, attention)
+            return layer_tensors(source.traces[trace], layer, prefixes, width, agg, horizon, queries, attention,
+                                 value_weighted)
 
-        key = ("KVEvict", source.key, width, self.lo, self.hi, agg, horizon, queries, attention)
+        key = ("KVEvict", source.key, width, self.lo, self.hi, agg, horizon, value_weighted, queries, attention)
         return shared_layer_cache(
             key, lambda: LayerCache(build, layout, len(source), spec.num_layers, cache_gb * 2**30)
         )
@@ -202,6 +205,8 @@ class KVEvictEnv(CoreEnv):
       sink, recent    protected first / last tokens (4, 16): kept by every policy, never ranked
       agg             "max" (KVP) or "mean" (ForesightKV) over the query heads of the group
       horizon         future queries counted in the importance (None: the rest of the trace)
+      value_weighted  the importance of entry i is I(i) ||v_i|| (what i adds to the attention output;
+                      evicting by it in the real cache costs less perplexity than by I alone)
       reward          "cost_ratio" (-cost/cost*, <= -1, -1 is optimal) or "neg_cost" (-cost)
       obs_queries     w > 0 adds queries [G, w, d] (queries at positions n-w..n-1) and query_positions [w]
       obs_attention   adds attention [G, N]: attention each entry received from queries j < n

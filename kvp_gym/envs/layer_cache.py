@@ -52,14 +52,18 @@ def layer_layout(spec: ModelSpec, rows: int, width: int, queries: bool, attentio
 
 def layer_tensors(
     trace: Trace, layer: int, ns: torch.Tensor, width: int, agg: str, horizon: int | None,
-    queries: bool, attention: bool,
+    queries: bool, attention: bool, value_weighted: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one (trace, layer) in ``layer_layout`` form; importance rows at prefixes ``ns``."""
+    """The tensors of one (trace, layer) in ``layer_layout`` form; importance rows at prefixes ``ns``
+    (times each entry's value norm when ``value_weighted``)."""
     spec = trace.spec
+    importance = importance_rows(importance_table(trace, layer, agg), ns, horizon, width)  # [Hkv, R, min(width, T)]
+    if value_weighted:
+        importance = importance * trace.v(layer)[:, None, : importance.shape[2]].norm(dim=-1)
     tensors = {
         "keys": padded(trace.k(layer), width, 1),
         "values": padded(trace.v(layer), width, 1),
-        "importance": padded(importance_rows(importance_table(trace, layer, agg), ns, horizon, width), width, 2),
+        "importance": padded(importance, width, 2),
     }
     if queries:
         q = trace.q(layer).view(spec.num_kv_heads, spec.group_size, trace.length, spec.head_dim)
