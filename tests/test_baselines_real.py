@@ -69,7 +69,9 @@ def test_heuristics_order_on_real_test_traces(real_traces):
     envs = gym.make_vec("KVEvict-v0", num_envs=64, traces=real_traces, min_prefix=96, max_tokens=255,
                         obs_queries=64, obs_attention=True, obs_future=True)
     spec = envs.unwrapped.model_spec
-    policies = {name: scorers.get(name) for name in scorers.available() if name != "mlp"}
+    heuristics = [name for name in scorers.available() if not scorers.is_trainable(name)]
+    policies = {name: scorers.get(name) for name in heuristics}
+    policies = {name: scorer for name, scorer in policies.items() if not isinstance(scorer, torch.nn.Module)}
     # SnapKV with its observation window inside the 16 protected recent tokens and no pooling.
     policies["snapkv_w16"] = scorers.get("snapkv", window_size=16, kernel_size=1)
     means = {}

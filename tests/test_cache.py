@@ -369,7 +369,9 @@ def test_registered_scorers_run_in_generate(model):
     for name in available():
         try:
             scorer = get(name)
-        except TypeError:  # needs constructor arguments (a trained policy)
+        except TypeError:  # needs constructor arguments (a trainable architecture)
+            continue
+        if isinstance(scorer, torch.nn.Module):  # a learned policy made for SmolLM2's heads, not this model's
             continue
         if not scorer.needs <= {"queries", "attention"}:
             with pytest.raises(ValueError, match="cannot compute"):

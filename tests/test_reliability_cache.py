@@ -21,7 +21,9 @@ def query_reading_scorers() -> list[str]:
     for name in available():
         try:
             scorer = get(name)
-        except TypeError:  # a trained policy: needs a checkpoint
+        except TypeError:  # a trainable architecture: needs constructor arguments
+            continue
+        if isinstance(scorer, torch.nn.Module):  # a learned policy, made for one model's heads (the shipped kvp)
             continue
         if scorer.needs & LIVE_INPUTS and scorer.needs <= LIVE_INPUTS:
             names.append(name)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kvp_gym.data import SOURCES
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -202,7 +204,7 @@ def test_the_same_settings_resume_from_the_saved_samples(killed_before_the_first
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["traces", "generate", "--source", "poetry", "--n", "1", "--out", "{tmp}/x"], "--source must be one of ('ruler', 'dialogue', 'prose')"),
+        (["traces", "generate", "--source", "poetry", "--n", "1", "--out", "{tmp}/x"], f"--source must be one of {SOURCES}"),
         (["traces", "generate", "--source", "prose", "--split", "dev", "--n", "1", "--out", "{tmp}/x"], "--split must be one of ('train', 'test')"),
         (["traces", "generate", "--source", "prose", "--n", "0", "--out", "{tmp}/x"], "--n must be at least 1"),
         (["traces", "generate", "--source", "prose", "--n", "1", "--length", "8", "--out", "{tmp}/x"], "--length must be at least 32"),
