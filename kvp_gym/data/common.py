@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 import zlib
@@ -129,3 +130,44 @@ def fit_units(count: Callable[[int], int], target: int, what: str, max_units: in
             guess = lo + max(1, int((target - lo_tokens) * (hi - lo) / (hi_tokens - lo_tokens)))
         last_fit = fits
     return lo
+
+
+def corpus_windows(
+    tokenizer: Any,
+    text: str,
+    boundaries: Iterable[int],
+    source: str,
+    split: str,
+    seed: int,
+    n: int,
+    target_tokens: int,
+    describe: Callable[[int, int], dict[str, Any]],
+) -> list[Any]:
+    """`n` windows of `text` of about `target_tokens` tokens (never more), each starting at the first token
+    at or after a seeded character position of `boundaries` (or at token 0), as TextSamples of `source`.
+
+    `describe(char_start, char_stop)` adds source-specific fields to each window's meta.
+    """
+    from .sample import TextSample
+
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if target_tokens > len(offsets):
+        raise ValueError(f"target_tokens={target_tokens} exceeds the {split} {source} corpus ({len(offsets)} tokens)")
+    token_starts = [start for start, _ in offsets]
+    candidates = sorted({bisect.bisect_left(token_starts, char) for char in (0, *boundaries)})
+    starts = [token for token in candidates if token + target_tokens <= len(offsets)] or [0]
+    samples = []
+    for index in range(n):
+        first = sample_rng(source, split, seed, index).choice(starts)
+        char_start = offsets[first][0]
+        window = truncate_to_tokens(tokenizer, text[char_start : offsets[first + target_tokens - 1][1]], target_tokens)
+        meta = {
+            "seed": seed,
+            "index": index,
+            "target_tokens": target_tokens,
+            "n_tokens": count_tokens(tokenizer, window),
+            "char_start": char_start,
+            **describe(char_start, char_start + len(window)),
+        }
+        samples.append(TextSample(window, source, source, split, [], len(window), len(window), meta))
+    return samples

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
-from .common import check_request, count_tokens, keys_in_split, sample_rng, truncate_to_tokens
+from .common import check_request, corpus_windows, keys_in_split
 from .sample import TextSample
 
 _TOPIC_SEPARATOR = "\n\n"
@@ -52,37 +52,6 @@ def make_prose(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int
     """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded paragraph start."""
     check_request(n, split, target_tokens)
     corpus = prose_corpus(split)
-    enc = tokenizer(corpus.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    if target_tokens > len(offsets):
-        raise ValueError(
-            f"target_tokens={target_tokens} exceeds the {split} prose corpus ({len(offsets)} tokens)"
-        )
-    starts = _paragraph_token_starts(corpus.text, offsets, target_tokens)
-    samples = []
-    for index in range(n):
-        first = sample_rng("prose", split, seed, index).choice(starts)
-        char_start = offsets[first][0]
-        char_stop = offsets[first + target_tokens - 1][1]
-        text = truncate_to_tokens(tokenizer, corpus.text[char_start:char_stop], target_tokens)
-        meta = {
-            "seed": seed,
-            "index": index,
-            "target_tokens": target_tokens,
-            "n_tokens": count_tokens(tokenizer, text),
-            "char_start": char_start,
-            "topics": corpus.topics_between(char_start, char_start + len(text)),
-        }
-        samples.append(
-            TextSample(text, "prose", "prose", split, [], len(text), len(text), meta)
-        )
-    return samples
-
-
-def _paragraph_token_starts(text: str, offsets: list[tuple[int, int]], length: int) -> list[int]:
-    """Token indices that begin a paragraph and leave room for `length` tokens (token 0 at least)."""
-    token_starts = [start for start, _ in offsets]
-    paragraph_chars = [0] + [match.end() for match in _PARAGRAPH_BREAK.finditer(text)]
-    candidates = sorted({bisect.bisect_left(token_starts, char) for char in paragraph_chars})
-    fitting = [token for token in candidates if token + length <= len(offsets)]
-    return fitting or [0]
+    paragraphs = [match.end() for match in _PARAGRAPH_BREAK.finditer(corpus.text)]
+    return corpus_windows(tokenizer, corpus.text, paragraphs, "prose", split, seed, n, target_tokens,
+                          lambda start, stop: {"topics": corpus.topics_between(start, stop)})

@@ -22,7 +22,7 @@ import sysconfig
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, count_tokens, keys_in_split, sample_rng, truncate_to_tokens
+from .common import check_request, corpus_windows, keys_in_split
 from .sample import TextSample
 
 # Paths relative to the stdlib directory, sorted. Changing this list changes every code sample.
@@ -169,35 +169,6 @@ def make_code(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int)
     """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded top-level statement."""
     check_request(n, split, target_tokens)
     corpus = code_corpus(split)
-    enc = tokenizer(corpus.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    if target_tokens > len(offsets):
-        raise ValueError(
-            f"target_tokens={target_tokens} exceeds the {split} code corpus ({len(offsets)} tokens)"
-        )
-    starts = _statement_token_starts(corpus.statement_starts, offsets, target_tokens)
-    samples = []
-    for index in range(n):
-        first = sample_rng("code", split, seed, index).choice(starts)
-        char_start = offsets[first][0]
-        char_stop = offsets[first + target_tokens - 1][1]
-        text = truncate_to_tokens(tokenizer, corpus.text[char_start:char_stop], target_tokens)
-        meta = {
-            "seed": seed,
-            "index": index,
-            "target_tokens": target_tokens,
-            "n_tokens": count_tokens(tokenizer, text),
-            "char_start": char_start,
-            "files": corpus.files_between(char_start, char_start + len(text)),
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        }
-        samples.append(TextSample(text, "code", "code", split, [], len(text), len(text), meta))
-    return samples
-
-
-def _statement_token_starts(chars: tuple[int, ...], offsets: list[tuple[int, int]], length: int) -> list[int]:
-    """Token indices that begin a top-level statement and leave room for `length` tokens (token 0 at least)."""
-    token_starts = [start for start, _ in offsets]
-    candidates = sorted({bisect.bisect_left(token_starts, char) for char in (0, *chars)})
-    fitting = [token for token in candidates if token + length <= len(offsets)]
-    return fitting or [0]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return corpus_windows(tokenizer, corpus.text, corpus.statement_starts, "code", split, seed, n, target_tokens,
+                          lambda start, stop: {"files": corpus.files_between(start, stop), "python": python})
