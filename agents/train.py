@@ -48,7 +48,7 @@ from agents.mlp_scorer import PerHeadMLPScorer
 from agents.sb3_agents import SB3Agent, SB3Config
 from agents.validation import DownstreamValidator
 from kvp_gym import scorers
-from kvp_gym.checkpoint import checkpoint_file, load_scorer, read_header, load_state, save_scorer, save_state
+from kvp_gym.checkpoint import checkpoint_file, load_scorer, load_state, read_header, save_scorer, save_state
 from kvp_gym.envs.episodes import TraceSource
 from kvp_gym.envs.kv_evict import KVEvictCore
 from kvp_gym.eval.ranking import RankingEvaluator
@@ -106,8 +106,8 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share (evaluation and display settings may change)."""
-        keep = ("agent", "traces", "steps", "layer", "kv_head", "all_heads", "seed", "hidden", "arch", "arch_options", "init",
-                "agent_options", "env_options", "save_every")
+        keep = ("agent", "traces", "steps", "layer", "kv_head", "all_heads", "seed", "hidden", "arch", "arch_options",
+                "init", "agent_options", "env_options", "save_every")
         return {key: getattr(self, key) for key in keep}
 
 
