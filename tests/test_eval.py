@@ -9,17 +9,7 @@ import pytest
 
 from kvp_gym.eval.leaderboard import run_leaderboard
 from kvp_gym.eval.report import ranking_table, write_report
-from kvp_gym.eval.suite import Suite, get_suite
-
-
-@pytest.fixture
-def tiny_suite(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVP_GYM_HOME", str(tmp_path / "home"))
-    return Suite(
-        name="tiny", version=1, model=str(tiny_model_dir), sources=("ruler", "prose"), traces_per_source=1,
-        length=256, prefix_fractions=(0.5, 0.75), budgets=(48, 96), ppl_prefix=128, ppl_sources=("prose",),
-        query_window=16, answer_tokens=4,
-    )
+from kvp_gym.eval.suite import get_suite
 
 
 def test_leaderboard_end_to_end_resumes_and_reproduces(tiny_suite, tmp_path):

@@ -3,12 +3,9 @@ scorer exactly the optional inputs it declares in ``needs``, and nothing more.""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvp_gym.cache import EvictingCache
 from kvp_gym.envs.adapters import ScorerPolicy, obs_to_view
@@ -17,6 +14,8 @@ from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.suite import Suite
 from kvp_gym.scorers import OPTIONAL_INPUTS, declared_view
 from kvp_gym.traces import TraceDataset
+
+from conftest import tiny_llama
 
 SEEN = ("queries", "query_positions", "attention", "future_importance")
 
@@ -77,14 +76,6 @@ def test_leaderboard_ranking_hands_only_declared_inputs(tiny_traces, declared):
     records = ranking.evaluate(0, {"cheater": cheater})
     assert np.isfinite(records[0]["cost_ratio"]).all()
     assert_saw_exactly(cheater, declared)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=None, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("declared", [set(), {"queries"}, {"attention"}, {"queries", "attention"}], ids=str)

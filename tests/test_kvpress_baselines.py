@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from baselines import ExpectedAttention, ObservedAttention
@@ -19,6 +19,8 @@ from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
 from kvp_gym.models import capture_qkv
 from kvp_gym.scorers import MissingInputError, ScoringView
+
+from conftest import tiny_llama
 
 THETA = 100.0
 
@@ -142,14 +144,6 @@ def test_registered_names_and_default_policies():
     assert isinstance(scorers.get("h2o-norm"), ObservedAttention)
     assert isinstance(scorers.get("expected-attention"), ExpectedAttention)
     assert {"h2o-norm", "expected-attention"} <= set(default_policies())
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=None, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
 
 
 class Recording:

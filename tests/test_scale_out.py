@@ -82,18 +82,6 @@ def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp
     same_set()
 
 
-@pytest.fixture
-def tiny_suite(tiny_model_dir, tmp_path, monkeypatch):
-    from kvp_gym.eval.suite import Suite
-
-    monkeypatch.setenv("KVP_GYM_HOME", str(tmp_path / "home"))
-    return Suite(
-        name="tiny", version=1, model=str(tiny_model_dir), sources=("ruler", "prose"), traces_per_source=1,
-        length=256, prefix_fractions=(0.5, 0.75), budgets=(48, 96), ppl_prefix=128, ppl_sources=("prose",),
-        query_window=16, answer_tokens=4,
-    )
-
-
 def test_leaderboard_on_workers_writes_the_serial_records(ray_cluster, tiny_suite, tmp_path) -> None:
     from kvp_gym.eval.leaderboard import run_leaderboard
 
