@@ -99,10 +99,17 @@ class DistillAgent:
         first, last = self.protected.sink, n - self.protected.recent
         entries = torch.randperm(last - first, generator=self.generator)[: self.config.tokens] + first
         layers, kv_heads = self.heads[:, 0], self.heads[:, 1]
-        keys = torch.stack([trace.k(int(layer))[int(head)] for layer, head in self.heads])[:, entries]
-        values = torch.stack([trace.v(int(layer))[int(head)] for layer, head in self.heads])[:, entries]
+        needed = sorted({int(layer) for layer in layers})  # each layer read once, not once per head
+        keys = torch.stack([trace.k(layer)[:, entries] for layer in needed])  # [L', Hkv, M, d]
+        values = torch.stack([trace.v(layer)[:, entries] for layer in needed])
+        row = torch.tensor([needed.index(int(layer)) for layer in layers])
+        keys, values = keys[row, kv_heads], values[row, kv_heads]  # [S, M, d]
         stats = store.load(position)
-        pick_rows = lambda name: stats[f"{name}.{n}"][layers, kv_heads][:, entries].float()  # noqa: E731
+
+        def pick_rows(name: str) -> torch.Tensor:
+            """The store's statistic ``name`` at prefix n for every agent's head, on the drawn entries: [S, M]."""
+            return stats[f"{name}.{n}"][layers, kv_heads][:, entries].float()
+
         target = pick_rows("imp_mean" if self.config.target == "imp_mean" else "imp")
         if self.config.target == "imp_vnorm":
             target = target * values.norm(dim=-1)
