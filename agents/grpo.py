@@ -93,6 +93,7 @@ class GRPOAgent:
             group_size=config.group, as_torch=True, traces=traces, **env_kwargs,
         )
         self.spec = self.env.unwrapped.model_spec
+        self.protected = self.env.unwrapped.protected  # what the checkpoint records as always kept
         self.reference = copy.deepcopy(scorer).requires_grad_(False)
         self.optimizer = ScheduledOptimizer(
             scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=int(config.warmup_fraction * total_steps),

@@ -65,6 +65,7 @@ class KVPAgent:
             group_size=config.samples, as_torch=True, traces=traces, **env_kwargs,
         )
         self.spec = self.env.unwrapped.model_spec
+        self.protected = self.env.unwrapped.protected  # what the checkpoint records as always kept
         self.optimizer = ScheduledOptimizer(
             scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=int(config.warmup_fraction * total_steps),
             total_steps=total_steps, max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,

@@ -72,6 +72,7 @@ class PairwiseAgent:
             as_torch=True, traces=traces, **env_kwargs, **extra,
         )
         self.spec = self.env.unwrapped.model_spec
+        self.protected = self.env.unwrapped.protected  # what the checkpoint records as always kept
         self.golden = GoldenPolicy.from_env(self.env) if config.stream else None
         self.optimizer = ScheduledOptimizer(
             scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=config.warmup, total_steps=total_steps,

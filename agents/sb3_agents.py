@@ -300,6 +300,7 @@ class SB3Agent:
         self.env = gym.make_vec(self.env_id, num_envs=envs, vectorization_mode="vector_entry_point",
                                 traces=traces, **env_kwargs)
         self.spec = self.env.unwrapped.model_spec
+        self.protected = self.env.unwrapped.protected  # what the checkpoint records as always kept
         self.venv = SB3VecEnv(self.env)
         policy_kwargs: dict[str, Any] = {"scorer_config": scorer.config(), "spec": self.spec}
         self.model = self._make_model(policy_kwargs)

@@ -259,7 +259,7 @@ def train(config: TrainConfig) -> TrainResult:
         if agent.env_id == "KVEvict-v0" and "max_tokens" in config.env_options:
             eval_kwargs["max_tokens"] = config.env_options["max_tokens"]
         evaluate = evaluator(config.eval_traces, eval_kwargs, config.eval_episodes).summary
-    protected = agent.protected if hasattr(agent, "protected") else agent.env.unwrapped.protected
+    protected = agent.protected
     validate = None
     if config.val_traces is not None:
         validate = DownstreamValidator(TraceDataset(config.val_traces), protected, texts=config.val_texts)
