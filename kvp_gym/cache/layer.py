@@ -54,27 +54,22 @@ class EvictionSettings:
 
 @dataclasses.dataclass
 class QueryWindow:
-    """The last w queries seen: queries [B, Hq, w, d], positions [B, w] (true), valid [B, w] (not padding)."""
+    """The last w queries seen: queries [B, Hq, w, d], positions [B, w] (true; -1 for padding queries)."""
 
     queries: torch.Tensor
     positions: torch.Tensor
-    valid: torch.Tensor
 
     @staticmethod
-    def last(queries: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, size: int) -> QueryWindow:
+    def last(queries: torch.Tensor, positions: torch.Tensor, size: int) -> QueryWindow:
         """The last ``size`` of the given queries, copied (a view would keep the whole forward's queries alive)."""
-        return QueryWindow(queries[..., -size:, :].clone(), positions[:, -size:].clone(), valid[:, -size:].clone())
+        return QueryWindow(queries[..., -size:, :].clone(), positions[:, -size:].clone())
 
-    def extend(self, queries: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, size: int) -> QueryWindow:
-        return QueryWindow.last(
-            torch.cat([self.queries, queries], dim=-2),
-            torch.cat([self.positions, positions], dim=-1),
-            torch.cat([self.valid, valid], dim=-1),
-            size,
-        )
+    def extend(self, queries: torch.Tensor, positions: torch.Tensor, size: int) -> QueryWindow:
+        joined = torch.cat([self.queries, queries], dim=-2), torch.cat([self.positions, positions], dim=-1)
+        return QueryWindow.last(*joined, size)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QueryWindow:
-        return QueryWindow(fn(self.queries), fn(self.positions), fn(self.valid))
+        return QueryWindow(fn(self.queries), fn(self.positions))
 
 
 class EvictingLayer(DynamicLayer):
@@ -191,7 +186,7 @@ class EvictingLayer(DynamicLayer):
         self.positions[:, :, s - q :] = positions[:, None, :]
         if self._collecting:
             if self.settings.needs_queries:
-                self._record_queries(query, positions, real)
+                self._record_queries(query, positions)
             if self.settings.needs_attention:
                 self._accumulate_attention(query, visible, scaling)
         self.observed = True
@@ -281,12 +276,12 @@ class EvictingLayer(DynamicLayer):
             rope_theta=settings.rope_theta,
         )
 
-    def _record_queries(self, query: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> None:
+    def _record_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
         size = self.settings.query_window
         if self.window is None:
-            self.window = QueryWindow.last(query, positions, real, size)
+            self.window = QueryWindow.last(query, positions, size)
         else:
-            self.window = self.window.extend(query, positions, real, size)
+            self.window = self.window.extend(query, positions, size)
 
     def _accumulate_attention(self, query: torch.Tensor, visible: torch.Tensor | None, scaling: float) -> None:
         """Add this forward's softmax attention, summed over its queries, to ``attention`` [B, Hq, S].
