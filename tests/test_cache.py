@@ -373,6 +373,40 @@ def test_registered_scorers_run_in_generate(model):
     assert ran, "no registered scorer could run"
 
 
+# -- one prefill forked per scorer and budget (what the leaderboard does) ------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [12, 30, 64])
+def test_forked_prefill_evicts_and_decodes_exactly_as_its_own_prefill(model, budget):
+    ids, _ = prompt(length=56)
+    recording = EvictingCache.recording(model.config, query_window=40)
+    model(ids[:, :40], cache=recording, use_cache=True)
+    scorers = [KeyNorm(), LastQuery(), Received(), get("snapkv", window_size=8), get("h2o-norm"), get("tova")]
+    for scorer in scorers:
+        own = EvictingCache(scorer, budget, config=model.config, sink=2, recent=4)
+        model(ids[:, :40], cache=own, use_cache=True)
+        expected = model(ids[:, 40:], cache=own, use_cache=True).logits
+        forked = recording.fork(scorer, budget, sink=2, recent=4)
+        assert torch.equal(model(ids[:, 40:], cache=forked, use_cache=True).logits, expected), type(scorer).__name__
+        assert all(torch.equal(a.positions, b.positions) for a, b in zip(own.layers, forked.layers))
+    assert recording.layers[0].keys.shape[-2] == 40 and recording.layers[0].forwards == 1  # left as it was
+
+
+@torch.no_grad()
+def test_fork_refuses_what_it_cannot_reproduce(model):
+    ids, _ = prompt(length=48)
+    plain = EvictingCache(KeyNorm(), 24, config=model.config)
+    model(ids, cache=plain, use_cache=True)
+    with pytest.raises(ValueError, match="recording"):
+        plain.fork(KeyNorm(), 24)
+    recording = EvictingCache.recording(model.config, query_window=8)
+    model(ids, cache=recording, use_cache=True)
+    with pytest.raises(ValueError, match="fewer queries than this scorer's window of 16"):
+        recording.fork(get("snapkv", window_size=16), 24)
+    model(ids[:, :4], cache=recording, use_cache=True)
+    with pytest.raises(ValueError, match="right after its prefill"):
+        recording.fork(KeyNorm(), 24)
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------
 def run_cli(*args: str):
     from typer.testing import CliRunner

@@ -170,3 +170,23 @@ def test_v2_report_with_fractional_budgets(tmp_path):
     results["suite"] = {**results["suite"], "budgets": [], "budget_fractions": [0.1, 0.25]}
     markdown = write_report(results, tmp_path).read_text()
     assert "b=10%" in markdown and "b=25%" in markdown
+
+
+def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(tiny_suite):
+    """A DownstreamRunner forks one prefill per prompt for every policy and budget; a fresh runner per unit
+    prefills for that unit alone. The records are identical."""
+    from kvp_gym.eval.leaderboard import DownstreamRunner, recording_window
+
+    traces = tiny_suite.traces(show_progress=False)
+    policies = {name: get(name) for name in ("snapkv", "h2o-norm", "streamingllm")}
+    units = downstream_units(tiny_suite, traces, policies, oracle=True)
+    prompts = [(unit[0], unit[2], unit[3], unit[5]) for unit in units]
+    assert sum(a != b for a, b in zip(prompts, prompts[1:])) == len(set(prompts)) - 1  # grouped by prompt
+    window = recording_window(policies.values())
+
+    shared = DownstreamRunner(tiny_suite, traces, get, window)
+    for unit in units:
+        record = shared(unit)
+        alone = DownstreamRunner(tiny_suite, traces, get, window)
+        alone.model, alone.tokenizer = shared.model, shared.tokenizer  # the same weights object (bit-exact matmuls)
+        assert alone(unit) == record, unit

@@ -32,6 +32,7 @@ hold the same positions (the first compression), else one row per (batch row, KV
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 from transformers import PreTrainedConfig
@@ -100,6 +101,31 @@ class EvictingCache(Cache):
         )
         super().__init__(layers=[EvictingLayer(i, self.settings) for i in range(self.settings.num_layers)])
         use_evicting_attention(config)
+        self.config = config
+        self.is_recording = False
+
+    @classmethod
+    def recording(cls, config: PreTrainedConfig, query_window: int = DEFAULT_QUERY_WINDOW) -> EvictingCache:
+        """A cache that never evicts and records what any scorer needs (the last ``query_window`` queries,
+        the attention received), to run a prompt's prefill once and ``fork`` it per scorer and budget."""
+        cache = cls(_Recorder(query_window), sys.maxsize, config=config, sink=0, recent=0, query_window=query_window)
+        cache.is_recording = True
+        return cache
+
+    def fork(self, scorer: Scorer, budget: int, *, sink: int = DEFAULT_PROTECTED.sink,
+             recent: int = DEFAULT_PROTECTED.recent, use_triton: bool | None = None) -> EvictingCache:
+        """A new cache holding this (``recording``) cache's prefill, to compress with ``scorer`` to ``budget``.
+
+        It evicts exactly the entries a fresh ``EvictingCache(scorer, budget, ...)`` would after running the
+        same prefill itself (one-shot compression), so one prefill serves every policy and budget. This
+        cache is left as it is, to fork again.
+        """
+        if not self.is_recording:
+            raise ValueError("only a cache made by EvictingCache.recording(...) can be forked")
+        cache = EvictingCache(scorer, budget, config=self.config, sink=sink, recent=recent, use_triton=use_triton)
+        for mine, prefilled in zip(cache.layers, self.layers):
+            mine.adopt(prefilled)
+        return cache
 
     def flush(self) -> None:
         """Apply pending compressions now (they otherwise happen at the start of the next forward)."""
@@ -128,6 +154,18 @@ class EvictingCache(Cache):
             peak_stored=max(layer.peak_stored for layer in layers),
             compressions=layers[0].compressions,
         )
+
+
+class _Recorder:
+    """The scorer of a recording cache: needs every live input, never scores (its budget is never reached)."""
+
+    needs = LIVE_INPUTS
+
+    def __init__(self, window_size: int) -> None:
+        self.window_size = window_size
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        raise RuntimeError("a recording cache never compresses")
 
 
 class RealQueriesPerRow:

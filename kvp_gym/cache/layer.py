@@ -103,6 +103,33 @@ class EvictingLayer(DynamicLayer):
         self.peak_stored = 0
         self.compressions = 0
 
+    def adopt(self, prefilled: EvictingLayer) -> None:
+        """Take over the state another cache's layer has right after its prefill, as if this layer had run it.
+
+        ``prefilled`` must have run exactly one forward with no compression, collecting queries (a window
+        at least this layer's) and attention; this layer keeps what its own scorer needs and compresses, when
+        due, at the start of the next forward: the same entries, bit for bit, as after its own prefill.
+        """
+        if prefilled.forwards != 1 or prefilled.compressions:
+            raise ValueError(f"layer {self.layer_idx}: can only adopt a cache right after its prefill (one forward, "
+                             f"no compression); it has run {prefilled.forwards} forwards, {prefilled.compressions} compressions")
+        settings = self.settings
+        if settings.needs_queries and (prefilled.window is None or prefilled.window.positions.shape[-1] < min(
+                settings.query_window, prefilled.seen)):
+            raise ValueError(f"layer {self.layer_idx}: the prefilled cache kept fewer queries than this scorer's "
+                             f"window of {settings.query_window}")
+        if settings.needs_attention and prefilled.attention is None:
+            raise ValueError(f"layer {self.layer_idx}: the prefilled cache did not accumulate attention")
+        self.dtype, self.device = prefilled.dtype, prefilled.device
+        self.keys, self.values = prefilled.keys, prefilled.values  # never written in place: compress and cat make new ones
+        self.positions = prefilled.positions.clone()  # observe writes new entries' positions in place
+        self.window = QueryWindow.last(prefilled.window.queries, prefilled.window.positions,
+                                       settings.query_window) if settings.needs_queries else None
+        self.attention = prefilled.attention if settings.needs_attention else None
+        self.is_initialized, self.seen, self.forwards, self.observed = True, prefilled.seen, 1, True
+        self.peak_stored = prefilled.peak_stored
+        self.pending = self._compression_due()
+
     # -- what transformers asks -----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Compress if due, append the new entries [B, H, q, d]; return the K/V this forward attends over."""

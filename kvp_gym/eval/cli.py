@@ -43,7 +43,7 @@ def leaderboard(
         except KeyError as error:  # an unknown scorer name
             raise ValueError(f"--policies: {error.args[0]}") from None
         path = write_report(results, out)
-    typer.echo(f"\nmean cost ratio (lower is better, oracle = 1):")
+    typer.echo("\nmean cost ratio (lower is better, oracle = 1):")
     for row in ranking_table(results):
         typer.echo(f"  {row['policy']:<24} {row['cost_ratio']:.3f}")
     typer.echo(f"\nwrote {path} and its plots")

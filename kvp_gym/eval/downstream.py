@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvp_gym.cache import EvictingCache
 from kvp_gym.data import score_answer
@@ -26,25 +26,45 @@ from kvp_gym.traces import Trace
 QUESTION_PLACEMENTS = ("outside", "inside")
 
 
-def make_cache(model: PreTrainedModel, scorer: Scorer | None, budget: int | None, sink: int, recent: int):
-    """A full DynamicCache (scorer None) or an EvictingCache keeping ``budget`` entries per KV head."""
-    if scorer is None:
-        return DynamicCache(config=model.config)
-    return EvictingCache(scorer, budget, config=model.config, sink=sink, recent=recent)
+def prefilled_cache(
+    model: PreTrainedModel, prompt: torch.Tensor, scorer: Scorer | None, budget: int | None, sink: int, recent: int,
+    prefill: EvictingCache | None = None,
+) -> Cache:
+    """A cache holding the prefill of ``prompt`` [1, n], compressed (lazily, at the next forward) to ``budget``
+    entries per KV head by ``scorer``; a full DynamicCache if ``scorer`` is None.
+
+    ``prefill``: a recording cache (``EvictingCache.recording``) that already ran this prompt; it is forked
+    instead of running the prefill again (the same entries are evicted, see ``EvictingCache.fork``).
+    """
+    if scorer is not None and prefill is not None:
+        return prefill.fork(scorer, budget, sink=sink, recent=recent)
+    cache = DynamicCache(config=model.config) if scorer is None else EvictingCache(
+        scorer, budget, config=model.config, sink=sink, recent=recent)
+    model(prompt, cache=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def record_prefill(model: PreTrainedModel, prompt: torch.Tensor, query_window: int) -> EvictingCache:
+    """Run ``prompt`` [1, n] once into a recording cache, to fork for every policy and budget."""
+    cache = EvictingCache.recording(model.config, query_window)
+    model(prompt, cache=cache, use_cache=True)
+    return cache
 
 
 @torch.inference_mode()
 def continuation_nll(
-    model: PreTrainedModel, trace: Trace, prefix: int, scorer: Scorer | None, budget: int | None, sink: int, recent: int
+    model: PreTrainedModel, trace: Trace, prefix: int, scorer: Scorer | None, budget: int | None, sink: int, recent: int,
+    prefill: EvictingCache | None = None,
 ) -> tuple[float, int]:
     """(sum of NLL, token count) of tokens[prefix + 1:] after compressing the first ``prefix`` tokens.
 
     Token ``prefix`` itself is predicted by the prefill's last logits, identical for every policy, so
-    it is left out: every counted token was predicted through the compressed cache.
+    it is left out: every counted token was predicted through the compressed cache. ``prefill``: the
+    recording of tokens[:prefix] to fork (see ``prefilled_cache``).
     """
     tokens = trace.tokens[None]
-    cache = make_cache(model, scorer, budget, sink, recent)
-    model(tokens[:, :prefix], cache=cache, use_cache=True)
+    cache = prefilled_cache(model, tokens[:, :prefix], scorer, budget, sink, recent, prefill)
     logits = model(tokens[:, prefix:-1], cache=cache, use_cache=True).logits[0]
     nll = torch.nn.functional.cross_entropy(logits.float(), tokens[0, prefix + 1 :], reduction="sum")
     return float(nll), int(tokens.shape[1] - prefix - 1)
@@ -61,16 +81,14 @@ def ruler_answer(
     sink: int,
     recent: int,
     max_new_tokens: int,
+    prefill: EvictingCache | None = None,
 ) -> tuple[str, float]:
-    """(greedy answer, RULER string-match score) of a RULER test trace with a compressed cache."""
-    if placement not in QUESTION_PLACEMENTS:
-        raise ValueError(f"placement must be one of {QUESTION_PLACEMENTS}, got {placement!r}")
-    meta = trace.meta
-    prompt = trace.tokens[: answer_prefix_end(tokenizer, trace)][None]
-    # generate needs at least one uncached prompt token, so "inside" leaves the last one for it.
-    compressed = meta["question_token"] if placement == "outside" else meta["answer_token"] - 1
-    cache = make_cache(model, scorer, budget, sink, recent)
-    model(prompt[:, :compressed], cache=cache, use_cache=True)
+    """(greedy answer, RULER string-match score) of a RULER test trace with a compressed cache.
+
+    ``prefill``: the recording of the compressed part, ``ruler_prompt(...)[:, :compressed_length(...)]``.
+    """
+    prompt = ruler_prompt(tokenizer, trace)
+    cache = prefilled_cache(model, prompt[:, : compressed_length(trace, placement)], scorer, budget, sink, recent, prefill)
     output = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -80,7 +98,21 @@ def ruler_answer(
         pad_token_id=tokenizer.pad_token_id,
     )
     answer = tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
-    return answer, score_answer(answer, meta)
+    return answer, score_answer(answer, trace.meta)
+
+
+def ruler_prompt(tokenizer: PreTrainedTokenizerBase, trace: Trace) -> torch.Tensor:
+    """[1, n]: a RULER trace's tokens up to the answer's prefix (the model's greedy answer follows)."""
+    return trace.tokens[: answer_prefix_end(tokenizer, trace)][None]
+
+
+def compressed_length(trace: Trace, placement: str) -> int:
+    """Tokens of a RULER prompt that are prefilled and compressed: the context alone ("outside": the
+    question comes after the compression) or the context and the question ("inside")."""
+    if placement not in QUESTION_PLACEMENTS:
+        raise ValueError(f"placement must be one of {QUESTION_PLACEMENTS}, got {placement!r}")
+    # generate needs at least one uncached prompt token, so "inside" leaves the last one for it.
+    return trace.meta["question_token"] if placement == "outside" else trace.meta["answer_token"] - 1
 
 
 def answer_prefix_end(tokenizer: PreTrainedTokenizerBase, trace: Trace) -> int:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from kvp_gym import scorers
-from kvp_gym.eval.downstream import continuation_nll, ruler_answer
+from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
+from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answer, ruler_prompt
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
@@ -142,23 +143,19 @@ def downstream_units(
 
     ``budget`` is a suite budget setting (tokens, or a fraction label like "25%"; None = full cache).
     Future-only policies have none: they cannot run in a real cache. ``oracle`` adds the future
-    oracle's units (``ORACLE``: the trace's own future attention, an upper bound), the full cache first.
+    oracle's units (``ORACLE``: the trace's own future attention, an upper bound). Units come grouped by
+    prompt (kind, source, trace, placement), the full cache first, so that a ``DownstreamRunner`` prefills
+    each prompt once.
     """
     real_cache = [name for name, scorer in policies.items() if not is_future_only(scorer)]
     if oracle:
         real_cache.append(ORACLE)
     settings = [(FULL_CACHE, None)] + [(name, budget) for name in real_cache for budget in suite.budget_settings()]
-    units = []
-    for policy, budget in settings:
-        for source in suite.ppl_sources:
-            units += [("ppl", policy, source, trace, budget, "-") for trace in range(len(traces.get(source, [])))]
-        for source in (key for key in traces if is_ruler(key)):
-            units += [
-                ("ruler", policy, source, trace, budget, placement)
-                for trace in range(len(traces[source]))
-                for placement in suite.placements
-            ]
-    return units
+    prompts = [("ppl", source, trace, "-") for source in suite.ppl_sources for trace in range(len(traces.get(source, [])))]
+    prompts += [("ruler", source, trace, placement) for source in traces if is_ruler(source)
+                for trace in range(len(traces[source])) for placement in suite.placements]
+    return [(kind, policy, source, trace, budget, placement)
+            for kind, source, trace, placement in prompts for policy, budget in settings]
 
 
 def run_leaderboard(
@@ -181,7 +178,6 @@ def run_leaderboard(
     from kvp_gym.scale import wants_ray
 
     distributed = wants_ray(workers, address)  # bad --workers / no Ray fails before any work
-    from kvp_gym.models import load_model
 
     from kvp_gym.checkpoint import read_header
 
@@ -223,24 +219,13 @@ def run_leaderboard(
 
     results: list[dict[str, Any]] = []
     if downstream:
-        model, tokenizer = load_model(suite.model)
         units = downstream_units(suite, traces, policies, oracle=oracle)
-        ids[ORACLE] = f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
-        importance: dict[tuple, torch.Tensor] = {}  # (source, trace, prefix) -> [L, Hkv, prefix], the latest only
-
-        def policy_of(name: str, source: str, trace_index: int, prefix: int) -> Scorer:
-            if name != ORACLE:
-                return fresh(name)
-            key = (source, trace_index, prefix)
-            if key not in importance:
-                importance.clear()
-                importance[key] = trace_importance(traces[source][trace_index], prefix, agg=suite.agg)
-            return TraceOracle(importance[key])
-
+        ids[ORACLE] = oracle_id()
+        runner = DownstreamRunner(suite, traces, fresh, recording_window(policies.values()))
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
             for unit in units:
                 key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
-                results.append(store.get_or_compute(key, lambda: _downstream(suite, model, tokenizer, traces, policy_of, unit)))
+                results.append(store.get_or_compute(key, lambda: runner(unit)))
                 bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     if downstream and oracle:
@@ -263,24 +248,70 @@ def _is_trainable(name: str) -> bool:
         return False
 
 
+def oracle_id() -> str:
+    """The future oracle's record id."""
+    return f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
+
+
+def recording_window(policies: Iterable[Scorer]) -> int:
+    """Queries a shared prefill records: the widest query window any of the policies reads."""
+    return max([DEFAULT_QUERY_WINDOW, *(getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW) for scorer in policies)])
+
+
 def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:
     """How many tokens a downstream unit prefills and compresses (a fractional budget is a share of it)."""
-    if kind == "ppl":
-        return suite.ppl_prefix
-    return trace.meta["question_token"] if placement == "outside" else trace.meta["answer_token"] - 1
+    return suite.ppl_prefix if kind == "ppl" else compressed_length(trace, placement)
 
 
-def _downstream(suite: Suite, model: Any, tokenizer: Any, traces: Mapping[str, TraceDataset],
-                policy_of: Callable[[str, str, int, int], Scorer], unit: tuple) -> dict[str, Any]:
-    kind, policy, source, trace_index, budget, placement = unit
-    trace = traces[source][trace_index]
-    prefix = compressed_prefix(suite, kind, trace, placement)
-    scorer = None if policy == FULL_CACHE else policy_of(policy, source, trace_index, prefix)
-    tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
-    record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget, "placement": placement,
-              "budget_tokens": tokens}
-    if kind == "ppl":
-        nll, count = continuation_nll(model, trace, suite.ppl_prefix, scorer, tokens, suite.sink, suite.recent)
-        return {**record, "nll_sum": nll, "tokens": count}
-    answer, score = ruler_answer(model, tokenizer, trace, placement, scorer, tokens, suite.sink, suite.recent, suite.answer_tokens)
-    return {**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
+class DownstreamRunner:
+    """Computes downstream units (``downstream_units``' tuples) with the real model and cache.
+
+    Consecutive units of one (trace, placement) share their work: the prompt's prefill runs once into a
+    recording cache that every policy and budget forks (``EvictingCache.fork``: the same evictions, the
+    same numbers as a prefill per unit), and the future oracle's importance is computed once. Only the
+    latest trace's are kept, so units should come grouped by trace, as ``downstream_units`` orders them.
+    The model loads on the first unit.
+    """
+
+    def __init__(self, suite: Suite, traces: Mapping[str, TraceDataset], scorer_of: Callable[[str], Scorer],
+                 query_window: int) -> None:
+        self.suite, self.traces, self.scorer_of, self.query_window = suite, traces, scorer_of, query_window
+        self.model = self.tokenizer = None
+        self.shared: dict[tuple, Any] = {}  # (what, source, trace, prefix) -> importance or recording, latest trace only
+
+    def __call__(self, unit: tuple) -> dict[str, Any]:
+        from kvp_gym.models import load_model
+
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.suite.model)
+        suite = self.suite
+        kind, policy, source, trace_index, budget, placement = unit
+        trace = self.traces[source][trace_index]
+        prefix = compressed_prefix(suite, kind, trace, placement)
+        tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
+        record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget,
+                  "placement": placement, "budget_tokens": tokens}
+        scorer = prefill = None
+        if policy != FULL_CACHE:
+            scorer = self._oracle(source, trace_index, prefix) if policy == ORACLE else self.scorer_of(policy)
+            prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
+            prefill = self._shared(("prefill", source, trace_index, prefix),
+                                   lambda: record_prefill(self.model, prompt, self.query_window))
+        if kind == "ppl":
+            nll, count = continuation_nll(self.model, trace, prefix, scorer, tokens, suite.sink, suite.recent, prefill)
+            return {**record, "nll_sum": nll, "tokens": count}
+        answer, score = ruler_answer(self.model, self.tokenizer, trace, placement, scorer, tokens, suite.sink, suite.recent,
+                                     suite.answer_tokens, prefill)
+        return {**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
+
+    def _oracle(self, source: str, trace_index: int, prefix: int) -> Scorer:
+        importance = self._shared(("oracle", source, trace_index, prefix),
+                                  lambda: trace_importance(self.traces[source][trace_index], prefix, agg=self.suite.agg))
+        return TraceOracle(importance)
+
+    def _shared(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self.shared:
+            if any(other[1:3] != key[1:3] for other in self.shared):
+                self.shared.clear()
+            self.shared[key] = compute()
+        return self.shared[key]

@@ -16,7 +16,7 @@ import numpy as np
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
 from kvp_gym.eval.oracle import ORACLE
-from kvp_gym.eval.suite import fraction_label, is_ruler
+from kvp_gym.eval.suite import fraction_label
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
 from kvp_gym.eval.stats import (
     Interval,

@@ -1,6 +1,7 @@
-"""The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (one
-policy x trace x budget x placement). Workers compute; the driver writes each record, keyed as the
-serial path keys it, so ``run_leaderboard``'s loops then only read them back: identical records."""
+"""The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (every
+missing policy x budget of one prompt, sharing its prefill). Workers compute; the driver writes each
+record, keyed as the serial path keys it, so ``run_leaderboard``'s loops then only read them back:
+identical records."""
 
 from __future__ import annotations
 
@@ -8,25 +9,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from kvp_gym.io import write_json_atomic
 from kvp_gym.scale.runtime import crash_once, ray_session, run_unordered, worker_setup
-
-
-def oracle_id() -> str:
-    """The future oracle's record id (as run_leaderboard computes it)."""
-    from kvp_gym.eval.leaderboard import scorer_identity
-    from kvp_gym.eval.oracle import ORACLE, TraceOracle
-
-    return f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
 
 
 class LeaderboardWorker:
     """One Ray actor: the suite's trace sets, the policies and (on the first downstream unit) the model."""
 
     def __init__(self, suite: Any, trace_dirs: dict[str, str], names: list[str], checkpoints: list[str], registered: list[str]) -> None:
-        from kvp_gym.eval.leaderboard import load_policies
+        from kvp_gym.eval.leaderboard import DownstreamRunner, load_policies, recording_window
         from kvp_gym.traces import TraceDataset
 
         worker_setup()
@@ -35,8 +27,7 @@ class LeaderboardWorker:
         self.policies, _ = load_policies(names, checkpoints)
         self.registered = set(registered)
         self.rankers: dict[str, Any] = {}
-        self.model = self.tokenizer = None
-        self.importance: dict[tuple, torch.Tensor] = {}
+        self.downstream = DownstreamRunner(suite, self.traces, self.fresh, recording_window(self.policies.values()))
 
     def fresh(self, name: str) -> Any:
         """A new registered scorer per unit (as the serial path), checkpoints as loaded."""
@@ -44,12 +35,14 @@ class LeaderboardWorker:
 
         return scorers.get(name) if name in self.registered else self.policies[name]
 
-    def run(self, job: tuple[tuple, tuple]) -> tuple[tuple, Any]:
-        key, unit = job
+    def run(self, job: tuple[str, list[tuple[tuple, tuple]]]) -> list[tuple[tuple, Any]]:
+        """One ranking unit, or every missing downstream unit of one prompt (they share its prefill):
+        [(record key, record)]."""
+        kind, units = job
         crash_once("leaderboard")
-        if unit[0] == "ranking":
-            return key, self._ranking(*unit[1:])
-        return key, self._downstream(unit[1])
+        if kind == "ranking":
+            return [(key, self._ranking(*unit)) for key, unit in units]
+        return [(key, self.downstream(unit)) for key, unit in units]
 
     def _ranking(self, name: str, source: str, trace: int) -> dict[str, Any]:
         from kvp_gym.eval.ranking import SuiteRanking
@@ -58,25 +51,6 @@ class LeaderboardWorker:
             self.rankers[source] = SuiteRanking(self.suite, source, self.traces[source])
         return self.rankers[source].evaluate(trace, {name: self.fresh(name)})[0]
 
-    def _downstream(self, unit: tuple) -> dict[str, Any]:
-        from kvp_gym.eval.leaderboard import _downstream
-        from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
-        from kvp_gym.models import load_model
-
-        if self.model is None:
-            self.model, self.tokenizer = load_model(self.suite.model)
-
-        def policy_of(name: str, source: str, trace_index: int, prefix: int) -> Any:
-            if name != ORACLE:
-                return self.fresh(name)
-            key = (source, trace_index, prefix)
-            if key not in self.importance:
-                self.importance.clear()
-                self.importance[key] = trace_importance(self.traces[source][trace_index], prefix, agg=self.suite.agg)
-            return TraceOracle(self.importance[key])
-
-        return _downstream(self.suite, self.model, self.tokenizer, self.traces, policy_of, unit)
-
 
 def compute_missing_units(
     suite: Any, store: Any, traces: Mapping[str, Any], policies: Mapping[str, Any], ids: Mapping[str, str],
@@ -84,7 +58,7 @@ def compute_missing_units(
     workers: int | None, address: str | None, show_progress: bool = True,
 ) -> int:
     """Compute every unit ``store`` lacks on Ray workers and write its record (driver only); returns how many."""
-    from kvp_gym.eval.leaderboard import downstream_units
+    from kvp_gym.eval.leaderboard import downstream_units, oracle_id
     from kvp_gym.eval.oracle import ORACLE
     from kvp_gym.progress import progress_bar
 
@@ -94,25 +68,27 @@ def compute_missing_units(
             for name in policies:
                 key = ("ranking", ids[name], source, trace)
                 if not store.path(key).exists():
-                    jobs.append((key, ("ranking", name, source, trace)))
+                    jobs.append(("ranking", [(key, (name, source, trace))]))
     if downstream:
         all_ids = {**ids, ORACLE: oracle_id()}
+        by_prompt: dict[tuple, list] = {}
         for unit in downstream_units(suite, traces, policies, oracle=oracle):
             key = (unit[0], all_ids.get(unit[1], unit[1]), *unit[2:])
             if not store.path(key).exists():
-                jobs.append((key, ("downstream", unit)))
+                by_prompt.setdefault((unit[0], *unit[2:4], unit[5]), []).append((key, unit))
+        jobs += [("downstream", units) for units in by_prompt.values()]
     if not jobs:
         return 0
     trace_dirs = {source: str(dataset.directory) for source, dataset in traces.items()}
     args = (suite, trace_dirs, [name for name in policies if name in set(registered)], [str(path) for path in checkpoints],
             sorted(registered))
-    with progress_bar(len(jobs), "leaderboard: units on workers", enabled=show_progress) as bar:
+    with progress_bar(sum(len(units) for _, units in jobs), "leaderboard: units on workers", enabled=show_progress) as bar:
 
-        def record(result: tuple[tuple, Any]) -> None:
-            key, value = result
-            write_json_atomic(store.path(key), value)
-            bar.advance(1, status=str(key[0]))
+        def record(results: list[tuple[tuple, Any]]) -> None:
+            for key, value in results:
+                write_json_atomic(store.path(key), value)
+                bar.advance(1, status=str(key[0]))
 
         with ray_session(workers, address) as count:
             run_unordered(LeaderboardWorker, args, count, jobs, "run", record)
-    return len(jobs)
+    return sum(len(units) for _, units in jobs)
