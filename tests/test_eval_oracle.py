@@ -84,15 +84,17 @@ def test_fractional_budgets_and_suites():
     assert len({s.hash() for s in SUITES.values()}) == len(SUITES)
 
 
-def test_placements_added_later_keep_the_hash_of_earlier_suites():
+def test_fields_added_later_keep_the_hash_of_earlier_suites():
     import dataclasses
     import hashlib
     import json
 
     full = get_suite("full")
-    before = {key: value for key, value in full.to_dict().items() if key != "placements"}  # the fields it was hashed with
-    assert full.hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
-    assert dataclasses.replace(full, placements=("outside",)).hash() != full.hash()
+    later = ("placements", "ruler_tasks", "policies")
+    before = {key: value for key, value in full.to_dict().items() if key not in later}  # the fields it was hashed with
+    assert full.hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == "b003596a6d1c9da7"
+    for field, value in zip(later, [("outside",), ("niah_single",), ("snapkv",)]):
+        assert dataclasses.replace(full, **{field: value}).hash() != full.hash()
     with pytest.raises(ValueError, match="placements"):
         dataclasses.replace(full, placements=("middle",))
 
@@ -173,20 +175,23 @@ def test_v2_report_with_fractional_budgets(tmp_path):
 
 
 def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(tiny_suite):
-    """A DownstreamRunner forks one prefill per prompt for every policy and budget; a fresh runner per unit
-    prefills for that unit alone. The records are identical."""
-    from kvp_gym.eval.leaderboard import DownstreamRunner, recording_window
+    """A DownstreamRunner forks one prefill per prompt for every policy and budget and answers a RULER
+    batch as one batch of rows; a fresh runner per unit prefills and answers for that unit alone. The
+    records are identical."""
+    from kvp_gym.eval.leaderboard import DownstreamRunner, recording_window, unit_batches
 
     traces = tiny_suite.traces(show_progress=False)
     policies = {name: get(name) for name in ("snapkv", "h2o-norm", "streamingllm")}
     units = downstream_units(tiny_suite, traces, policies, oracle=True)
     prompts = [(unit[0], unit[2], unit[3], unit[5]) for unit in units]
     assert sum(a != b for a, b in zip(prompts, prompts[1:])) == len(set(prompts)) - 1  # grouped by prompt
+    batches = unit_batches(units)
+    assert sorted(map(len, batches))[-1] == len(policies) + 1  # a RULER batch: every policy and the oracle
     window = recording_window(policies.values())
-
     shared = DownstreamRunner(tiny_suite, traces, get, window)
-    for unit in units:
-        record = shared(unit)
-        alone = DownstreamRunner(tiny_suite, traces, get, window)
-        alone.model, alone.tokenizer = shared.model, shared.tokenizer  # the same weights object (bit-exact matmuls)
-        assert alone(unit) == record, unit
+    for batch in batches:
+        records = shared(batch)
+        for unit, record in zip(batch, records, strict=True):
+            alone = DownstreamRunner(tiny_suite, traces, get, window)
+            alone.model, alone.tokenizer = shared.model, shared.tokenizer  # the same weights object (bit-exact matmuls)
+            assert alone([unit]) == [record], unit

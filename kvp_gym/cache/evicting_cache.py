@@ -127,6 +127,22 @@ class EvictingCache(Cache):
             mine.adopt(prefilled)
         return cache
 
+    @classmethod
+    def stack(cls, caches: list[EvictingCache]) -> EvictingCache:
+        """One cache whose batch rows are the rows of ``caches``: one-shot caches (``every=None``) with the
+        same budget that ran the same tokens (e.g. forks of one prefill), each compressed (pending
+        compressions are applied first). Decoding the stack decodes every cache at once."""
+        for cache in caches:
+            cache.flush()
+        budgets = {cache.settings.budget for cache in caches}
+        if len(budgets) != 1:
+            raise ValueError(f"only caches with one budget stack (every layer stores the same length), got {sorted(budgets)}")
+        first = caches[0].settings
+        stacked = cls(_Recorder(first.query_window), first.budget, config=caches[0].config, sink=first.sink, recent=first.recent)
+        for index, layer in enumerate(stacked.layers):
+            layer.stack([cache.layers[index] for cache in caches])
+        return stacked
+
     def flush(self) -> None:
         """Apply pending compressions now (they otherwise happen at the start of the next forward)."""
         for layer in self.layers:
@@ -157,7 +173,8 @@ class EvictingCache(Cache):
 
 
 class _Recorder:
-    """The scorer of a recording cache: needs every live input, never scores (its budget is never reached)."""
+    """The scorer of caches that never compress again: a recording cache (it needs every live input, its
+    budget is never reached) or a stack of compressed caches."""
 
     needs = LIVE_INPUTS
 

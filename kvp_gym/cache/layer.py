@@ -130,6 +130,21 @@ class EvictingLayer(DynamicLayer):
         self.peak_stored = prefilled.peak_stored
         self.pending = self._compression_due()
 
+    def stack(self, layers: list[EvictingLayer]) -> None:
+        """Hold the rows of ``layers`` (one-shot caches, compressed, with the same tokens seen) as this
+        layer's batch rows, to decode them together; nothing is compressed again."""
+        if any(layer.pending or layer.settings.every is not None or layer.seen != layers[0].seen for layer in layers):
+            raise ValueError(f"layer {self.layer_idx}: only compressed one-shot caches with the same tokens seen stack")
+        self.dtype, self.device = layers[0].dtype, layers[0].device
+        self.keys = torch.cat([layer.keys for layer in layers])
+        self.values = torch.cat([layer.values for layer in layers])
+        self.positions = torch.cat([layer.positions for layer in layers])
+        self.is_initialized, self.seen, self.observed = True, layers[0].seen, True
+        self.forwards = max(layer.forwards for layer in layers)
+        self.compressions = max(layer.compressions for layer in layers)
+        self.peak_stored = max(layer.peak_stored for layer in layers)
+        self.pending = False
+
     # -- what transformers asks -----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Compress if due, append the new entries [B, H, q, d]; return the K/V this forward attends over."""

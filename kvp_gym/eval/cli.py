@@ -14,7 +14,7 @@ app = typer.Typer()
 def leaderboard(
     suite: str = typer.Option("full", help="Benchmark suite: full (v1) | full-v2 (fractional budgets, calibrated RULER) | headline (learned vs heuristics at 10/25% kept, with an out-of-domain source) | quick (smoke checks, the demo) | demo."),
     checkpoint: list[Path] = typer.Option([], "--checkpoint", help="A trained scorer checkpoint to include (repeatable)."),
-    policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: every heuristic and the oracle)."),
+    policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: the suite's policies; else every ready registered policy and the oracle)."),
     out: Path = typer.Option(Path("leaderboard"), help="Output directory: LEADERBOARD.md, results.json/csv, plots."),
     downstream: bool = typer.Option(True, help="Also run the real model with the compressed cache (perplexity, RULER accuracy)."),
     workers: int = typer.Option(0, help="Compute the units on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),

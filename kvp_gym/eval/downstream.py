@@ -89,6 +89,35 @@ def ruler_answer(
     """
     prompt = ruler_prompt(tokenizer, trace)
     cache = prefilled_cache(model, prompt[:, : compressed_length(trace, placement)], scorer, budget, sink, recent, prefill)
+    return _greedy_answers(model, tokenizer, trace, prompt, cache, max_new_tokens)[0]
+
+
+@torch.inference_mode()
+def ruler_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    trace: Trace,
+    placement: str,
+    scorers: list[Scorer],
+    budget: int,
+    sink: int,
+    recent: int,
+    max_new_tokens: int,
+    prefill: EvictingCache | None = None,
+) -> list[tuple[str, float]]:
+    """``ruler_answer`` for several scorers at one budget, decoded as one batch (one row per scorer's
+    compressed cache, ``EvictingCache.stack``). Batched matmuls may differ from a lone row's in the
+    last bits, so an answer can differ from ``ruler_answer``'s where two tokens nearly tie."""
+    prompt = ruler_prompt(tokenizer, trace)
+    compressed = prompt[:, : compressed_length(trace, placement)]
+    caches = [prefilled_cache(model, compressed, scorer, budget, sink, recent, prefill) for scorer in scorers]
+    return _greedy_answers(model, tokenizer, trace, prompt.expand(len(scorers), -1), EvictingCache.stack(caches),
+                           max_new_tokens)
+
+
+def _greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trace: Trace, prompt: torch.Tensor,
+                    cache: Cache, max_new_tokens: int) -> list[tuple[str, float]]:
+    """(answer, score) per row of ``prompt`` [R, n], greedy after the part ``cache`` [R rows] holds."""
     output = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -97,8 +126,8 @@ def ruler_answer(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    answer = tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
-    return answer, score_answer(answer, trace.meta)
+    answers = tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)
+    return [(answer, score_answer(answer, trace.meta)) for answer in answers]
 
 
 def ruler_prompt(tokenizer: PreTrainedTokenizerBase, trace: Trace) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from kvp_gym import scorers
 from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
-from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answer, ruler_prompt
+from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answer, ruler_answers, ruler_prompt
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
@@ -134,6 +134,19 @@ class RecordStore:
         write_json_atomic(path, value)
         return value
 
+    def get_or_compute_all(self, keys: list[tuple], compute: Callable[[], list[Any]]) -> list[Any]:
+        """The records of ``keys``: if any is missing, all are computed at once (``compute()``, in ``keys``'
+        order) and the missing ones written; then every one is read back."""
+        if all(self.path(key).exists() for key in keys):
+            return [json.loads(self.path(key).read_text()) for key in keys]
+        self.write_missing(zip(keys, compute()))
+        return [json.loads(self.path(key).read_text()) for key in keys]
+
+    def write_missing(self, records: Iterable[tuple[tuple, Any]]) -> None:
+        for key, value in records:
+            if not self.path(key).exists():
+                write_json_atomic(self.path(key), value)
+
 
 def downstream_units(
     suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer], oracle: bool = False
@@ -183,12 +196,13 @@ def run_leaderboard(
 
     out = Path(out).expanduser()
     checkpoints = list(checkpoints)
-    policies, ids = load_policies(policy_names or default_policies(), checkpoints)  # bad input fails before any work
+    policy_names = list(policy_names or suite.policies or default_policies())
+    policies, ids = load_policies(policy_names, checkpoints)  # bad input fails before any work
     traces = suite.traces(show_progress=show_progress)
     spec = next(iter(traces.values())).spec
     for path in checkpoints:
         spec.check_compatible(read_header(path).model_spec, f"--checkpoint {path}")
-    registered = set(policy_names or default_policies())
+    registered = set(policy_names)
 
     def fresh(name: str) -> Scorer:
         """A new instance of a registered scorer for every unit of work, so that a scorer with state (the
@@ -223,10 +237,10 @@ def run_leaderboard(
         ids[ORACLE] = oracle_id()
         runner = DownstreamRunner(suite, traces, fresh, recording_window(policies.values()))
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
-            for unit in units:
-                key = (unit[0], ids.get(unit[1], unit[1]), *unit[2:])
-                results.append(store.get_or_compute(key, lambda: runner(unit)))
-                bar.advance(1, status=f"{unit[0]} {unit[1]} b={unit[4]}")
+            for batch in unit_batches(units):
+                keys = [(unit[0], ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
+                results += store.get_or_compute_all(keys, lambda: runner(batch))
+                bar.advance(len(batch), status=f"{batch[0][0]} {batch[0][1]}{' ...' if len(batch) > 1 else ''} b={batch[0][4]}")
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     if downstream and oracle:
         future_only = sorted({*future_only, ORACLE})
@@ -263,14 +277,27 @@ def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> in
     return suite.ppl_prefix if kind == "ppl" else compressed_length(trace, placement)
 
 
+def unit_batches(units: list[tuple]) -> list[list[tuple]]:
+    """The units a ``DownstreamRunner`` computes together: the compressed RULER units of one prompt and
+    budget (their answers decode as one batch), every other unit alone. Serial and Ray runs use the
+    same batches, so they write the same records; a resumed run recomputes a batch whole."""
+    batches: dict[tuple, list[tuple]] = {}
+    for unit in units:
+        kind, policy, source, trace, budget, placement = unit
+        together = kind == "ruler" and policy != FULL_CACHE
+        batches.setdefault((kind, source, trace, placement, budget) if together else unit, []).append(unit)
+    return list(batches.values())
+
+
 class DownstreamRunner:
-    """Computes downstream units (``downstream_units``' tuples) with the real model and cache.
+    """Computes batches of downstream units (``unit_batches``) with the real model and cache.
 
     Consecutive units of one (trace, placement) share their work: the prompt's prefill runs once into a
     recording cache that every policy and budget forks (``EvictingCache.fork``: the same evictions, the
     same numbers as a prefill per unit), and the future oracle's importance is computed once. Only the
     latest trace's are kept, so units should come grouped by trace, as ``downstream_units`` orders them.
-    The model loads on the first unit.
+    The compressed caches of a RULER batch are stacked and answer as one batch of rows. The model loads
+    on the first unit.
     """
 
     def __init__(self, suite: Suite, traces: Mapping[str, TraceDataset], scorer_of: Callable[[str], Scorer],
@@ -279,30 +306,39 @@ class DownstreamRunner:
         self.model = self.tokenizer = None
         self.shared: dict[tuple, Any] = {}  # (what, source, trace, prefix) -> importance or recording, latest trace only
 
-    def __call__(self, unit: tuple) -> dict[str, Any]:
+    def __call__(self, batch: list[tuple]) -> list[dict[str, Any]]:
+        """The records of a batch of units, in its order."""
         from kvp_gym.models import load_model
 
         if self.model is None:
             self.model, self.tokenizer = load_model(self.suite.model)
         suite = self.suite
-        kind, policy, source, trace_index, budget, placement = unit
+        kind, policy, source, trace_index, budget, placement = batch[0]
         trace = self.traces[source][trace_index]
         prefix = compressed_prefix(suite, kind, trace, placement)
         tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
-        record = {"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget,
-                  "placement": placement, "budget_tokens": tokens}
-        scorer = prefill = None
-        if policy != FULL_CACHE:
-            scorer = self._oracle(source, trace_index, prefix) if policy == ORACLE else self.scorer_of(policy)
+        records = [{"kind": kind, "policy": unit[1], "source": source, "trace": trace_index, "budget": budget,
+                    "placement": placement, "budget_tokens": tokens} for unit in batch]
+        if policy == FULL_CACHE:
+            scorers = prefill = None
+        else:
+            scorers = [self._oracle(source, trace_index, prefix) if unit[1] == ORACLE else self.scorer_of(unit[1])
+                       for unit in batch]
             prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
             prefill = self._shared(("prefill", source, trace_index, prefix),
                                    lambda: record_prefill(self.model, prompt, self.query_window))
         if kind == "ppl":
-            nll, count = continuation_nll(self.model, trace, prefix, scorer, tokens, suite.sink, suite.recent, prefill)
-            return {**record, "nll_sum": nll, "tokens": count}
-        answer, score = ruler_answer(self.model, self.tokenizer, trace, placement, scorer, tokens, suite.sink, suite.recent,
-                                     suite.answer_tokens, prefill)
-        return {**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
+            nll, count = continuation_nll(self.model, trace, prefix, scorers and scorers[0], tokens, suite.sink,
+                                          suite.recent, prefill)
+            return [{**records[0], "nll_sum": nll, "tokens": count}]
+        if scorers is None:
+            answers = [ruler_answer(self.model, self.tokenizer, trace, placement, None, None, suite.sink, suite.recent,
+                                    suite.answer_tokens)]
+        else:
+            answers = ruler_answers(self.model, self.tokenizer, trace, placement, scorers, tokens, suite.sink,
+                                    suite.recent, suite.answer_tokens, prefill)
+        return [{**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
+                for record, (answer, score) in zip(records, answers)]
 
     def _oracle(self, source: str, trace_index: int, prefix: int) -> Scorer:
         importance = self._shared(("oracle", source, trace_index, prefix),

@@ -56,6 +56,8 @@ class Suite:
     ranking_traces: int | None = None
     min_task_accuracy: float | None = None
     placements: tuple[str, ...] = ("outside", "inside")
+    ruler_tasks: tuple[str, ...] | None = None
+    policies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.placements or not set(self.placements) <= {"outside", "inside"}:
@@ -107,13 +109,14 @@ class Suite:
                 model_name=self.model,
                 seed=self.seed,
                 show_progress=show_progress,
+                tasks=self.ruler_tasks if source == "ruler" else None,
             )
             for key, source, n, length in self.trace_sets()
         }
 
 
 # Fields added to Suite after suites were published, with their defaults (see Suite.hash).
-LATER_FIELDS: dict[str, Any] = {"placements": ("outside", "inside")}
+LATER_FIELDS: dict[str, Any] = {"placements": ("outside", "inside"), "ruler_tasks": None, "policies": ()}
 
 
 def fraction_label(fraction: float) -> str:

@@ -1,5 +1,5 @@
-"""The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (every
-missing policy x budget of one prompt, sharing its prefill). Workers compute; the driver writes each
+"""The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (the
+batches of one prompt that miss records, sharing its prefill; see ``unit_batches``). Workers compute; the driver writes each
 record, keyed as the serial path keys it, so ``run_leaderboard``'s loops then only read them back:
 identical records."""
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 
-from kvp_gym.io import write_json_atomic
 from kvp_gym.scale.runtime import crash_once, ray_session, run_unordered, worker_setup
 
 
@@ -35,14 +34,14 @@ class LeaderboardWorker:
 
         return scorers.get(name) if name in self.registered else self.policies[name]
 
-    def run(self, job: tuple[str, list[tuple[tuple, tuple]]]) -> list[tuple[tuple, Any]]:
-        """One ranking unit, or every missing downstream unit of one prompt (they share its prefill):
-        [(record key, record)]."""
-        kind, units = job
+    def run(self, job: tuple[str, list]) -> list[tuple[tuple, Any]]:
+        """One ranking unit [(key, unit)], or the batches of one prompt that miss records [[(key, unit)]] (they
+        share its prefill): [(record key, record)]."""
+        kind, work = job
         crash_once("leaderboard")
         if kind == "ranking":
-            return [(key, self._ranking(*unit)) for key, unit in units]
-        return [(key, self.downstream(unit)) for key, unit in units]
+            return [(key, self._ranking(*unit)) for key, unit in work]
+        return [pair for batch in work for pair in zip([key for key, _ in batch], self.downstream([unit for _, unit in batch]))]
 
     def _ranking(self, name: str, source: str, trace: int) -> dict[str, Any]:
         from kvp_gym.eval.ranking import SuiteRanking
@@ -58,7 +57,7 @@ def compute_missing_units(
     workers: int | None, address: str | None, show_progress: bool = True,
 ) -> int:
     """Compute every unit ``store`` lacks on Ray workers and write its record (driver only); returns how many."""
-    from kvp_gym.eval.leaderboard import downstream_units, oracle_id
+    from kvp_gym.eval.leaderboard import downstream_units, oracle_id, unit_batches
     from kvp_gym.eval.oracle import ORACLE
     from kvp_gym.progress import progress_bar
 
@@ -72,23 +71,23 @@ def compute_missing_units(
     if downstream:
         all_ids = {**ids, ORACLE: oracle_id()}
         by_prompt: dict[tuple, list] = {}
-        for unit in downstream_units(suite, traces, policies, oracle=oracle):
-            key = (unit[0], all_ids.get(unit[1], unit[1]), *unit[2:])
-            if not store.path(key).exists():
-                by_prompt.setdefault((unit[0], *unit[2:4], unit[5]), []).append((key, unit))
-        jobs += [("downstream", units) for units in by_prompt.values()]
+        for batch in unit_batches(downstream_units(suite, traces, policies, oracle=oracle)):
+            keys = [(unit[0], all_ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
+            if not all(store.path(key).exists() for key in keys):
+                by_prompt.setdefault((batch[0][0], *batch[0][2:4], batch[0][5]), []).append(list(zip(keys, batch)))
+        jobs += [("downstream", batches) for batches in by_prompt.values()]
     if not jobs:
         return 0
     trace_dirs = {source: str(dataset.directory) for source, dataset in traces.items()}
     args = (suite, trace_dirs, [name for name in policies if name in set(registered)], [str(path) for path in checkpoints],
             sorted(registered))
-    with progress_bar(sum(len(units) for _, units in jobs), "leaderboard: units on workers", enabled=show_progress) as bar:
+    units = sum(len(work) if kind == "ranking" else sum(len(batch) for batch in work) for kind, work in jobs)
+    with progress_bar(units, "leaderboard: units on workers", enabled=show_progress) as bar:
 
         def record(results: list[tuple[tuple, Any]]) -> None:
-            for key, value in results:
-                write_json_atomic(store.path(key), value)
-                bar.advance(1, status=str(key[0]))
+            store.write_missing(results)
+            bar.advance(len(results), status=str(results[0][0][0]))
 
         with ray_session(workers, address) as count:
             run_unordered(LeaderboardWorker, args, count, jobs, "run", record)
-    return sum(len(units) for _, units in jobs)
+    return units

@@ -155,6 +155,7 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
         seed=params["seed"],
         target_tokens=params["length"],
         model=model,
+        **({"tasks": params["tasks"]} if "tasks" in params else {}),
     )
     records = [sample.to_dict() for sample in samples]
     write_json_atomic(path, {"params": params, "samples": records})
@@ -181,9 +182,11 @@ def generate_traces(
     show_progress: bool = True,
     workers: int | None = None,
     address: str | None = None,
+    tasks: tuple[str, ...] | None = None,
 ) -> TraceDataset:
     """Generate (or resume) a trace set of ``n`` sequences of ``length`` tokens at ``out``.
 
+    ``tasks``: the RULER tasks the samples cycle through (``source="ruler"`` only; default all).
     ``workers`` / ``address``: trace the sequences on Ray actors (a local Ray with ``workers`` CPUs, or the
     cluster at ``address``; kvp_gym.scale); the samples are still made once here, the files are the same."""
     _check_arguments(source, split, n, length)
@@ -199,6 +202,10 @@ def generate_traces(
         "seed": DEFAULT_SEEDS[split] if seed is None else seed,
         "model": model_name,
     }
+    if tasks is not None:  # only when set, so the sets made before this option keep their settings
+        if source != "ruler":
+            raise ValueError(f"tasks are RULER tasks, but source is {source!r}")
+        params["tasks"] = list(tasks)
     model, tokenizer = load_model(model_name)
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
     if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
