@@ -84,11 +84,10 @@ def _run(make_config) -> None:
     """Train the config ``make_config()`` returns; every input error is one line and rc 2."""
     from agents.train import train
 
-    try:
+    from kvp_gym.traces.cli import one_line_errors
+
+    with one_line_errors(TypeError):  # TypeError: an --env-opt the env does not take
         result = train(make_config())
-    except (ValueError, TypeError, FileNotFoundError) as error:  # TypeError: an --env-opt the env does not take
-        typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(f"scorer: {result.scorer_path}")
     if result.evaluation:
         typer.echo("evaluation: " + ", ".join(f"{key} {value:.4f}" for key, value in result.evaluation.items()))

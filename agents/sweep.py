@@ -12,7 +12,6 @@ per-head training that parallelises best.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +203,9 @@ def sweep_command(
     from agents.cli import _pairs
     from agents.train import TrainConfig
 
-    try:
+    from kvp_gym.traces.cli import one_line_errors
+
+    with one_line_errors(TypeError):
         base = TrainConfig(agent=agent[0], traces=[str(path) for path in traces], out=str(out), steps=steps, arch=arch,
                            hidden=hidden, agent_options=_pairs(set_, "--set", parse_json=False),
                            env_options=_pairs(env_opt, "--env-opt", parse_json=True),
@@ -212,9 +213,6 @@ def sweep_command(
                            progress=False)
         summary = run_sweep(base, out, list(agent), list(heads), list(seed), list(reward) or None, workers=workers,
                             address=address, show_progress=progress)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
     for row in summary["rows"]:
         typer.echo(f"  {row['agent']:<12} {row['reward']:<11} {row['heads']:<8} IQM {row.get('iqm', float('nan')):.4f} "
                    f"[{row.get('iqm_low', float('nan')):.4f}, {row.get('iqm_high', float('nan')):.4f}] over {len(row['seeds'])} seeds")

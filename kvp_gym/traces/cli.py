@@ -21,13 +21,18 @@ app = typer.Typer(help="Generate and inspect trace sets (post-RoPE Q/K/V of a re
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Turn a validation error (bad argument, missing or corrupt file) into one line and exit code 2."""
+def one_line_errors(*also: type[Exception]) -> Iterator[None]:
+    """Turn a validation error (bad argument, missing or corrupt file, or one of ``also``) into one line and
+    exit code 2, and Ctrl-C into one line and exit code 130 (every long command writes whole files only and
+    resumes)."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, *also) as error:
         typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted: every finished file is kept; rerun the same command to resume", err=True)
+        raise typer.Exit(code=130) from None
 
 
 @app.command()
