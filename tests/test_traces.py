@@ -76,6 +76,40 @@ def test_resume_after_kill_leaves_no_partial_file(tmp_path, prose_set, monkeypat
     assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*"))
 
 
+def test_dialogue_samples_resume_one_dialogue_at_a_time(tmp_path, tiny_model_dir, monkeypatch):
+    """The model writes every dialogue (minutes each on a CPU): an interrupted set keeps the dialogues made
+    so far and the rerun makes only the rest, giving the uninterrupted set's samples."""
+    from kvp_gym.traces import generate as generate_module
+
+    def dialogue_set(directory):
+        return generate_traces(directory, "dialogue", n=3, length=96, split="test", model_name=str(tiny_model_dir),
+                               show_progress=False)
+
+    original = generate_module.make_dialogue
+    made = []
+
+    def make_then_die(*args):
+        made.append(args[4])
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(generate_module, "make_dialogue", make_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dialogue_set(tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "samples.json").exists()
+    assert sorted(path.name for path in (tmp_path / "resumed" / "samples.partial").iterdir()) == [
+        "00000.json", "00001.json", "params.json"]
+    made.clear()
+    monkeypatch.setattr(generate_module, "make_dialogue", lambda *args: made.append(args[4]) or original(*args))
+    dialogue_set(tmp_path / "resumed")
+    assert made == [2]
+    assert not (tmp_path / "resumed" / "samples.partial").exists()
+    monkeypatch.setattr(generate_module, "make_dialogue", original)
+    dialogue_set(tmp_path / "whole")
+    assert (tmp_path / "resumed" / "samples.json").read_bytes() == (tmp_path / "whole" / "samples.json").read_bytes()
+
+
 def test_mixing_parameters_is_refused(tmp_path, prose_set, tiny_model_dir):
     prose_set(tmp_path / "set", n=1)
     with pytest.raises(TraceError, match="refusing to mix"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import SPLITS, count_tokens, split_of
-from .dialogue import dialogue_topics, make_dialogues
+from .dialogue import dialogue_topics, make_dialogue, make_dialogues
 from .prose import make_prose, prose_topics
 from .pycode import CODE_FILES, code_files, make_code
 from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer
@@ -42,6 +42,7 @@ __all__ = [
     "dialogue_topics",
     "encode_sample",
     "make_code",
+    "make_dialogue",
     "make_dialogues",
     "make_prose",
     "make_ruler",
@@ -63,7 +64,7 @@ def make_samples(
     **options: Any,
 ) -> list[TextSample]:
     """`n` samples of `source` ("ruler", "dialogue", "prose" or "code"); `options` go to that source's maker
-    (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p, progress).
+    (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p).
     `model` is needed by "dialogue" only."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .common import (
     Message,
@@ -40,9 +39,8 @@ def make_dialogues(
     max_new_tokens: int = 256,
     temperature: float = 0.7,
     top_p: float = 0.9,
-    progress: bool = False,
 ) -> list[TextSample]:
-    """`n` dialogues of about `target_tokens` tokens (never more).
+    """`n` dialogues of about `target_tokens` tokens (never more): ``make_dialogue`` at indices 0..n-1.
 
     Each dialogue walks a seeded order of the split's topics, asking each topic's user turns in order;
     the model answers every turn (seeded sampling). Turns stop when the next reply would not get
@@ -51,13 +49,28 @@ def make_dialogues(
     lists [role, char offset] for every turn.
     """
     check_request(n, split, target_tokens)
+    return [make_dialogue(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, temperature, top_p)
+            for index in range(n)]
+
+
+def make_dialogue(
+    model: Any,
+    tokenizer: Any,
+    split: str,
+    seed: int,
+    index: int,
+    target_tokens: int,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> TextSample:
+    """Dialogue number ``index`` of ``make_dialogues`` (each is seeded by its index alone: a set can be made
+    one dialogue at a time, and resumed)."""
+    check_request(index + 1, split, target_tokens)
     if model is None:
         raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    return [
-        _make_one(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, sampling)
-        for index in tqdm(range(n), desc=f"dialogues ({split})", disable=not progress)
-    ]
+    return _make_one(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, sampling)
 
 
 def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:

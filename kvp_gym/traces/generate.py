@@ -8,6 +8,7 @@ same command after a kill continues where it stopped; rerunning it with other se
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_samples
+from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_samples
 from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
@@ -23,6 +24,7 @@ from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDatase
 
 DEFAULT_SEEDS = {"train": 0, "test": 1}
 SAMPLES_FILE = "samples.json"
+PARTIAL_SAMPLES = "samples.partial"  # dialogue samples made so far, one file each
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,25 +142,53 @@ def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
         )
 
 
-def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any) -> list[dict[str, Any]]:
+def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any,
+                  show_progress: bool = True) -> list[dict[str, Any]]:
     """Text samples of the set, made once and kept with their settings in samples.json (dialogue is slow to make)."""
     path = directory / SAMPLES_FILE
     if path.exists():
         stored = json.loads(path.read_text())
         check_same_settings(path, stored.get("params") if isinstance(stored, dict) else None, params)
         return stored["samples"]
-    samples = make_samples(
-        params["source"],
-        tokenizer,
-        n=params["n"],
-        split=params["split"],
-        seed=params["seed"],
-        target_tokens=params["length"],
-        model=model,
-        **({"tasks": params["tasks"]} if "tasks" in params else {}),
-    )
-    records = [sample.to_dict() for sample in samples]
+    if params["source"] == "dialogue":
+        records = _dialogue_records(directory / PARTIAL_SAMPLES, params, tokenizer, model, show_progress)
+    else:
+        samples = make_samples(
+            params["source"],
+            tokenizer,
+            n=params["n"],
+            split=params["split"],
+            seed=params["seed"],
+            target_tokens=params["length"],
+            model=model,
+            **({"tasks": params["tasks"]} if "tasks" in params else {}),
+        )
+        records = [sample.to_dict() for sample in samples]
     write_json_atomic(path, {"params": params, "samples": records})
+    shutil.rmtree(directory / PARTIAL_SAMPLES, ignore_errors=True)
+    return records
+
+
+def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, model: Any, show_progress: bool) -> list[dict[str, Any]]:
+    """The dialogue samples, made one at a time (the model writes every reply: about a minute each on a CPU),
+    each kept in ``partial`` as it is made, so an interrupted set resumes with the next dialogue."""
+    partial.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(partial)
+    settings = partial / "params.json"
+    if settings.exists():
+        check_same_settings(settings, json.loads(settings.read_text()), params)
+    else:
+        write_json_atomic(settings, params)
+    records = []
+    with progress_bar(params["n"], f"dialogue samples ({params['split']}), the model writing every reply",
+                      enabled=show_progress) as bar:
+        for index in range(params["n"]):
+            path = partial / f"{index:05d}.json"
+            if not path.exists():
+                sample = make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"])
+                write_json_atomic(path, sample.to_dict())
+            records.append(json.loads(path.read_text()))
+            bar.advance(1)
     return records
 
 
@@ -210,7 +240,7 @@ def generate_traces(
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
     if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
         return TraceDataset(directory)
-    samples = _load_samples(directory, params, tokenizer, model)
+    samples = _load_samples(directory, params, tokenizer, model, show_progress)
     done = writer.done()
     with progress_bar(total=len(samples), description=f"traces {source}/{split}", enabled=show_progress) as bar:
         bar.advance(len(done))
