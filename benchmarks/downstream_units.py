@@ -47,7 +47,7 @@ def main() -> None:
     print(f"{args.suite}: {args.texts} {ppl_source} texts, {args.texts} {ruler_source} samples, policies {names}, budgets "
           f"{suite.budget_settings()} | load avg {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
-    timings, records = {}, {}
+    timings = {}
     for kind in ("ppl", "ruler"):
         todo = [unit for unit in units if unit[0] == kind]
         started = time.perf_counter()
@@ -59,9 +59,11 @@ def main() -> None:
         timings[kind, "per unit"] = time.perf_counter() - started
         shared.shared.clear()
         started = time.perf_counter()
-        together = [record for batch in unit_batches(todo) for record in shared(batch)]
+        together = {}
+        for batch in unit_batches(todo):  # RULER batches hold one budget's policies: another order than todo's
+            together.update(zip(batch, shared(batch)))
+        together = [together[unit] for unit in todo]
         timings[kind, "shared"] = time.perf_counter() - started
-        records[kind] = (alone, together)
         per_unit, fast = timings[kind, "per unit"], timings[kind, "shared"]
         same = sum(a == b for a, b in zip(alone, together))
         print(f"{kind}: {len(todo)} units | one prefill per unit {per_unit:.1f} s ({per_unit / len(todo):.2f} s/unit) | "
