@@ -191,7 +191,6 @@ def run_leaderboard(
     from kvp_gym.scale import wants_ray
 
     distributed = wants_ray(workers, address)  # bad --workers / no Ray fails before any work
-
     from kvp_gym.checkpoint import read_header
 
     out = Path(out).expanduser()
@@ -327,8 +326,8 @@ class DownstreamRunner:
             prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
             prefill = self._shared(("prefill", source, trace_index, prefix),
                                    lambda: record_prefill(self.model, prompt, self.query_window))
-        if kind == "ppl":
-            nll, count = continuation_nll(self.model, trace, prefix, scorers and scorers[0], tokens, suite.sink,
+        if kind == "ppl":  # a batch of one (unit_batches)
+            nll, count = continuation_nll(self.model, trace, prefix, scorers[0] if scorers else None, tokens, suite.sink,
                                           suite.recent, prefill)
             return [{**records[0], "nll_sum": nll, "tokens": count}]
         if scorers is None:
