@@ -30,17 +30,10 @@ def dialogue_topics(split: str) -> list[Topic]:
 
 
 def make_dialogues(
-    model: Any,
-    tokenizer: Any,
-    n: int,
-    split: str,
-    seed: int,
-    target_tokens: int,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
+    model: Any, tokenizer: Any, n: int, split: str, seed: int, target_tokens: int, **options: Any
 ) -> list[TextSample]:
-    """`n` dialogues of about `target_tokens` tokens (never more): ``make_dialogue`` at indices 0..n-1.
+    """`n` dialogues of about `target_tokens` tokens (never more): ``make_dialogue`` at indices 0..n-1
+    (``options``: its max_new_tokens, temperature, top_p).
 
     Each dialogue walks a seeded order of the split's topics, asking each topic's user turns in order;
     the model answers every turn (seeded sampling). Turns stop when the next reply would not get
@@ -49,8 +42,7 @@ def make_dialogues(
     lists [role, char offset] for every turn.
     """
     check_request(n, split, target_tokens)
-    return [make_dialogue(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, temperature, top_p)
-            for index in range(n)]
+    return [make_dialogue(model, tokenizer, split, seed, index, target_tokens, **options) for index in range(n)]
 
 
 def make_dialogue(
