@@ -10,9 +10,12 @@ future-attention oracle (``agents.distill``); its checkpoint header records how 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from kvp_gym.checkpoint import load_scorer
+import torch
+
+from kvp_gym.checkpoint import load_scorer, read_header, save_scorer
 from kvp_gym.scorers import Scorer
 
 POLICY_FILE = Path(__file__).parent / "policies" / "kvp-smollm2-135m.safetensors"
@@ -21,3 +24,18 @@ POLICY_FILE = Path(__file__).parent / "policies" / "kvp-smollm2-135m.safetensors
 def shipped_kvp() -> Scorer:
     """The shipped SmolLM2-135M policy (it has agents for that model's 30 x 3 KV heads only)."""
     return load_scorer(POLICY_FILE).eval()
+
+
+def ship(run: str | Path, out: str | Path = POLICY_FILE) -> Path:
+    """Write the trained scorer of ``run`` (a run directory or checkpoint file) as the shipped policy: the
+    same header, the weights in float16 (half the size; they load back as float32)."""
+    header = read_header(run)
+    return save_scorer(load_scorer(run), out, registry_name=header.registry_name, config=header.config,
+                       model_spec=header.model_spec, protected=header.protected, training=header.training,
+                       env=header.env, weights_dtype=torch.float16)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Ship a trained run as the registered `kvp` policy (float16 weights).")
+    parser.add_argument("run", type=Path, help="run directory (or its best/) or checkpoint file")
+    print(f"wrote {ship(parser.parse_args().run)}")

@@ -78,11 +78,14 @@ def save_scorer(
     protected: dict[str, int],
     training: dict[str, Any],
     env: str | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``scorer`` (an ``nn.Module`` with weights, or a weightless heuristic) and its header; returns the file.
 
     ``config`` must rebuild the scorer: ``kvp_gym.scorers.get(registry_name, **config)``. If the config
     names the model's shapes (num_layers / num_kv_heads / head_dim) they must agree with ``model_spec``.
+    ``weights_dtype`` stores the floating-point weights in that dtype (e.g. torch.float16, half the size,
+    to ship); ``load_scorer`` casts them back to the module's own dtype.
     """
     from kvp_gym.io import package_versions, write_atomic
 
@@ -114,6 +117,9 @@ def save_scorer(
     tensors = {}
     if isinstance(scorer, torch.nn.Module):
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in scorer.state_dict().items()}
+        if weights_dtype is not None:
+            tensors = {name: tensor.to(weights_dtype) if tensor.is_floating_point() else tensor
+                       for name, tensor in tensors.items()}
     file = checkpoint_file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(file, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: encoded}))

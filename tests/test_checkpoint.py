@@ -89,6 +89,24 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert header.env == "KVEvict-v0" and header.training["agent"] == "kvp" and "torch" in header.versions
 
 
+def test_ship_stores_float16_weights_that_load_as_float32(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from agents.shipped import ship
+
+    scorer = PerHeadMLPScorer(2, 2, 16, hidden=8, seed=1)
+    save(scorer, tmp_path / "run")
+    shipped = ship(tmp_path / "run", tmp_path / "shipped.safetensors")
+    with safe_open(str(shipped), framework="pt") as handle:
+        assert {handle.get_tensor(name).dtype for name in handle.keys()} <= {torch.float16, torch.int64}
+    assert shipped.stat().st_size < (tmp_path / "run" / "scorer.safetensors").stat().st_size
+    loaded = load_scorer(shipped)
+    for name, tensor in scorer.state_dict().items():
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        assert loaded.state_dict()[name].dtype == tensor.dtype and torch.equal(loaded.state_dict()[name], expected), name
+    assert read_header(shipped).training == read_header(tmp_path / "run").training
+
+
 def test_partial_heads_round_trip_and_missing_head(tmp_path: Path) -> None:
     scorer = PerHeadMLPScorer(2, 2, 16, heads=[(1, 0)])
     loaded = load_scorer(save(scorer, tmp_path / "one.safetensors"))
