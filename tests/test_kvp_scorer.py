@@ -182,7 +182,8 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda self, show_progress=True, root=None: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
-    assert config.arch_options == {"width": 64, "inputs": "kv+attention"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.arch_options == {"width": 112, "inputs": "kv+attention"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.agent_options["loss"] == "listnet" and config.agent_options["target"] == "imp_vnorm"
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
     assert config.val_texts == 4 and RECIPES["smollm2-quick"].config("/runs/q", traces_root="/d/traces").val_texts == 2
     assert roots == [None, "/d/traces"]
