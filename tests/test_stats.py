@@ -133,3 +133,7 @@ def test_env_downstream_tau_from_records():
     # accuracy a=1, c=0.5, b=0 against cost a < b < c: one discordant pair of three
     assert by_metric["accuracy (outside)"]["tau"] == pytest.approx(1 / 3)
     assert by_metric["accuracy (outside)"]["source"] == "ruler"
+    # a suite with absolute and fractional budgets (full-v2: 128 and "10%") gives a row per budget
+    mixed = downstream + [{**record, "budget": "10%"} for record in downstream]
+    rows = env_downstream_tau({"ranking": ranking, "downstream": mixed, "future_only": ["oracle"]})
+    assert sorted(str(row["budget"]) for row in rows if row["metric"] == "perplexity") == ["10%", "16"]

@@ -228,7 +228,7 @@ def env_downstream_tau(
             cell[0] += record["score"]
             cell[1] += 1
     rows = []
-    for (metric, source, budget), by_policy in sorted(cells.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+    for (metric, source, budget), by_policy in sorted(cells.items(), key=lambda item: (item[0][0], item[0][1], str(item[0][2]))):
         names = sorted(name for name in by_policy if name in env)
         cost = [float(np.mean(env[name][source] if env[name][source] else env[name]["*"])) for name in names]
         if metric == "perplexity":
