@@ -402,6 +402,8 @@ def test_fork_refuses_what_it_cannot_reproduce(model):
     model(ids, cache=recording, use_cache=True)
     with pytest.raises(ValueError, match="fewer queries than this scorer's window of 16"):
         recording.fork(get("snapkv", window_size=16), 24)
+    with pytest.raises(ValueError, match="one budget"):
+        EvictingCache.stack([recording.fork(KeyNorm(), 24), recording.fork(KeyNorm(), 30)])
     model(ids[:, :4], cache=recording, use_cache=True)
     with pytest.raises(ValueError, match="right after its prefill"):
         recording.fork(KeyNorm(), 24)
