@@ -1,7 +1,7 @@
 """The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (the
-batches of one prompt that miss records, sharing its prefill; see ``unit_batches``). Workers compute; the driver writes each
-record, keyed as the serial path keys it, so ``run_leaderboard``'s loops then only read them back:
-identical records."""
+batches of one prompt that miss records, sharing its prefill; see ``unit_batches``). Workers compute;
+the driver writes each record, keyed as the serial path keys it, so ``run_leaderboard``'s loops then
+only read them back: identical records."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-
 from kvp_gym.scale.runtime import crash_once, ray_session, run_unordered, worker_setup
 
 
 class LeaderboardWorker:
-    """One Ray actor: the suite's trace sets, the policies and (on the first downstream unit) the model."""
+    """One Ray actor: the suite's trace sets, the policies and a ``DownstreamRunner`` (it loads the model on
+    the first downstream unit)."""
 
     def __init__(self, suite: Any, trace_dirs: dict[str, str], names: list[str], checkpoints: list[str], registered: list[str]) -> None:
         from kvp_gym.eval.leaderboard import DownstreamRunner, load_policies, recording_window
