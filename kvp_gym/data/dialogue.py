@@ -62,28 +62,6 @@ def make_dialogue(
     if model is None:
         raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    return _make_one(model, tokenizer, split, seed, index, target_tokens, max_new_tokens, sampling)
-
-
-def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:
-    """(topic title, user prompt) in a seeded topic order, each topic's turns in sequence."""
-    topics = dialogue_topics(split)
-    sample_rng("dialogue", split, seed, index).shuffle(topics)
-    for topic in topics:
-        for turn in topic.turns:
-            yield topic.title, turn
-
-
-def _make_one(
-    model: Any,
-    tokenizer: Any,
-    split: str,
-    seed: int,
-    index: int,
-    target_tokens: int,
-    max_new_tokens: int,
-    sampling: dict[str, Any],
-) -> TextSample:
     messages: list[Message] = []
     titles: list[str] = []
     for turn, (title, prompt) in enumerate(_user_turns(split, seed, index)):
@@ -118,6 +96,15 @@ def _make_one(
     }
     question_start, answer_start = (min(start, len(text)) for start in starts[-2:])
     return TextSample(text, "dialogue", "dialogue", split, [], question_start, answer_start, meta)
+
+
+def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:
+    """(topic title, user prompt) in a seeded topic order, each topic's turns in sequence."""
+    topics = dialogue_topics(split)
+    sample_rng("dialogue", split, seed, index).shuffle(topics)
+    for topic in topics:
+        for turn in topic.turns:
+            yield topic.title, turn
 
 
 def _generate(
