@@ -162,12 +162,11 @@ def compare_command(
         raise typer.Exit(code=2) from None
     if threads:
         torch.set_num_threads(threads)
-    try:
+    from kvp_gym.traces.cli import one_line_errors
+
+    with one_line_errors(TypeError):
         rows = run_comparison(names, seeds, steps, [str(p) for p in traces], [str(p) for p in eval_traces], out, pairs,
                               eval_every)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        typer.secho(f"error: {' '.join(str(error).splitlines())}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
     table = summarize(rows)
     for path in write_outputs(table, rows, out):
         typer.echo(f"wrote {path}")

@@ -136,11 +136,13 @@ class RecordStore:
 
     def get_or_compute_all(self, keys: list[tuple], compute: Callable[[], list[Any]]) -> list[Any]:
         """The records of ``keys``: if any is missing, all are computed at once (``compute()``, in ``keys``'
-        order) and the missing ones written; then every one is read back."""
-        if all(self.path(key).exists() for key in keys):
-            return [json.loads(self.path(key).read_text()) for key in keys]
-        self.write_missing(zip(keys, compute()))
-        return [json.loads(self.path(key).read_text()) for key in keys]
+        order) and the missing ones written; a record that existed is returned as stored."""
+        stored = [json.loads(self.path(key).read_text()) if self.path(key).exists() else None for key in keys]
+        if None not in stored:
+            return stored
+        computed = compute()
+        self.write_missing((key, value) for key, value, old in zip(keys, computed, stored) if old is None)
+        return [value if old is None else old for value, old in zip(computed, stored)]
 
     def write_missing(self, records: Iterable[tuple[tuple, Any]]) -> None:
         for key, value in records:
