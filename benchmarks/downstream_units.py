@@ -7,7 +7,7 @@ Every (policy, budget) unit of a prompt compresses the same prefill. ``per unit`
 ``DownstreamRunner`` for each unit, which prefills the prompt itself and answers a RULER question alone
 (what the leaderboard did before). ``shared``: one runner over ``unit_batches``, which prefills each prompt
 once into a recording cache, forks it per policy and budget (``EvictingCache.fork``) and answers a RULER
-batch as one batch of rows (``EvictingCache.stack``). Both use the same model object; the records are
+prompt's units as batches of rows (``EvictingCache.stack``). Both use the same model object; the records are
 compared (perplexity bit for bit; RULER answers string for string). One torch thread: run it on an idle
 machine (the 1-minute load average is printed).
 """
@@ -60,7 +60,7 @@ def main() -> None:
         shared.shared.clear()
         started = time.perf_counter()
         together = {}
-        for batch in unit_batches(todo):  # RULER batches hold one budget's policies: another order than todo's
+        for batch in unit_batches(todo):  # a RULER batch holds every unit of a prompt: another order than todo's
             together.update(zip(batch, shared(batch)))
         together = [together[unit] for unit in todo]
         timings[kind, "shared"] = time.perf_counter() - started

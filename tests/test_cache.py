@@ -392,6 +392,31 @@ def test_forked_prefill_evicts_and_decodes_exactly_as_its_own_prefill(model, bud
 
 
 @torch.no_grad()
+def test_a_stack_of_different_budgets_decodes_each_row_as_alone(model):
+    """Forks at different budgets, and the full cache, stack into one batch (shorter rows padded with empty
+    slots); each row's logits are its own cache's, and the full-cache fork's are a DynamicCache's."""
+    ids, _ = prompt(length=56)
+    recording = EvictingCache.recording(model.config, query_window=40)
+    model(ids[:, :40], cache=recording, use_cache=True)
+    rows = [(get("h2o-norm"), 12), (None, None), (KeyNorm(), 30), (get("snapkv", window_size=8), 20)]
+    alone, alone_step = [], []
+    for scorer, budget in rows:
+        cache = recording.fork(scorer, budget, sink=2, recent=4)
+        alone.append(model(ids[:, 40:], cache=cache, use_cache=True).logits)
+        alone_step.append(model(ids[:, -1:], cache=cache, use_cache=True).logits)  # one more token: q = 1
+    full = DynamicCache(config=model.config)
+    model(ids[:, :40], cache=full, use_cache=True)
+    assert torch.equal(alone[1], model(ids[:, 40:], cache=full, use_cache=True).logits)
+    stacked = EvictingCache.stack([recording.fork(scorer, budget, sink=2, recent=4) for scorer, budget in rows])
+    assert stacked.layers[0].keys.shape[-2] == 40 and stacked.layers[0].padded
+    logits = model(ids[:, 40:].expand(len(rows), -1), cache=stacked, use_cache=True).logits
+    step = model(ids[:, -1:].expand(len(rows), -1), cache=stacked, use_cache=True).logits
+    for row in range(len(rows)):
+        torch.testing.assert_close(logits[row], alone[row][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step[row], alone_step[row][0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_fork_refuses_what_it_cannot_reproduce(model):
     ids, _ = prompt(length=48)
     plain = EvictingCache(KeyNorm(), 24, config=model.config)
@@ -402,8 +427,6 @@ def test_fork_refuses_what_it_cannot_reproduce(model):
     model(ids, cache=recording, use_cache=True)
     with pytest.raises(ValueError, match="fewer queries than this scorer's window of 16"):
         recording.fork(get("snapkv", window_size=16), 24)
-    with pytest.raises(ValueError, match="one budget"):
-        EvictingCache.stack([recording.fork(KeyNorm(), 24), recording.fork(KeyNorm(), 30)])
     model(ids[:, :4], cache=recording, use_cache=True)
     with pytest.raises(ValueError, match="right after its prefill"):
         recording.fork(KeyNorm(), 24)

@@ -186,7 +186,8 @@ def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(ti
     prompts = [(unit[0], unit[2], unit[3], unit[5]) for unit in units]
     assert sum(a != b for a, b in zip(prompts, prompts[1:])) == len(set(prompts)) - 1  # grouped by prompt
     batches = unit_batches(units)
-    assert sorted(map(len, batches))[-1] == len(policies) + 1  # a RULER batch: every policy and the oracle
+    # a RULER batch: the full cache, then every policy and the oracle at every budget
+    assert sorted(map(len, batches))[-1] == 1 + (len(policies) + 1) * len(tiny_suite.budget_settings())
     window = recording_window(policies.values())
     shared = DownstreamRunner(tiny_suite, traces, get, window)
     for batch in batches:

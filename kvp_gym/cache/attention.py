@@ -5,7 +5,8 @@ it the attention function registered under ``config._attn_implementation``, in t
 nothing that links the two (``generate`` rejects extra keyword arguments). So an ``EvictingLayer``
 leaves itself in a thread-local slot at ``update`` and this function picks it up, checks that it
 belongs to the same layer, and shows it the queries, the 4D mask (padding) and the true position ids
-of the forward before running the stock sdpa attention. Without a pending layer it *is* sdpa:
+of the forward before running the stock sdpa attention (a padded stack of caches also hides its empty
+slots there). Without a pending layer it *is* sdpa:
 outputs are bit-identical to ``attn_implementation="sdpa"`` for any other cache.
 
 The mask function is registered under the same name (transformers builds no causal mask for an
@@ -49,6 +50,7 @@ def _evicting_attention(
     _handoff.layer = None
     if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None) and layer.holds(key):
         layer.observe(query, attention_mask, kwargs.get("position_ids"), kwargs.get("scaling") or module.scaling)
+        attention_mask = layer.hide_empty_slots(attention_mask, query.shape[-2])
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

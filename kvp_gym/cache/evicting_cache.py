@@ -112,16 +112,18 @@ class EvictingCache(Cache):
         cache.is_recording = True
         return cache
 
-    def fork(self, scorer: Scorer, budget: int, *, sink: int = DEFAULT_PROTECTED.sink,
+    def fork(self, scorer: Scorer | None, budget: int | None, *, sink: int = DEFAULT_PROTECTED.sink,
              recent: int = DEFAULT_PROTECTED.recent, use_triton: bool | None = None) -> EvictingCache:
         """A new cache holding this (``recording``) cache's prefill, to compress with ``scorer`` to ``budget``.
 
         It evicts exactly the entries a fresh ``EvictingCache(scorer, budget, ...)`` would after running the
-        same prefill itself (one-shot compression), so one prefill serves every policy and budget. This
-        cache is left as it is, to fork again.
+        same prefill itself (one-shot compression), so one prefill serves every policy and budget. A None
+        ``scorer`` (and budget) keeps every entry: the full cache. This cache is left as it is, to fork again.
         """
         if not self.is_recording:
             raise ValueError("only a cache made by EvictingCache.recording(...) can be forked")
+        if scorer is None:
+            scorer, budget, sink, recent = _Recorder(self.settings.query_window), sys.maxsize, 0, 0
         cache = EvictingCache(scorer, budget, config=self.config, sink=sink, recent=recent, use_triton=use_triton)
         for mine, prefilled in zip(cache.layers, self.layers):
             mine.adopt(prefilled)
@@ -129,16 +131,15 @@ class EvictingCache(Cache):
 
     @classmethod
     def stack(cls, caches: list[EvictingCache]) -> EvictingCache:
-        """One cache whose batch rows are the rows of ``caches``: one-shot caches (``every=None``) with the
-        same budget that ran the same tokens (e.g. forks of one prefill), each compressed (pending
-        compressions are applied first). Decoding the stack decodes every cache at once."""
+        """One cache whose batch rows are the rows of ``caches``: one-shot caches (``every=None``) that ran
+        the same tokens (e.g. forks of one prefill at any budgets), each compressed (pending compressions
+        are applied first). Rows that store fewer entries are left-padded with empty slots that attention
+        skips. Decoding the stack decodes every cache at once."""
         for cache in caches:
             cache.flush()
-        budgets = {cache.settings.budget for cache in caches}
-        if len(budgets) != 1:
-            raise ValueError(f"only caches with one budget stack (every layer stores the same length), got {sorted(budgets)}")
         first = caches[0].settings
-        stacked = cls(_Recorder(first.query_window), first.budget, config=caches[0].config, sink=first.sink, recent=first.recent)
+        budget = max(cache.settings.budget for cache in caches)
+        stacked = cls(_Recorder(first.query_window), budget, config=caches[0].config, sink=first.sink, recent=first.recent)
         for index, layer in enumerate(stacked.layers):
             layer.stack([cache.layers[index] for cache in caches])
         return stacked
@@ -174,7 +175,7 @@ class EvictingCache(Cache):
 
 class _Recorder:
     """The scorer of caches that never compress again: a recording cache (it needs every live input, its
-    budget is never reached) or a stack of compressed caches."""
+    budget is never reached), a full-cache fork of one, or a stack of compressed caches."""
 
     needs = LIVE_INPUTS
 

@@ -102,6 +102,7 @@ class EvictingLayer(DynamicLayer):
         self.observed = True
         self.peak_stored = 0
         self.compressions = 0
+        self.padded = False  # rows stacked from caches of different lengths: some slots hold no entry
 
     def adopt(self, prefilled: EvictingLayer) -> None:
         """Take over the state another cache's layer has right after its prefill, as if this layer had run it.
@@ -132,13 +133,16 @@ class EvictingLayer(DynamicLayer):
 
     def stack(self, layers: list[EvictingLayer]) -> None:
         """Hold the rows of ``layers`` (one-shot caches, compressed, with the same tokens seen) as this
-        layer's batch rows, to decode them together; nothing is compressed again."""
+        layer's batch rows, to decode them together; nothing is compressed again. Rows that store fewer
+        entries than the longest are left-padded with empty slots (position -1) that no query attends."""
         if any(layer.pending or layer.settings.every is not None or layer.seen != layers[0].seen for layer in layers):
             raise ValueError(f"layer {self.layer_idx}: only compressed one-shot caches with the same tokens seen stack")
+        length = max(layer.keys.shape[-2] for layer in layers)
         self.dtype, self.device = layers[0].dtype, layers[0].device
-        self.keys = torch.cat([layer.keys for layer in layers])
-        self.values = torch.cat([layer.values for layer in layers])
-        self.positions = torch.cat([layer.positions for layer in layers])
+        self.keys = torch.cat([_left_pad(layer.keys, length, dim=-2) for layer in layers])
+        self.values = torch.cat([_left_pad(layer.values, length, dim=-2) for layer in layers])
+        self.positions = torch.cat([_left_pad(layer.positions, length, dim=-1, value=-1) for layer in layers])
+        self.padded = any(layer.keys.shape[-2] < length for layer in layers)
         self.is_initialized, self.seen, self.observed = True, layers[0].seen, True
         self.forwards = max(layer.forwards for layer in layers)
         self.compressions = max(layer.compressions for layer in layers)
@@ -232,6 +236,19 @@ class EvictingLayer(DynamicLayer):
             if self.settings.needs_attention:
                 self._accumulate_attention(query, visible, scaling)
         self.observed = True
+
+    def hide_empty_slots(self, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+        """The forward's 4D mask [B, 1, q, S] (None: causal) with this layer's empty slots (a padded
+        stack's) hidden from every query; unchanged if the layer has none."""
+        if not self.padded:
+            return attention_mask
+        filled = self.positions[:, 0, :] >= 0  # [B, S]; the new tokens' slots are real
+        visible = _as_bool(attention_mask)
+        if visible is None:
+            s = filled.shape[-1]
+            slots = torch.arange(s, device=self.device)
+            visible = slots[None, :] <= s - query_length + torch.arange(query_length, device=self.device)[:, None]
+        return visible & filled[:, None, None, :]
 
     # -- compression -----------------------------------------------------------------------------
     def compress(self) -> None:
@@ -370,6 +387,12 @@ class EvictingLayer(DynamicLayer):
             self.attention = fn(self.attention)
         if self.window is not None:
             self.window = self.window.map(fn)
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int, value: int = 0) -> torch.Tensor:
+    """``tensor`` padded at the start of ``dim`` (-2 or -1) to ``length`` with ``value``."""
+    missing = length - tensor.shape[dim]
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0) if dim == -2 else (missing, 0), value=value)
 
 
 def _as_bool(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -31,12 +31,12 @@ def prefilled_cache(
     prefill: EvictingCache | None = None,
 ) -> Cache:
     """A cache holding the prefill of ``prompt`` [1, n], compressed (lazily, at the next forward) to ``budget``
-    entries per KV head by ``scorer``; a full DynamicCache if ``scorer`` is None.
+    entries per KV head by ``scorer``; the full cache if ``scorer`` is None.
 
     ``prefill``: a recording cache (``EvictingCache.recording``) that already ran this prompt; it is forked
     instead of running the prefill again (the same entries are evicted, see ``EvictingCache.fork``).
     """
-    if scorer is not None and prefill is not None:
+    if prefill is not None:
         return prefill.fork(scorer, budget, sink=sink, recent=recent)
     cache = DynamicCache(config=model.config) if scorer is None else EvictingCache(
         scorer, budget, config=model.config, sink=sink, recent=recent)
@@ -98,21 +98,42 @@ def ruler_answers(
     tokenizer: PreTrainedTokenizerBase,
     trace: Trace,
     placement: str,
-    scorers: list[Scorer],
-    budget: int,
+    rows: list[tuple[Scorer | None, int | None]],
     sink: int,
     recent: int,
     max_new_tokens: int,
-    prefill: EvictingCache | None = None,
+    prefill: EvictingCache,
 ) -> list[tuple[str, float]]:
-    """``ruler_answer`` for several scorers at one budget, decoded as one batch (one row per scorer's
-    compressed cache, ``EvictingCache.stack``). Batched matmuls may differ from a lone row's in the
+    """``ruler_answer`` for several (scorer, budget) rows (None, None: the full cache), forked from ``prefill``,
+    the recording of the compressed part. Rows decode together: those whose stored lengths are within a
+    factor ``STACK_SPREAD`` stack into one batch (``EvictingCache.stack``; shorter rows are padded with slots
+    no query attends, which costs the difference). Batched matmuls may differ from a lone row's in the
     last bits, so an answer can differ from ``ruler_answer``'s where two tokens nearly tie."""
     prompt = ruler_prompt(tokenizer, trace)
     compressed = prompt[:, : compressed_length(trace, placement)]
-    caches = [prefilled_cache(model, compressed, scorer, budget, sink, recent, prefill) for scorer in scorers]
-    return _greedy_answers(model, tokenizer, trace, prompt.expand(len(scorers), -1), EvictingCache.stack(caches),
-                           max_new_tokens)
+    stored = [compressed.shape[1] if budget is None else min(budget, compressed.shape[1]) for _, budget in rows]
+    answers: list[tuple[str, float]] = [("", 0.0)] * len(rows)
+    for group in _stacks_by_length(stored):
+        caches = [prefilled_cache(model, compressed, *rows[i], sink, recent, prefill) for i in group]
+        decoded = _greedy_answers(model, tokenizer, trace, prompt.expand(len(group), -1), EvictingCache.stack(caches),
+                                  max_new_tokens)
+        for i, answer in zip(group, decoded):
+            answers[i] = answer
+    return answers
+
+
+STACK_SPREAD = 2  # rows stack while the longest stores at most this many times the shortest's entries
+
+
+def _stacks_by_length(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped by stored length (ascending): a group ends where a length exceeds
+    ``STACK_SPREAD`` times its first."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not groups or lengths[index] > STACK_SPREAD * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(index)
+    return groups
 
 
 def _greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trace: Trace, prompt: torch.Tensor,

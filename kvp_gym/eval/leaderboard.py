@@ -20,7 +20,7 @@ import torch
 
 from kvp_gym import scorers
 from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
-from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answer, ruler_answers, ruler_prompt
+from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answers, ruler_prompt
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
@@ -279,14 +279,13 @@ def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> in
 
 
 def unit_batches(units: list[tuple]) -> list[list[tuple]]:
-    """The units a ``DownstreamRunner`` computes together: the compressed RULER units of one prompt and
-    budget (their answers decode as one batch), every other unit alone. Serial and Ray runs use the
-    same batches, so they write the same records; a resumed run recomputes a batch whole."""
+    """The units a ``DownstreamRunner`` computes together: every RULER unit of one prompt (the full cache and
+    every policy at every budget; their answers decode as one batch), every perplexity unit alone. Serial
+    and Ray runs use the same batches, so they write the same records; a resumed run recomputes a batch whole."""
     batches: dict[tuple, list[tuple]] = {}
     for unit in units:
-        kind, policy, source, trace, budget, placement = unit
-        together = kind == "ruler" and policy != FULL_CACHE
-        batches.setdefault((kind, source, trace, placement, budget) if together else unit, []).append(unit)
+        kind, _, source, trace, _, placement = unit
+        batches.setdefault((kind, source, trace, placement) if kind == "ruler" else unit, []).append(unit)
     return list(batches.values())
 
 
@@ -294,8 +293,8 @@ class DownstreamRunner:
     """Computes batches of downstream units (``unit_batches``) with the real model and cache.
 
     Consecutive units of one (trace, placement) share their work: the prompt's prefill runs once into a
-    recording cache that every policy and budget forks (``EvictingCache.fork``: the same evictions, the
-    same numbers as a prefill per unit), and the future oracle's importance is computed once. Only the
+    recording cache that the full cache and every policy and budget fork (``EvictingCache.fork``: the same
+    evictions, the same numbers as a prefill per unit), and the future oracle's importance is computed once. Only the
     latest trace's are kept, so units should come grouped by trace, as ``downstream_units`` orders them.
     The compressed caches of a RULER batch are stacked and answer as one batch of rows. The model loads
     on the first unit.
@@ -314,30 +313,26 @@ class DownstreamRunner:
         if self.model is None:
             self.model, self.tokenizer = load_model(self.suite.model)
         suite = self.suite
-        kind, policy, source, trace_index, budget, placement = batch[0]
+        kind, _, source, trace_index, _, placement = batch[0]
         trace = self.traces[source][trace_index]
         prefix = compressed_prefix(suite, kind, trace, placement)
-        tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
-        records = [{"kind": kind, "policy": unit[1], "source": source, "trace": trace_index, "budget": budget,
-                    "placement": placement, "budget_tokens": tokens} for unit in batch]
-        if policy == FULL_CACHE:
-            scorers = prefill = None
-        else:
-            scorers = [self._oracle(source, trace_index, prefix) if unit[1] == ORACLE else self.scorer_of(unit[1])
-                       for unit in batch]
-            prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
-            prefill = self._shared(("prefill", source, trace_index, prefix),
-                                   lambda: record_prefill(self.model, prompt, self.query_window))
+        records, rows = [], []
+        for _, policy, _, _, budget, _ in batch:
+            tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
+            records.append({"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget,
+                            "placement": placement, "budget_tokens": tokens})
+            scorer = (None if policy == FULL_CACHE else self._oracle(source, trace_index, prefix) if policy == ORACLE
+                      else self.scorer_of(policy))
+            rows.append((scorer, tokens))
+        prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
+        prefill = self._shared(("prefill", source, trace_index, prefix),
+                               lambda: record_prefill(self.model, prompt, self.query_window))
         if kind == "ppl":  # a batch of one (unit_batches)
-            nll, count = continuation_nll(self.model, trace, prefix, scorers[0] if scorers else None, tokens, suite.sink,
-                                          suite.recent, prefill)
+            (scorer, tokens), = rows
+            nll, count = continuation_nll(self.model, trace, prefix, scorer, tokens, suite.sink, suite.recent, prefill)
             return [{**records[0], "nll_sum": nll, "tokens": count}]
-        if scorers is None:
-            answers = [ruler_answer(self.model, self.tokenizer, trace, placement, None, None, suite.sink, suite.recent,
-                                    suite.answer_tokens)]
-        else:
-            answers = ruler_answers(self.model, self.tokenizer, trace, placement, scorers, tokens, suite.sink,
-                                    suite.recent, suite.answer_tokens, prefill)
+        answers = ruler_answers(self.model, self.tokenizer, trace, placement, rows, suite.sink, suite.recent,
+                                suite.answer_tokens, prefill)
         return [{**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
                 for record, (answer, score) in zip(records, answers)]
 
