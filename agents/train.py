@@ -310,6 +310,8 @@ def train(config: TrainConfig) -> TrainResult:
             evaluations[0] = evaluate(agent.scorer)
             for key, value in evaluations[0].items():
                 writer.add_scalar(f"eval/{key}", value, 0)
+        if validate is not None and start == 0:  # the starting point: training keeps a checkpoint only if it does better
+            evaluations.setdefault(0, {}).update(validate_and_keep_best(0))
         for step in range(start, config.steps):
             if step % config.save_every == 0:
                 seed = seed_for(config.seed, step)
