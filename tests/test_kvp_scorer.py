@@ -12,7 +12,7 @@ from agents.distill import DistillAgent, DistillConfig, distill_loss
 from agents.kvp_scorer import PerHeadKVPScorer, attention_features, log_bucket
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
-from kvp_gym.checkpoint import load_scorer, save_scorer
+from kvp_gym.checkpoint import load_scorer, read_header, save_scorer
 from kvp_gym.models import ModelSpec
 from kvp_gym.scorers import ScoringView
 from kvp_gym.utility import future_importance
@@ -162,8 +162,10 @@ def test_train_distill_validates_downstream_and_keeps_the_best(tiny_traces, tmp_
         val_traces=str(tiny_traces.directory), val_every=3, val_texts=1, save_every=3, progress=False,
     )
     result = train(config)
-    assert sorted(result.evaluations) == [3, 6]
+    assert sorted(result.evaluations) == [0, 3, 6]  # the starting point, then every val_every steps
     assert all(value > 0 for value in result.evaluations[6].values())
+    best_step = min(result.evaluations, key=lambda step: result.evaluations[step]["val/ppl_ratio"])
+    assert read_header(tmp_path / "run" / BEST_DIR).training["step"] == best_step
     best = load_scorer(tmp_path / "run" / BEST_DIR)
     assert isinstance(best, PerHeadKVPScorer) and best.inputs == "kv+attention"
     assert train(config).scorer_path == result.scorer_path  # finished: a rerun returns at once
