@@ -71,28 +71,6 @@ def continuation_nll(
 
 
 @torch.inference_mode()
-def ruler_answer(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    trace: Trace,
-    placement: str,
-    scorer: Scorer | None,
-    budget: int | None,
-    sink: int,
-    recent: int,
-    max_new_tokens: int,
-    prefill: EvictingCache | None = None,
-) -> tuple[str, float]:
-    """(greedy answer, RULER string-match score) of a RULER test trace with a compressed cache.
-
-    ``prefill``: the recording of the compressed part, ``ruler_prompt(...)[:, :compressed_length(...)]``.
-    """
-    prompt = ruler_prompt(tokenizer, trace)
-    cache = prefilled_cache(model, prompt[:, : compressed_length(trace, placement)], scorer, budget, sink, recent, prefill)
-    return _greedy_answers(model, tokenizer, trace, prompt, cache, max_new_tokens)[0]
-
-
-@torch.inference_mode()
 def ruler_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -104,11 +82,14 @@ def ruler_answers(
     max_new_tokens: int,
     prefill: EvictingCache,
 ) -> list[tuple[str, float]]:
-    """``ruler_answer`` for several (scorer, budget) rows (None, None: the full cache), forked from ``prefill``,
-    the recording of the compressed part. Rows decode together: those whose stored lengths are within a
-    factor ``STACK_SPREAD`` stack into one batch (``EvictingCache.stack``; shorter rows are padded with slots
-    no query attends, which costs the difference). Batched matmuls may differ from a lone row's in the
-    last bits, so an answer can differ from ``ruler_answer``'s where two tokens nearly tie."""
+    """(greedy answer, RULER string-match score) of a RULER test trace for each (scorer, budget) row (None,
+    None: the full cache), its cache forked from ``prefill``, the recording of the compressed part
+    (``ruler_prompt(...)[:, :compressed_length(...)]``).
+
+    Rows decode together: those whose stored lengths are within a factor ``STACK_SPREAD`` stack into one
+    batch (``EvictingCache.stack``; shorter rows are padded with slots no query attends, which costs the
+    difference). Batched matmuls may differ from a lone row's in the last bits, so an answer can depend
+    on the batch where two tokens nearly tie."""
     prompt = ruler_prompt(tokenizer, trace)
     compressed = prompt[:, : compressed_length(trace, placement)]
     stored = [compressed.shape[1] if budget is None else min(budget, compressed.shape[1]) for _, budget in rows]

@@ -280,7 +280,7 @@ def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> in
 
 def unit_batches(units: list[tuple]) -> list[list[tuple]]:
     """The units a ``DownstreamRunner`` computes together: every RULER unit of one prompt (the full cache and
-    every policy at every budget; their answers decode as one batch), every perplexity unit alone. Serial
+    every policy at every budget; they decode in batches of similar length, ``ruler_answers``), every perplexity unit alone. Serial
     and Ray runs use the same batches, so they write the same records; a resumed run recomputes a batch whole."""
     batches: dict[tuple, list[tuple]] = {}
     for unit in units:
