@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents.distill import DistillAgent, DistillConfig, distill_loss
-from agents.kvp_scorer import PerHeadKVPScorer, attention_features, log_bucket
+from agents.kvp_scorer import PerHeadKVPScorer, log_bucket
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
 from kvp_gym.checkpoint import load_scorer, read_header, save_scorer

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kvp_gym import scorers
@@ -57,7 +56,7 @@ def test_generate_refuses_a_checkpoint_without_every_head_before_generating(tiny
                 protected={"sink": 2, "recent": 4}, training={})
     result = cli("generate", "--policy", tmp_path / "one-head", "--budget", "8", "--model", tiny_model_dir,
                  "--prompt", "a b c d e f g h i j k l m n o p", "--max-new-tokens", "3", "--raw")
-    line = one_line_error(result, "has agents for 1 of the model's 4 (layer, KV head) pairs, missing (0, 0)",
+    one_line_error(result, "has agents for 1 of the model's 4 (layer, KV head) pairs, missing (0, 0)",
                           "train it with --all-heads")
     assert result.stdout == ""  # not a token was generated
 
