@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from kvp_gym.eval.report import downstream_statistics, ranking_table, write_report
+from kvp_gym.eval.oracle import ORACLE
+from kvp_gym.eval.report import downstream_statistics, headline_scores, ranking_table, write_report
 
 
 def fake_results() -> dict:
@@ -62,7 +63,36 @@ def test_downstream_statistics_and_report(tmp_path):
     markdown = write_report(results, tmp_path).read_text()
     assert "upper bound (reads the future)" in markdown
     assert "How far to trust the env's reward" in markdown and "| perplexity | prose | 16 |" in markdown
-    assert "Normalised perplexity score" in markdown
+    assert "Normalised perplexity score" in markdown and "## Headline: normalised downstream score" in markdown
     saved = json.loads((tmp_path / "results.json").read_text())
     taus = {(row["metric"], row["budget"]): row for row in saved["statistics"]["env_downstream_tau"]}
     assert taus["perplexity", 16]["tau"] == pytest.approx(1.0) and taus["perplexity", 16]["policies"] == 3
+
+
+def test_headline_is_the_iqm_of_normalised_task_scores():
+    """Four RULER tasks (budgets) where the oracle answers every sample and random and StreamingLLM none:
+    policy A's normalised scores are its accuracies 0, 0.5, 1, 1, whose IQM (the middle two) is 0.75.
+    Every resample of the 4 texts keeps A's scores at 0 and 1 on two tasks, so the interval brackets 0.75
+    and stays within [0.5, 1]."""
+    accuracy = {1: [0, 0, 0, 0], 2: [1, 0, 1, 0], 3: [1, 1, 1, 1], 4: [1, 1, 1, 1]}
+    downstream = []
+    for budget, answers in accuracy.items():
+        for trace, right in enumerate(answers):
+            for policy, score in ((ORACLE, 1), ("random", 0), ("streamingllm", 0), ("a", right)):
+                downstream.append({"kind": "ruler", "policy": policy, "source": "ruler", "trace": trace, "budget": budget,
+                                   "placement": "outside", "score": float(score)})
+    headline = headline_scores({"downstream": downstream, "future_only": []}, n_resamples=500)
+    assert set(headline) == {"a", "random", "streamingllm"}
+    assert headline["a"].estimate == pytest.approx(0.75)
+    assert 0.5 <= headline["a"].low <= 0.75 <= headline["a"].high <= 1.0 and headline["a"].low < headline["a"].high
+    assert headline["random"].estimate == headline["streamingllm"].estimate == 0.0
+
+
+def test_headline_of_perplexity_matches_the_normalised_pooled_perplexity():
+    results = fake_results()
+    headline = headline_scores(results, n_resamples=200)
+    # no downstream oracle ran: the full cache is the 1; one perplexity task per budget (the RULER tasks have no 1)
+    stats = downstream_statistics(results)["perplexity"]
+    expected = np.mean([stats["good"][budget]["normalized"] for budget in (16, 32)])  # IQM of two values: their mean
+    assert headline["good"].estimate == pytest.approx(expected)
+    assert headline["good"].low <= headline["good"].estimate <= headline["good"].high

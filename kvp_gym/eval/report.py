@@ -24,11 +24,13 @@ from kvp_gym.eval.stats import (
     env_downstream_tau,
     normalized_score,
     probability_of_improvement,
+    iqm,
+    resample_indices,
     worse_of,
 )
+from kvp_gym.io import package_versions, write_atomic, write_json_atomic
 
 FLOOR_POLICIES = ("random", "streamingllm")  # the normalised score's 0: the worse of the two
-from kvp_gym.io import package_versions, write_atomic, write_json_atomic
 
 
 def machine() -> dict[str, Any]:
@@ -146,6 +148,66 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
         "perplexity": cells(ppl_units, True, math.exp),
         "accuracy": {placement: cells(table, False, float) for placement, table in acc_units.items()},
     }
+
+
+def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int = 0) -> dict[str, Interval]:
+    """The leaderboard's headline: per policy, the IQM over tasks of its normalised downstream score, with a
+    95% stratified bootstrap interval (rliable's protocol, Agarwal et al. 2021).
+
+    A task is one (metric, source, budget) cell: perplexity on a source (pooled, exp of the token-weighted
+    mean NLL) or RULER accuracy at a placement. Its normalised score is ``normalized_score(policy, oracle,
+    floor)``: 0 = the worse of random and StreamingLLM, 1 = the downstream future oracle (the full cache
+    where it did not run). Each resample draws a source's texts with replacement, the same draw for every
+    policy and budget, and recomputes every task mean, floor and oracle, then the IQM. Only units every
+    policy of a task has are used. Policies without a real-cache row (future-only ones, the full cache,
+    the oracle itself) get no score.
+    """
+    tasks: dict[tuple, dict[str, dict[Any, tuple[float, float]]]] = defaultdict(lambda: defaultdict(dict))
+    for index, record in enumerate(results["downstream"]):
+        if record["budget"] is None:
+            continue
+        metric = "perplexity" if record["kind"] == "ppl" else f"accuracy {record['placement']}"
+        value = (record["nll_sum"], record["tokens"]) if record["kind"] == "ppl" else (float(record["score"]), 1.0)
+        tasks[metric, record["source"], record["budget"]][record["policy"]][record.get("trace", index)] = value
+    full = {(record["source"], record.get("trace", index)): record for index, record in enumerate(results["downstream"])
+            if record["budget"] is None}
+    per_policy: dict[str, list[np.ndarray]] = defaultdict(list)  # policy -> per task [1 + R] scores (estimate first)
+    for (metric, source, _), table in sorted(tasks.items(), key=str):
+        units = sorted(set.intersection(*(set(per) for per in table.values())), key=str)
+        if not units or not any(p in table for p in FLOOR_POLICIES):
+            continue
+        index = np.concatenate([np.arange(len(units))[None], resample_indices(None, len(units), n_resamples, seed)])
+        lower_is_better = metric == "perplexity"
+
+        def means(values: list[tuple[float, float]]) -> np.ndarray:
+            """The task's mean for the estimate and every resample: [1 + R]."""
+            x, w = np.array([v for v, _ in values]), np.array([w for _, w in values])
+            if lower_is_better:  # x holds NLL sums, w token counts: exp(sum NLL / sum tokens)
+                return np.exp(x[index].sum(1) / w[index].sum(1))
+            return x[index].mean(1)
+
+        mean = {policy: means([per[u] for u in units]) for policy, per in table.items()}
+        if ORACLE in mean:
+            reference = mean[ORACLE]
+        elif lower_is_better and all((source, u) in full for u in units):
+            reference = means([(full[source, u]["nll_sum"], full[source, u]["tokens"]) for u in units])
+        else:
+            continue
+        floors = np.stack([mean[p] for p in FLOOR_POLICIES if p in mean])
+        floor = floors.max(0) if lower_is_better else floors.min(0)
+        for policy, values in mean.items():
+            if policy != ORACLE and policy not in results.get("future_only", ()):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    per_policy[policy].append(np.where(floor == reference, np.nan, (floor - values) / (floor - reference)))
+    headline = {}
+    for policy, scores in per_policy.items():
+        grid = np.stack(scores)  # [tasks, 1 + R]
+        samples = np.array([iqm(column[~np.isnan(column)]) for column in grid.T[1:] if (~np.isnan(column)).any()])
+        estimate = grid[:, 0][~np.isnan(grid[:, 0])]
+        if estimate.size and samples.size:
+            low, high = np.quantile(samples, [0.025, 0.975])
+            headline[policy] = Interval(iqm(estimate), float(min(low, iqm(estimate))), float(max(high, iqm(estimate))))
+    return headline
 
 
 def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int]:
@@ -278,11 +340,13 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     downstream_stats = downstream_statistics(scored)
     taus = env_downstream_tau(scored)
     closed = headroom(scored)
+    headline = headline_scores(scored) if scored["downstream"] else {}
     suite = results["suite"]
     suite_hash = suite.get("hash", "-")
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions(), "machine": machine()}
     statistics = {"downstream": downstream_stats, "env_downstream_tau": taus, "headroom_closed": closed,
-                  "ruler_calibration": calibrated}
+                  "ruler_calibration": calibrated,
+                  "headline": {policy: interval._asdict() for policy, interval in headline.items()}}
     write_json_atomic(out / "results.json", {**results, **meta, "ranking_table": ranking, "perplexity": ppl, "accuracy": accuracy,
                                              "statistics": statistics})
     _write_csv(out / "results.csv", results)
@@ -303,6 +367,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              "next row's. Normalised: 0 = the worse of random and StreamingLLM, 1 = the oracle (ranking: the "
              "future-attention oracle; downstream: the future oracle in the real cache"
              + ("" if oracle else ", here not run, so the full cache") + ").", "",
+             *_headline_section(headline),
              "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
              "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle. Kept@x% = share of the "
              "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
@@ -374,6 +439,20 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     path = out / "LEADERBOARD.md"
     write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+def _headline_section(headline: dict[str, Interval]) -> list[str]:
+    """The headline table: IQM of the normalised downstream score per policy, best first."""
+    if not headline:
+        return []
+    lines = ["## Headline: normalised downstream score", "",
+             "Per policy, the interquartile mean over tasks (every perplexity source and RULER set at every budget) "
+             "of the normalised score (0 = the worse of random and StreamingLLM, 1 = the future oracle in the real "
+             "cache), with its 95% stratified bootstrap interval over texts (rliable's protocol). Higher is better.", "",
+             "| policy | IQM normalised score | 95% CI |", "|---|---|---|"]
+    for policy, interval in sorted(headline.items(), key=lambda item: -item[1].estimate):
+        lines.append(f"| {policy} | {interval.estimate:.3f} | [{interval.low:.3f}, {interval.high:.3f}] |")
+    return lines + [""]
 
 
 def _trace_counts(results: dict[str, Any]) -> dict[str, int]:
