@@ -21,8 +21,10 @@ from kvp_gym.eval.ranking import CURVE_FRACTIONS
 from kvp_gym.eval.stats import (
     Interval,
     bootstrap_ci,
+    bootstrap_means,
     env_downstream_tau,
     normalized_score,
+    percentile_interval,
     probability_of_improvement,
     iqm,
     resample_indices,
@@ -101,8 +103,9 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
     worse of random and StreamingLLM (0) and the downstream future oracle at that budget (1; the
     full cache where the oracle did not run). Accuracy: the interval of the mean score; normalised the same way.
     Returns {"perplexity": {policy: {budget: {...}}}, "accuracy": {placement: {policy: {budget: {...}}}}}
-    where each cell holds estimate, low, high, normalized and p_beats_next (the next policy by
-    estimate at that budget).
+    where each cell holds estimate, low, high, normalized with its interval (normalized_low/high: the
+    policy's, the floor's and the oracle's means resampled together, texts paired) and p_beats_next (the
+    next policy by estimate at that budget).
     """
     ppl_units: dict[str, dict[Any, dict]] = defaultdict(lambda: defaultdict(dict))
     acc_units: dict[str, dict[str, dict[Any, dict]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
@@ -116,21 +119,23 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
 
     def cells(table: dict[str, dict[Any, dict]], lower_is_better: bool, transform) -> dict[str, dict[Any, dict]]:
         out: dict[str, dict[Any, dict]] = defaultdict(dict)
+
+        def draws(per_unit: dict) -> tuple[list, float, np.ndarray]:
+            """(units in one order, the transformed mean, its transformed bootstrap means [R]): the same units
+            draw the same resamples, so the draws of policies, floor and oracle are paired."""
+            units = sorted(per_unit, key=str)
+            estimate, means = bootstrap_means([per_unit[u][0] for u in units], strata=[u[0] for u in units],
+                                              weights=[per_unit[u][1] for u in units])
+            return units, float(transform(estimate)), transform(means)
+
         full = table.get(FULL_CACHE, {}).get("full")
+        full_draws = None if full is None else draws(full)
         for budget in {b for per in table.values() for b in per}:
-            stats = {}
-            for policy, per in table.items():
-                if budget not in per:
-                    continue
-                units = per[budget]
-                interval = bootstrap_ci([v for v, _ in units.values()], strata=[u[0] for u in units],
-                                        weights=[w for _, w in units.values()])
-                stats[policy] = Interval(*(transform(x) for x in interval[:3]))
-            reference = None if full is None else transform(bootstrap_ci([v for v, _ in full.values()],
-                                                                       weights=[w for _, w in full.values()]).estimate)
-            if ORACLE in stats:  # the downstream oracle (reads the future) is the 1 where it ran
-                reference = stats[ORACLE].estimate
-            floor = worse_of((stats[p].estimate for p in FLOOR_POLICIES if p in stats), lower_is_better)
+            drawn = {policy: draws(per[budget]) for policy, per in table.items() if budget in per}
+            stats = {policy: percentile_interval(estimate, samples) for policy, (_, estimate, samples) in drawn.items()}
+            reference = drawn.get(ORACLE, full_draws)  # the downstream oracle (reads the future) is the 1 where it ran
+            floors = [drawn[p] for p in FLOOR_POLICIES if p in drawn]
+            floor = worse_of((f[1] for f in floors), lower_is_better)
             order = sorted(stats, key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
             for policy, following in zip(order, order[1:] + [None]):
                 values = {u: v for u, (v, _) in table[policy][budget].items()}
@@ -139,14 +144,24 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
                     values, {u: v for u, (v, _) in table[following][budget].items()}, lower_is_better, weights)
                 estimate = stats[policy]
                 low, high = sorted((estimate.low, estimate.high))
+                normalized = Interval(math.nan, math.nan, math.nan)
+                if reference is not None:
+                    normalized = Interval(normalized_score(estimate.estimate, reference[1], floor), math.nan, math.nan)
+                    units = drawn[policy][0]
+                    if floors and all(other[0] == units for other in (*floors, reference)):  # paired draws
+                        floor_samples = np.stack([f[2] for f in floors])
+                        floor_samples = floor_samples.max(0) if lower_is_better else floor_samples.min(0)
+                        with np.errstate(divide="ignore", invalid="ignore"):
+                            samples = (floor_samples - drawn[policy][2]) / (floor_samples - reference[2])
+                        normalized = percentile_interval(normalized.estimate, samples)
                 out[policy][budget] = {"estimate": estimate.estimate, "low": low, "high": high, "p_beats_next": beats,
-                                       "next": following,
-                                       "normalized": math.nan if reference is None else normalized_score(estimate.estimate, reference, floor)}
+                                       "next": following, "normalized": normalized.estimate,
+                                       "normalized_low": normalized.low, "normalized_high": normalized.high}
         return out
 
     return {
-        "perplexity": cells(ppl_units, True, math.exp),
-        "accuracy": {placement: cells(table, False, float) for placement, table in acc_units.items()},
+        "perplexity": cells(ppl_units, True, np.exp),
+        "accuracy": {placement: cells(table, False, lambda x: x) for placement, table in acc_units.items()},
     }
 
 
@@ -490,16 +505,17 @@ def _cell(value: float, stats: dict[str, Any] | None, digits: int) -> str:
 
 
 def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracle: str | None = None) -> list[str]:
-    """Per policy and budget: the normalised score and P(beats the next policy at that budget)."""
+    """Per policy and budget: the normalised score with its interval and P(beats the next policy at that budget)."""
     policies = [p for p in cells if p not in (FULL_CACHE, oracle) and any(b in cells[p] for b in budgets)]
     if not policies:
         return []
-    lines = ["", f"Normalised {what} score / P(beats the next policy at that budget):", "",
+    lines = ["", f"Normalised {what} score [95% CI] / P(beats the next policy at that budget):", "",
              "| policy | " + " | ".join(f"b={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for policy in sorted(policies):
         row = cells[policy]
         lines.append(f"| {policy} | " + " | ".join(
-            "-" if b not in row else f"{_number(row[b]['normalized'], 2)} / {_number(row[b]['p_beats_next'], 2)}"
+            "-" if b not in row else f"{_number(row[b]['normalized'], 2)} [{_number(row[b]['normalized_low'], 2)}, "
+            f"{_number(row[b]['normalized_high'], 2)}] / {_number(row[b]['p_beats_next'], 2)}"
             for b in budgets) + " |")
     return lines
 

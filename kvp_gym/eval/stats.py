@@ -97,14 +97,34 @@ def bootstrap_ci(
     (1 - confidence)/2 and (1 + confidence)/2 quantiles of those R means. Constant values give a
     zero-width interval.
     """
+    estimate, means = bootstrap_means(values, strata, n_resamples, seed, weights)
+    return _percentile_interval(estimate, means, confidence)
+
+
+def bootstrap_means(
+    values: Iterable[float],
+    strata: Sequence[Hashable] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    weights: Iterable[float] | None = None,
+) -> tuple[float, np.ndarray]:
+    """(the weighted mean of ``values [U]``, its R resampled means [R]), as ``bootstrap_ci`` draws them:
+    the same units, strata and seed give the same draws, so the resamples of two policies on the same
+    units are paired, and a statistic of several means (a normalised score) can be resampled too."""
     x = _as_values(values)
     w = np.ones_like(x) if weights is None else _as_values(weights, "weights")
     if w.shape != x.shape or (w <= 0).any():
         raise ValueError("weights must be positive, one per value")
-    estimate = float((w * x).sum() / w.sum())
     index = resample_indices(strata, len(x), n_resamples, seed)  # [R, U]
-    means = (w[index] * x[index]).sum(1) / w[index].sum(1)
-    return _percentile_interval(estimate, means, confidence)
+    return float((w * x).sum() / w.sum()), (w[index] * x[index]).sum(1) / w[index].sum(1)
+
+
+def percentile_interval(estimate: float, samples: np.ndarray, confidence: float = 0.95) -> Interval:
+    """``estimate`` with the percentile interval of its bootstrap ``samples [R]`` (NaN samples ignored)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return Interval(estimate, math.nan, math.nan, confidence)
+    return _percentile_interval(estimate, finite, confidence)
 
 
 def probability_of_improvement(
