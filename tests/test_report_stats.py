@@ -48,6 +48,7 @@ def test_ranking_table_statistics():
     assert table["good"]["normalized"] == pytest.approx((2.6 - table["good"]["cost_ratio"]) / (2.6 - 1.0), abs=0.1)
     assert table["random"]["normalized"] == pytest.approx(0.0)  # random is the worse of the two floors
     assert table["oracle"]["normalized"] == 1.0
+    assert table["good"]["normalized_low"] <= table["good"]["normalized"] <= table["good"]["normalized_high"]
     assert table["good"]["p_beats_next"] == 1.0  # good beats streamingllm on every text
     assert math.isnan(table["random"]["p_beats_next"])  # the last row has no next
 

@@ -69,11 +69,27 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     means = {row["policy"]: row["cost_ratio"] for row in table}
     oracle = min((means[p] for p in results["future_only"] if p in means), default=1.0)
     floor = worse_of(means.get(p, math.nan) for p in FLOOR_POLICIES)
+    drawn = {policy: _trace_draws(ranking_units(results, policy)) for policy in means}
+    floors = [drawn[p] for p in FLOOR_POLICIES if p in drawn]
     for row, following in zip(table, table[1:] + [None]):
         row["normalized"] = normalized_score(row["cost_ratio"], oracle, floor)
+        units, samples = drawn[row["policy"]]
+        interval = Interval(row["normalized"], math.nan, math.nan)
+        if floors and all(other[0] == units for other in floors):  # the same texts: paired draws
+            floor_samples = np.stack([f[1] for f in floors]).max(0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                interval = percentile_interval(row["normalized"], (floor_samples - samples) / (floor_samples - oracle))
+        row["normalized_low"], row["normalized_high"] = interval.low, interval.high
         row["p_beats_next"] = math.nan if following is None else paired_probability(
             ranking_units(results, row["policy"]), ranking_units(results, following["policy"]))
     return table
+
+
+def _trace_draws(units: dict[tuple[str, Any], float]) -> tuple[list, np.ndarray]:
+    """(the units in one order, the bootstrap means [R] of their values, stratified by source): the same
+    units draw the same resamples, so two policies' draws are paired."""
+    order = sorted(units, key=str)
+    return order, bootstrap_means([units[u] for u in order], strata=[u[0] for u in order])[1]
 
 
 def ranking_units(results: dict[str, Any], policy: str) -> dict[tuple[str, Any], float]:
@@ -390,14 +406,15 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              "(future-only scorers): they are references, not policies.", ""]
     sources = suite["sources"]
     lines.append("| policy | cost ratio (mean ± std) | 95% CI | " + " | ".join(sources)
-                 + " | kept@10% | kept@25% | kept@50% | heads won | P(beats next) | normalised | |")
+                 + " | kept@10% | kept@25% | kept@50% | heads won | P(beats next) | normalised [95% CI] | |")
     lines.append("|---|---|---|" + "---|" * len(sources) + "---|---|---|---|---|---|---|")
     for row in ranking:
         lines.append(f"| {row['policy']} | {row['cost_ratio']:.3f} ± {row['cost_ratio_std']:.3f} | "
                      f"[{row['cost_ratio_low']:.3f}, {row['cost_ratio_high']:.3f}] | "
                      + " | ".join(_number(row[f'cost_ratio_{s}'], 3) for s in sources)
                      + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} | "
-                     f"{_number(row['p_beats_next'], 2)} | {_number(row['normalized'], 3)} | "
+                     f"{_number(row['p_beats_next'], 2)} | {_number(row['normalized'], 3)} [{_number(row['normalized_low'], 3)}, "
+                     f"{_number(row['normalized_high'], 3)}] | "
                      f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
     oracle_note = (f" `{oracle}` evicts by the trace's own future attention in the real cache: an upper bound "
                    "(reads the future), not a policy." if oracle else "")
