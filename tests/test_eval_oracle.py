@@ -151,6 +151,7 @@ def test_v2_report_oracle_row_headroom_and_calibration(tmp_path):
     assert good["best_heuristic"] == "streamingllm"  # "good" is learned: never the best heuristic
     assert good["headroom_closed"] == pytest.approx((good["best_heuristic_value"] - good["value"])
                                                     / (good["best_heuristic_value"] - good["oracle"]))
+    assert good["headroom_closed_low"] <= good["headroom_closed"] <= good["headroom_closed_high"]
     assert rows["perplexity", 16, "streamingllm"]["headroom_closed"] == pytest.approx(0.0)
     markdown = write_report(results, tmp_path).read_text()
     assert "hash `abc123`" in markdown and "torch threads" in markdown

@@ -69,14 +69,14 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     means = {row["policy"]: row["cost_ratio"] for row in table}
     oracle = min((means[p] for p in results["future_only"] if p in means), default=1.0)
     floor = worse_of(means.get(p, math.nan) for p in FLOOR_POLICIES)
-    drawn = {policy: _trace_draws(ranking_units(results, policy)) for policy in means}
+    drawn = {policy: paired_draws({u: (v, 1.0) for u, v in ranking_units(results, policy).items()}) for policy in means}
     floors = [drawn[p] for p in FLOOR_POLICIES if p in drawn]
     for row, following in zip(table, table[1:] + [None]):
         row["normalized"] = normalized_score(row["cost_ratio"], oracle, floor)
-        units, samples = drawn[row["policy"]]
+        units, _, samples = drawn[row["policy"]]
         interval = Interval(row["normalized"], math.nan, math.nan)
         if floors and all(other[0] == units for other in floors):  # the same texts: paired draws
-            floor_samples = np.stack([f[1] for f in floors]).max(0)
+            floor_samples = np.stack([f[2] for f in floors]).max(0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 interval = percentile_interval(row["normalized"], (floor_samples - samples) / (floor_samples - oracle))
         row["normalized_low"], row["normalized_high"] = interval.low, interval.high
@@ -85,11 +85,14 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
-def _trace_draws(units: dict[tuple[str, Any], float]) -> tuple[list, np.ndarray]:
-    """(the units in one order, the bootstrap means [R] of their values, stratified by source): the same
-    units draw the same resamples, so two policies' draws are paired."""
+def paired_draws(units: dict[Any, tuple[float, float]]) -> tuple[list, float, np.ndarray]:
+    """(the units in one order, the weighted mean of their (value, weight) pairs, its bootstrap means [R]),
+    units (source, trace) resampled within each source. The same units draw the same resamples, so the
+    draws of two policies on the same texts are paired, and a score of several means can be resampled."""
     order = sorted(units, key=str)
-    return order, bootstrap_means([units[u] for u in order], strata=[u[0] for u in order])[1]
+    estimate, means = bootstrap_means([units[u][0] for u in order], strata=[u[0] for u in order],
+                                      weights=[units[u][1] for u in order])
+    return order, estimate, means
 
 
 def ranking_units(results: dict[str, Any], policy: str) -> dict[tuple[str, Any], float]:
@@ -137,11 +140,8 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, dict[Any, dict]] = defaultdict(dict)
 
         def draws(per_unit: dict) -> tuple[list, float, np.ndarray]:
-            """(units in one order, the transformed mean, its transformed bootstrap means [R]): the same units
-            draw the same resamples, so the draws of policies, floor and oracle are paired."""
-            units = sorted(per_unit, key=str)
-            estimate, means = bootstrap_means([per_unit[u][0] for u in units], strata=[u[0] for u in units],
-                                              weights=[per_unit[u][1] for u in units])
+            """``paired_draws`` with the mean transformed (exp for perplexity)."""
+            units, estimate, means = paired_draws(per_unit)
             return units, float(transform(estimate)), transform(means)
 
         full = table.get(FULL_CACHE, {}).get("full")
@@ -322,27 +322,30 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
     The best heuristic is the best non-learned, non-future policy at that budget and source; the oracle
     is the downstream future oracle. Perplexity per perplexity source; RULER accuracy per question
     placement over every (scored) RULER sample. 1 = as good as the oracle, 0 = as the best heuristic,
-    < 0 worse. Same formula for both orientations. One row per (metric, source, budget, policy).
+    < 0 worse. Same formula for both orientations. One row per (metric, source, budget, policy), with a
+    95% interval (the policy's, the best heuristic's and the oracle's means resampled together, texts
+    paired; the best heuristic is the one of the full sample).
     """
     if not results.get("downstream_oracle"):
         return []
-    sums: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
-    for record in results["downstream"]:
+    units: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+    for index, record in enumerate(results["downstream"]):
         if record["budget"] is None:
             continue
+        unit = (record["source"], record.get("trace", index))
         if record["kind"] == "ppl":
-            key, value, weight = ("perplexity", record["source"], record["budget"]), record["nll_sum"], record["tokens"]
+            key, value = ("perplexity", record["source"], record["budget"]), (record["nll_sum"] / record["tokens"], record["tokens"])
         else:
-            key, value, weight = (f"accuracy ({record['placement']})", "ruler", record["budget"]), float(record["score"]), 1.0
-        cell = sums[key][record["policy"]]
-        cell[0] += value
-        cell[1] += weight
+            key, value = (f"accuracy ({record['placement']})", "ruler", record["budget"]), (float(record["score"]), 1.0)
+        units[key][record["policy"]][unit] = value
     learned = set(results.get("learned", ()))
     future = set(results.get("future_only", ())) | {ORACLE}
     rows = []
-    for (metric, source, budget), by_policy in sums.items():
+    for (metric, source, budget), by_policy in units.items():
         lower = metric == "perplexity"
-        value = {p: (math.exp(a / w) if lower else a / w) for p, (a, w) in by_policy.items()}
+        transform = np.exp if lower else (lambda x: x)
+        drawn = {p: paired_draws(per) for p, per in by_policy.items()}
+        value = {p: float(transform(estimate)) for p, (_, estimate, _) in drawn.items()}
         heuristics = [p for p in value if p not in learned and p not in future]
         if ORACLE not in value or not heuristics:
             continue
@@ -350,9 +353,16 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
         for policy, v in sorted(value.items()):
             if policy == ORACLE:
                 continue
+            closed = Interval(normalized_score(v, value[ORACLE], value[best]), math.nan, math.nan)
+            if drawn[policy][0] == drawn[best][0] == drawn[ORACLE][0]:  # the same texts: paired draws
+                best_samples, oracle_samples = transform(drawn[best][2]), transform(drawn[ORACLE][2])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    samples = (best_samples - transform(drawn[policy][2])) / (best_samples - oracle_samples)
+                closed = percentile_interval(closed.estimate, samples)
             rows.append({"metric": metric, "source": source, "budget": budget, "policy": policy, "value": v,
                          "best_heuristic": best, "best_heuristic_value": value[best], "oracle": value[ORACLE],
-                         "headroom_closed": normalized_score(v, value[ORACLE], value[best])})
+                         "headroom_closed": closed.estimate, "headroom_closed_low": closed.low,
+                         "headroom_closed_high": closed.high})
     rows.sort(key=lambda r: (r["metric"], r["source"], str(r["budget"]), r["policy"]))
     return rows
 
@@ -443,8 +453,8 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracle)
     if closed:
         lines += ["", "## Headroom closed", "",
-                  "(best heuristic - policy) / (best heuristic - oracle) at each budget and source: 1 = as good as the "
-                  "future oracle, 0 = as the best non-learned heuristic there, < 0 = worse than it.", "",
+                  "(best heuristic - policy) / (best heuristic - oracle) at each budget and source [95% CI]: 1 = as good "
+                  "as the future oracle, 0 = as the best non-learned heuristic there, < 0 = worse than it.", "",
                   "| metric | source | budget | best heuristic | oracle | " + " | ".join(
                       sorted({r['policy'] for r in closed})) + " |", "|---|---|---|---|---|" + "---|" * len({r['policy'] for r in closed})]
         names = sorted({r["policy"] for r in closed})
@@ -454,8 +464,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         for (metric, source, budget), per in groups.items():
             first = next(iter(per.values()))
             lines.append(f"| {metric} | {source} | {budget} | {first['best_heuristic']} ({first['best_heuristic_value']:.2f}) | "
-                         f"{first['oracle']:.2f} | " + " | ".join(_number(per[n]["headroom_closed"], 2) if n in per else "-"
-                                                                 for n in names) + " |")
+                         f"{first['oracle']:.2f} | " + " | ".join(_closed_cell(per[n]) if n in per else "-" for n in names) + " |")
     if taus:
         lines += ["", "## How far to trust the env's reward", "",
                   "Kendall's tau, across policies (future-only ones and the full cache left out), between the mean env "
@@ -485,6 +494,11 @@ def _headline_section(headline: dict[str, Interval]) -> list[str]:
     for policy, interval in sorted(headline.items(), key=lambda item: -item[1].estimate):
         lines.append(f"| {policy} | {interval.estimate:.3f} | [{interval.low:.3f}, {interval.high:.3f}] |")
     return lines + [""]
+
+
+def _closed_cell(row: dict[str, Any]) -> str:
+    return (f"{_number(row['headroom_closed'], 2)} [{_number(row['headroom_closed_low'], 2)}, "
+            f"{_number(row['headroom_closed_high'], 2)}]")
 
 
 def _trace_counts(results: dict[str, Any]) -> dict[str, int]:
