@@ -43,7 +43,8 @@ def machine() -> dict[str, Any]:
 
 
 def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per policy: mean (and std) cost ratio overall and per source, kept fractions, heads won."""
+    """Per policy: mean (and std) cost ratio overall and per source, kept fractions (each mean with its 95%
+    interval over texts: ``<key>_low``, ``<key>_high``), heads won."""
     by_policy: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in results["ranking"]:
         rows = by_policy[record["policy"]]
@@ -55,13 +56,19 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     table = []
     for policy, rows in by_policy.items():
         row = {"policy": policy, "cost_ratio": float(np.mean(rows["all"])), "cost_ratio_std": float(np.std(rows["all"]))}
+        units = ranking_units(results, policy)
         for source in results["suite"]["sources"]:
             row[f"cost_ratio_{source}"] = float(np.mean(rows[source])) if rows[source] else math.nan
+            mine = [value for (where, _), value in units.items() if where == source]
+            interval = bootstrap_ci(mine) if mine else Interval(math.nan, math.nan, math.nan)
+            row[f"cost_ratio_{source}_low"], row[f"cost_ratio_{source}_high"] = interval.low, interval.high
         for p in (10, 25, 50):
             row[f"kept_{p}"] = float(np.mean(rows[f"kept_{p}"]))
+            kept = ranking_units(results, policy, f"kept_fraction_{p}")
+            interval = bootstrap_ci(list(kept.values()), strata=[source for source, _ in kept])
+            row[f"kept_{p}_low"], row[f"kept_{p}_high"] = interval.low, interval.high
         row["heads_won"] = wins.get(policy, 0)
         row["upper_bound"] = policy in results["future_only"]
-        units = ranking_units(results, policy)
         interval = bootstrap_ci(list(units.values()), strata=[source for source, _ in units])
         row["cost_ratio_low"], row["cost_ratio_high"] = interval.low, interval.high
         table.append(row)
@@ -95,12 +102,12 @@ def paired_draws(units: dict[Any, tuple[float, float]]) -> tuple[list, float, np
     return order, estimate, means
 
 
-def ranking_units(results: dict[str, Any], policy: str) -> dict[tuple[str, Any], float]:
-    """{(source, trace): mean cost ratio over that trace's episodes} of one policy: the bootstrap's units
-    (episodes of one text are not independent; texts are), stratified by source."""
+def ranking_units(results: dict[str, Any], policy: str, field: str = "cost_ratio") -> dict[tuple[str, Any], float]:
+    """{(source, trace): mean ``field`` (cost ratio, kept fraction) over that trace's episodes} of one policy:
+    the bootstrap's units (episodes of one text are not independent; texts are), stratified by source."""
     units = {}
     for index, record in enumerate(r for r in results["ranking"] if r["policy"] == policy):
-        units[record["source"], record.get("trace", index)] = float(np.mean(record["cost_ratio"]))
+        units[record["source"], record.get("trace", index)] = float(np.mean(record[field]))
     return units
 
 
@@ -410,7 +417,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              + ("" if oracle else ", here not run, so the full cache") + ").", "",
              *_headline_section(headline),
              "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
-             "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle. Kept@x% = share of the "
+             "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle; [95% CI]. Kept@x% = share of the "
              "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
              "policy has the lowest mean cost ratio (oracle excluded). Upper bounds read the true future "
              "(future-only scorers): they are references, not policies.", ""]
@@ -421,10 +428,9 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     for row in ranking:
         lines.append(f"| {row['policy']} | {row['cost_ratio']:.3f} ± {row['cost_ratio_std']:.3f} | "
                      f"[{row['cost_ratio_low']:.3f}, {row['cost_ratio_high']:.3f}] | "
-                     + " | ".join(_number(row[f'cost_ratio_{s}'], 3) for s in sources)
-                     + f" | {row['kept_10']:.3f} | {row['kept_25']:.3f} | {row['kept_50']:.3f} | {row['heads_won']} | "
-                     f"{_number(row['p_beats_next'], 2)} | {_number(row['normalized'], 3)} [{_number(row['normalized_low'], 3)}, "
-                     f"{_number(row['normalized_high'], 3)}] | "
+                     + " | ".join(_with_interval(row, f"cost_ratio_{s}", 3) for s in sources) + " | "
+                     + " | ".join(_with_interval(row, f"kept_{p}", 3) for p in (10, 25, 50)) + f" | {row['heads_won']} | "
+                     f"{_number(row['p_beats_next'], 2)} | {_with_interval(row, 'normalized', 3)} | "
                      f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
     oracle_note = (f" `{oracle}` evicts by the trace's own future attention in the real cache: an upper bound "
                    "(reads the future), not a policy." if oracle else "")
@@ -464,7 +470,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         for (metric, source, budget), per in groups.items():
             first = next(iter(per.values()))
             lines.append(f"| {metric} | {source} | {budget} | {first['best_heuristic']} ({first['best_heuristic_value']:.2f}) | "
-                         f"{first['oracle']:.2f} | " + " | ".join(_closed_cell(per[n]) if n in per else "-" for n in names) + " |")
+                         f"{first['oracle']:.2f} | " + " | ".join(_with_interval(per[n], "headroom_closed", 2) if n in per else "-" for n in names) + " |")
     if taus:
         lines += ["", "## How far to trust the env's reward", "",
                   "Kendall's tau, across policies (future-only ones and the full cache left out), between the mean env "
@@ -496,9 +502,9 @@ def _headline_section(headline: dict[str, Interval]) -> list[str]:
     return lines + [""]
 
 
-def _closed_cell(row: dict[str, Any]) -> str:
-    return (f"{_number(row['headroom_closed'], 2)} [{_number(row['headroom_closed_low'], 2)}, "
-            f"{_number(row['headroom_closed_high'], 2)}]")
+def _with_interval(row: dict[str, Any], key: str, digits: int) -> str:
+    """``row[key]`` with its interval (``key_low``, ``key_high``)."""
+    return f"{_number(row[key], digits)} [{_number(row[f'{key}_low'], digits)}, {_number(row[f'{key}_high'], digits)}]"
 
 
 def _trace_counts(results: dict[str, Any]) -> dict[str, int]:
@@ -520,7 +526,8 @@ def _downstream_table(table: dict, cells: dict, budgets: list, oracle: str | Non
     for policy in names:
         lines.append(f"| {policy} | " + " | ".join(_cell(table[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
                                                    for b in budgets)
-                     + f" | {_number(full, 2)} | {'upper bound (reads the future)' if policy == oracle else ''} |")
+                     + f" | {_cell(full, cells.get(FULL_CACHE, {}).get('full'), 2)} | "
+                     f"{'upper bound (reads the future)' if policy == oracle else ''} |")
     return lines
 
 
@@ -545,8 +552,7 @@ def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, or
     for policy in sorted(policies):
         row = cells[policy]
         lines.append(f"| {policy} | " + " | ".join(
-            "-" if b not in row else f"{_number(row[b]['normalized'], 2)} [{_number(row[b]['normalized_low'], 2)}, "
-            f"{_number(row[b]['normalized_high'], 2)}] / {_number(row[b]['p_beats_next'], 2)}"
+            "-" if b not in row else f"{_with_interval(row[b], 'normalized', 2)} / {_number(row[b]['p_beats_next'], 2)}"
             for b in budgets) + " |")
     return lines
 
