@@ -156,7 +156,7 @@ def test_v2_report_oracle_row_headroom_and_calibration(tmp_path):
     markdown = write_report(results, tmp_path).read_text()
     assert "hash `abc123`" in markdown and "torch threads" in markdown
     assert f"| {ORACLE} |" in markdown and "Headroom closed" in markdown and "RULER calibration" in markdown
-    assert "| hard | 4 | 0.00 | no |" in markdown
+    assert "| hard | 4 | 0.00 [0.00, 0.00] | no |" in markdown
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["statistics"]["headroom_closed"] and saved["statistics"]["ruler_calibration"]["scored_tasks"] == ["niah"]
     assert {"perplexity.png", "normalized_score.png", "env_vs_downstream.png", "head_winners.png"} <= {

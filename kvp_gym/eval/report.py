@@ -304,7 +304,7 @@ def budget_keys(suite: dict[str, Any]) -> list[Any]:
 
 def calibration(results: dict[str, Any]) -> dict[str, Any]:
     """RULER difficulty calibrated to the model: full-cache accuracy per task (both question placements
-    pooled), and which tasks are scored (accuracy >= the suite's ``min_task_accuracy``; all when None)."""
+    pooled, with its 95% bootstrap interval over samples), and which tasks are scored (accuracy >= the suite's ``min_task_accuracy``; all when None)."""
     scores: dict[str, list[float]] = defaultdict(list)
     for record in results["downstream"]:
         if record["kind"] == "ruler" and record["policy"] == FULL_CACHE:
@@ -312,8 +312,9 @@ def calibration(results: dict[str, Any]) -> dict[str, Any]:
     threshold = results["suite"].get("min_task_accuracy")
     accuracy = {task: float(np.mean(values)) for task, values in sorted(scores.items())}
     scored = [task for task, acc in accuracy.items() if threshold is None or acc >= threshold]
+    intervals = {task: bootstrap_ci(values) for task, values in sorted(scores.items())}
     return {"threshold": threshold, "task_accuracy": accuracy, "samples": {t: len(v) for t, v in sorted(scores.items())},
-            "scored_tasks": scored}
+            "task_accuracy_ci": {task: [i.low, i.high] for task, i in intervals.items()}, "scored_tasks": scored}
 
 
 def scored_results(results: dict[str, Any], scored_tasks: list[str]) -> dict[str, Any]:
@@ -445,9 +446,10 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         lines += ["", "## RULER calibration (full cache)", "",
                   "Full-cache accuracy per task (both question placements); "
                   + (f"only tasks at >= {threshold:.0%} are scored below." if threshold is not None else "every task is scored."),
-                  "", "| task | samples | full-cache accuracy | scored |", "|---|---|---|---|"]
+                  "", "| task | samples | full-cache accuracy [95% CI] | scored |", "|---|---|---|---|"]
         for task, acc in calibrated["task_accuracy"].items():
-            lines.append(f"| {task} | {calibrated['samples'][task]} | {acc:.2f} | "
+            low, high = calibrated["task_accuracy_ci"][task]
+            lines.append(f"| {task} | {calibrated['samples'][task]} | {acc:.2f} [{low:.2f}, {high:.2f}] | "
                          f"{'yes' if task in calibrated['scored_tasks'] else 'no'} |")
     for placement, table in accuracy.items():
         if not table:
