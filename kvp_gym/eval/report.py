@@ -23,10 +23,10 @@ from kvp_gym.eval.stats import (
     bootstrap_ci,
     bootstrap_means,
     env_downstream_tau,
+    iqm,
     normalized_score,
     percentile_interval,
     probability_of_improvement,
-    iqm,
     resample_indices,
     worse_of,
 )
