@@ -76,7 +76,9 @@ def test_ctrl_c_stops_the_workers_and_the_rerun_completes_the_set(tiny_model_dir
     command = [str(Path(sys.executable).with_name("kvp-gym")), "traces", "generate", "--source", "prose", "--n", str(n),
                "--length", "128", "--split", "test", "--out", str(out), "--model", str(tiny_model_dir), "--workers", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT handled as in a terminal even where this test runs with it ignored (a background job inherits that)
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt once the run is in its steady state (both workers writing), far from its end
     while len(list(out.glob("seq_*.safetensors"))) < 10 and process.poll() is None:
         time.sleep(0.02)
