@@ -83,9 +83,7 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         units, _, samples = drawn[row["policy"]]
         interval = Interval(row["normalized"], math.nan, math.nan)
         if floors and all(other[0] == units for other in floors):  # the same texts: paired draws
-            floor_samples = np.stack([f[2] for f in floors]).max(0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                interval = percentile_interval(row["normalized"], (floor_samples - samples) / (floor_samples - oracle))
+            interval = percentile_interval(row["normalized"], normalized_samples(samples, [f[2] for f in floors], oracle))
         row["normalized_low"], row["normalized_high"] = interval.low, interval.high
         row["p_beats_next"] = math.nan if following is None else paired_probability(
             ranking_units(results, row["policy"]), ranking_units(results, following["policy"]))
@@ -100,6 +98,16 @@ def paired_draws(units: dict[Any, tuple[float, float]]) -> tuple[list, float, np
     estimate, means = bootstrap_means([units[u][0] for u in order], strata=[u[0] for u in order],
                                       weights=[units[u][1] for u in order])
     return order, estimate, means
+
+
+def normalized_samples(values: np.ndarray, floors: list[np.ndarray], reference: np.ndarray,
+                       lower_is_better: bool = True) -> np.ndarray:
+    """``normalized_score`` per resample of paired draws: values, each floor and reference [R] -> [R]; the
+    floor is the worse of ``floors`` in each resample; NaN where floor == reference."""
+    stacked = np.stack(floors)
+    floor = stacked.max(0) if lower_is_better else stacked.min(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(floor == reference, np.nan, (floor - values) / (floor - reference))
 
 
 def ranking_units(results: dict[str, Any], policy: str, field: str = "cost_ratio") -> dict[tuple[str, Any], float]:
@@ -172,10 +180,7 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
                     normalized = Interval(normalized_score(estimate.estimate, reference[1], floor), math.nan, math.nan)
                     units = drawn[policy][0]
                     if floors and all(other[0] == units for other in (*floors, reference)):  # paired draws
-                        floor_samples = np.stack([f[2] for f in floors])
-                        floor_samples = floor_samples.max(0) if lower_is_better else floor_samples.min(0)
-                        with np.errstate(divide="ignore", invalid="ignore"):
-                            samples = (floor_samples - drawn[policy][2]) / (floor_samples - reference[2])
+                        samples = normalized_samples(drawn[policy][2], [f[2] for f in floors], reference[2], lower_is_better)
                         normalized = percentile_interval(normalized.estimate, samples)
                 out[policy][budget] = {"estimate": estimate.estimate, "low": low, "high": high, "p_beats_next": beats,
                                        "next": following, "normalized": normalized.estimate,
@@ -231,12 +236,10 @@ def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int 
             reference = means([(full[source, u]["nll_sum"], full[source, u]["tokens"]) for u in units])
         else:
             continue
-        floors = np.stack([mean[p] for p in FLOOR_POLICIES if p in mean])
-        floor = floors.max(0) if lower_is_better else floors.min(0)
+        floors = [mean[p] for p in FLOOR_POLICIES if p in mean]
         for policy, values in mean.items():
             if policy != ORACLE and policy not in results.get("future_only", ()):
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    per_policy[policy].append(np.where(floor == reference, np.nan, (floor - values) / (floor - reference)))
+                per_policy[policy].append(normalized_samples(values, floors, reference, lower_is_better))
     headline = {}
     for policy, scores in per_policy.items():
         grid = np.stack(scores)  # [tasks, 1 + R]
@@ -363,9 +366,8 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             closed = Interval(normalized_score(v, value[ORACLE], value[best]), math.nan, math.nan)
             if drawn[policy][0] == drawn[best][0] == drawn[ORACLE][0]:  # the same texts: paired draws
-                best_samples, oracle_samples = transform(drawn[best][2]), transform(drawn[ORACLE][2])
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    samples = (best_samples - transform(drawn[policy][2])) / (best_samples - oracle_samples)
+                samples = normalized_samples(transform(drawn[policy][2]), [transform(drawn[best][2])],
+                                             transform(drawn[ORACLE][2]), lower)
                 closed = percentile_interval(closed.estimate, samples)
             rows.append({"metric": metric, "source": source, "budget": budget, "policy": policy, "value": v,
                          "best_heuristic": best, "best_heuristic_value": value[best], "oracle": value[ORACLE],
