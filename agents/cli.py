@@ -44,7 +44,7 @@ def train_command(
     save_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 50,
     hidden: Annotated[int, typer.Option(help="hidden units of each head's MLP (--arch mlp, not with --init)")] = 64,
     arch: Annotated[str, typer.Option(help="trainable architecture: mlp (one hidden layer) or kvp-net (KVP's agent; --agent distill needs it)")] = "mlp",
-    arch_opt: Annotated[list[str], typer.Option("--arch-opt", help="architecture option KEY=VALUE (repeatable), e.g. --arch-opt width=256 --arch-opt inputs=kv+attention")] = [],  # noqa: B006
+    arch_opt: Annotated[list[str], typer.Option("--arch-opt", help="architecture option KEY=VALUE (repeatable), e.g. --arch-opt width=256 --arch-opt inputs=kv+attention+last")] = [],  # noqa: B006
     val_traces: Annotated[Path | None, typer.Option(help="validation trace set: downstream perplexity at 10%/25% kept every --val-every steps; the best checkpoint goes to OUT/best")] = None,
     val_every: Annotated[int, typer.Option(help="validate every K steps")] = 100,
     val_texts: Annotated[int, typer.Option(help="validation texts")] = 4,

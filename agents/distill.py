@@ -10,7 +10,9 @@ trace, and updates all heads at once on ``tokens`` entries drawn from the unprot
     pairwise: ForesightKV's hinge max(0, m - (s_i - s_j)) over the ordered pairs         (agents.pairwise)
 
 target_i is I_n(i) (``target="imp"``, the env's agg=max reward target), its group mean (``"imp_mean"``)
-or I_n(i) ||v_i|| (``"imp_vnorm"``). Scores are compared within a row only, so one ranking per head
+or I_n(i) ||v_i|| (``"imp_vnorm"``). ``prefixes`` lists the prefix lengths n drawn from (uniformly among a
+trace's own); the word ``question`` among them adds, on the traces that have one (RULER, dialogue), n = the
+question's first token, where a server compresses the context before a new question. Scores are compared within a row only, so one ranking per head
 serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
 """
 
@@ -74,8 +76,13 @@ class DistillAgent:
         if config.target not in TARGETS:
             raise ValueError(f"--set target: must be one of {TARGETS}, got {config.target!r}")
         self.scorer, self.config, self.traces = scorer, config, traces
-        self.prefixes = tuple(int(n) for n in config.prefixes.split(","))
-        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window) for dataset in traces]
+        words = [word.strip() for word in config.prefixes.split(",")]
+        at_question = "question" in words
+        try:
+            self.prefixes = tuple(int(word) for word in words if word != "question")
+        except ValueError:
+            raise ValueError(f"--set prefixes: expected token counts and optionally 'question', got {config.prefixes!r}") from None
+        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window, at_question=at_question) for dataset in traces]
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
         self.optimizer = ScheduledOptimizer(
@@ -90,12 +97,13 @@ class DistillAgent:
 
     def sample(self) -> dict[str, torch.Tensor]:
         """One (trace, prefix) for every agent: keys / values [S, M, d], positions [S, M], target,
-        attention features [S, M, 2], on the same M entries of every head."""
+        attention statistics [S, M] each, on the same M entries of every head."""
         pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
         store_index, position = self.examples[pick]
         store = self.stores[store_index]
         trace = self.traces[store_index][store.indices[position]]
-        n = self.prefixes[int(torch.randint(len(self.prefixes), (1,), generator=self.generator))]
+        prefixes = store.prefixes_of(position)
+        n = prefixes[int(torch.randint(len(prefixes), (1,), generator=self.generator))]
         first, last = self.protected.sink, n - self.protected.recent
         entries = torch.randperm(last - first, generator=self.generator)[: self.config.tokens] + first
         layers, kv_heads = self.heads[:, 0], self.heads[:, 1]
@@ -116,13 +124,14 @@ class DistillAgent:
         return {
             "keys": keys, "values": values, "target": target, "n": torch.tensor(n),
             "positions": entries[None].expand(len(self.heads), -1),
-            "h2o": pick_rows("h2o"), "window": pick_rows("window"),
+            "h2o": pick_rows("h2o"), "window": pick_rows("window"), "last": pick_rows("last"),
         }
 
     def update(self) -> dict[str, float]:
         batch = self.sample()
         slots = torch.arange(len(self.heads))
-        extra = attention_features(batch["h2o"], batch["window"]) if "attention" in self.scorer.needs else None
+        features = getattr(self.scorer, "features", 0)
+        extra = attention_features(*(batch[name] for name in ("h2o", "window", "last")[:features])) if features else None
         scores = self.scorer.network(
             slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra
         )

@@ -15,9 +15,13 @@ entry received so far, as two features per entry, projected to W and LayerNorm-e
     log(mean_g A_sum_g(i) / (newest + 1 - pos_i) + 1e-6) / 5     normalised H2O (kvpress ObservedAttention)
     log(mean_g sum_{last w queries t} A_g[t, i] + 1e-6) / 5      the attention of the recent window (SnapKV's vote)
 
-The first makes the scorer read the ``attention`` input, the second the ``queries`` input, so it
-declares both in ``needs``. They also enter the score directly, s_i += c . a_i with c [S, 2] learned
-and initialised to (5, 0): an untrained scorer ranks exactly as normalised H2O, the strongest heuristic
+``inputs="kv+attention+last"`` adds a third, the attention of the last query alone (TOVA's vote):
+
+    log(mean_g A_g[newest, i] + 1e-6) / 5
+
+The first makes the scorer read the ``attention`` input, the others the ``queries`` input, so it
+declares both in ``needs``. They also enter the score directly, s_i += c . a_i with c [S, A] learned
+and initialised to (5, 0, ...): an untrained scorer ranks exactly as normalised H2O, the strongest heuristic
 downstream, and training learns per head where keys, values and positions correct it.
 ``inputs="kv"`` is KVP's own agent (no optional input).
 """
@@ -36,9 +40,9 @@ from agents.mlp_scorer import PerHeadModule
 from baselines._attention import window_attention
 from kvp_gym.scorers import ScoringView
 
-INPUTS = ("kv", "kv+attention")
+ATTENTION_FEATURES = {"kv": 0, "kv+attention": 2, "kv+attention+last": 3}  # per entry, by ``inputs``
+INPUTS = tuple(ATTENTION_FEATURES)
 POSITION_BUCKETS = 32
-ATTENTION_FEATURES = 2
 
 
 def log_bucket(distance: torch.Tensor) -> torch.Tensor:
@@ -46,23 +50,27 @@ def log_bucket(distance: torch.Tensor) -> torch.Tensor:
     return (torch.log2(1.0 + distance.float().clamp_min(0.0)) * 2.0).long().clamp_max(POSITION_BUCKETS - 1)
 
 
-def attention_features(h2o_normalised: torch.Tensor, window_attention: torch.Tensor) -> torch.Tensor:
-    """The two attention inputs [..., N] each -> [..., N, 2] (see the module docstring)."""
-    return torch.stack([torch.log(h2o_normalised.float() + 1e-6), torch.log(window_attention.float() + 1e-6)], -1) / 5.0
+def attention_features(*statistics: torch.Tensor) -> torch.Tensor:
+    """The attention inputs (normalised H2O, the window's vote and optionally the last query's), [..., N]
+    each -> [..., N, A] (see the module docstring)."""
+    return torch.stack([torch.log(statistic.float() + 1e-6) for statistic in statistics], -1) / 5.0
 
 
-def view_attention_features(view: ScoringView, window: int) -> torch.Tensor:
-    """attention_features of a view that carries ``attention`` and ``queries``: [B, H, N, 2]."""
+def view_attention_features(view: ScoringView, window: int, last: bool = False) -> torch.Tensor:
+    """attention_features of a view that carries ``attention`` and ``queries``: [B, H, N, 2], or [B, H, N, 3]
+    with the last query's attention (``last``)."""
     newest = view.positions.masked_fill(~view.mask, -1).amax(-1, keepdim=True)
     seen_by = (newest + 1 - view.positions).clamp_min(1).float()  # queries that attended to each entry
     h2o = view.attention.float().mean(2) / seen_by[:, None]
-    return attention_features(h2o, window_attention(view, window).sum(3).mean(2))
+    recent = window_attention(view, window)  # [B, H, G, w, N]
+    statistics = [h2o, recent.sum(3).mean(2)] + ([recent[:, :, :, -1].mean(2)] if last else [])
+    return attention_features(*statistics)
 
 
 class PerHeadKVPScorer(PerHeadModule):
     """KVP's per-head network (module docstring); ``score(view) -> [B, H, N]``, higher = keep.
 
-    Parameters (S agents, d head_dim, W width, A = 2 attention features when used):
+    Parameters (S agents, d head_dim, W width, A = ATTENTION_FEATURES[inputs] when > 0):
         key_w / value_w [S, d, W], key_b / value_b [S, 1, W], relative / absolute [S, 32, W],
         (attention_w [S, A, W], attention_b [S, 1, W], attention_skip [S, 1, A]), hidden1_w / hidden2_w [S, W, W],
         hidden1_b / hidden2_b [S, 1, W], out_w [S, W, 1], out_b [S, 1, 1]
@@ -88,7 +96,8 @@ class PerHeadKVPScorer(PerHeadModule):
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
         self.width, self.inputs, self.window, self.seed = width, inputs, window, seed
-        self.needs = frozenset({"attention", "queries"}) if inputs == "kv+attention" else frozenset()
+        self.features = ATTENTION_FEATURES[inputs]
+        self.needs = frozenset({"attention", "queries"}) if self.features else frozenset()
         slots, generator = len(self.heads), torch.Generator().manual_seed(seed)
 
         def linear(fan_in: int, fan_out: int, gain: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:
@@ -99,9 +108,9 @@ class PerHeadKVPScorer(PerHeadModule):
         self.value_w, self.value_b = linear(head_dim, width)
         self.relative = nn.Parameter(0.1 * torch.randn(slots, POSITION_BUCKETS, width, generator=generator))
         self.absolute = nn.Parameter(0.1 * torch.randn(slots, POSITION_BUCKETS, width, generator=generator))
-        if inputs == "kv+attention":
-            self.attention_w, self.attention_b = linear(ATTENTION_FEATURES, width)
-            skip = torch.zeros(slots, 1, ATTENTION_FEATURES)
+        if self.features:
+            self.attention_w, self.attention_b = linear(self.features, width)
+            skip = torch.zeros(slots, 1, self.features)
             skip[..., 0] = 5.0  # undoes the feature's / 5: the score starts as log normalised H2O
             self.attention_skip = nn.Parameter(skip)
         self.hidden1_w, self.hidden1_b = linear(width, width)
@@ -122,8 +131,8 @@ class PerHeadKVPScorer(PerHeadModule):
         positions = view.positions.masked_fill(~view.mask, 0)
         newest = positions.amax(-1, keepdim=True)
         extra = None
-        if self.inputs == "kv+attention":
-            extra = view_attention_features(view, self.window).reshape(b * h, n, ATTENTION_FEATURES)
+        if self.features:
+            extra = view_attention_features(view, self.window, self.features == 3).reshape(b * h, n, self.features)
         scores = self.network(
             slots,
             view.keys.reshape(b * h, n, d).float(),
@@ -147,7 +156,7 @@ class PerHeadKVPScorer(PerHeadModule):
         attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The per-row network: slots [R], keys / values [R, N, d], recency / positions [R, N] (long),
-        attention [R, N, 2] or None -> scores [R, N]. Row r runs agent ``slots[r]``."""
+        attention [R, N, A] or None -> scores [R, N]. Row r runs agent ``slots[r]``."""
         width = self.width
 
         def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,15 @@
 A recipe makes its training and validation trace sets (once, into $KVP_GYM_HOME/recipes/<name>/,
 resumable) and returns the TrainConfig that trains on them. ``smollm2`` distils the future-attention
 oracle into KVP's per-head network reading keys, values, positions and the attention statistics the
-cache already has (``--agent distill --arch kvp-net --arch-opt inputs=kv+attention``), validating
+cache already has (``--agent distill --arch kvp-net --arch-opt inputs=kv+attention+last``), validating
 downstream perplexity every ``val_every`` steps and keeping the best checkpoint in ``DIR/best``.
 The loss is ListNet on the future attention times the value norm (``I_i * ||v_i||``), width 112, 1500
 steps: of the losses, targets, widths and lengths compared in docs/learned-eviction.md, on texts of topics
 no training text has, the one whose policy lost least perplexity and fits the 10 MB shipping budget
-(float16). Longer training fits the training topics better and unseen ones worse. The training
+(float16). Longer training fits the training topics better and unseen ones worse. The prefixes drawn are
+256, 512 and 768 tokens and, on RULER tasks and dialogues, the question's first token: compressed where a
+server compresses before a question, the target is what the question and its answer attend to, and that
+(with the last query's attention as an input) is what taught the policy to keep the needle. The training
 traces are 64 prose texts, 48 RULER tasks and 24 dialogues (the dialogues, which the model answers
 turn by turn, take about half the recipe's time; without them the policy lost to ExpectedAttention
 on dialogue). ``smollm2-quick`` is the same at demo size, without dialogues.
@@ -35,8 +38,9 @@ class Recipe:
     steps: int
     length: int = 1024
     model: str = "smollm2-135m"
-    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention"))
-    agent_options: tuple[tuple[str, str], ...] = (("loss", "listnet"), ("target", "imp_vnorm"), ("prefixes", "256,512,768"))
+    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last"))
+    agent_options: tuple[tuple[str, str], ...] = (("loss", "listnet"), ("target", "imp_vnorm"),
+                                                  ("prefixes", "256,512,768,question"))
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from agents.distill import DistillAgent, DistillConfig, distill_loss
-from agents.kvp_scorer import PerHeadKVPScorer, log_bucket
+from agents.kvp_scorer import INPUTS, PerHeadKVPScorer, log_bucket, view_attention_features
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
 from kvp_gym.checkpoint import load_scorer, read_header, save_scorer
@@ -51,6 +52,16 @@ def test_shapes_needs_and_parameter_count() -> None:
     view = view_of(torch.randn(1, 2, 40, 16), 1, attention=True)
     h2o = view.attention.mean(2) / (40 - torch.arange(40)).float()
     torch.testing.assert_close(untrained.score(view), torch.log(h2o + 1e-6))
+    # the last query's attention is a third input; untrained, the ranking is still normalised H2O
+    with_last = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention+last", window=8)
+    assert with_last.needs == {"attention", "queries"} and with_last.attention_w.shape == (6, 3, 32)
+    torch.nn.init.zeros_(with_last.out_w)
+    torch.testing.assert_close(with_last.score(view), torch.log(h2o + 1e-6))
+    last = torch.stack([
+        torch.stack([torch.softmax(view.queries[0, head, g, -1] @ view.keys[0, head].T / 4.0, -1) for g in range(2)]).mean(0)
+        for head in range(2)
+    ])  # the last query (position 39) sees all 40 keys; sqrt(head_dim) = 4
+    torch.testing.assert_close(view_attention_features(view, 8, last=True)[0, ..., 2], torch.log(last + 1e-6) / 5.0)
     with pytest.raises(ValueError, match="inputs must be one of"):
         PerHeadKVPScorer(3, 2, 16, inputs="queries")
 
@@ -87,7 +98,7 @@ def test_drives_the_evicting_cache(tiny_model_dir: Path) -> None:
     model, _ = load_model(str(tiny_model_dir))
     spec = ModelSpec.from_config(model.config, "tiny")
     ids = torch.randint(3, 1000, (2, 60), generator=torch.Generator().manual_seed(0))
-    for inputs in ("kv", "kv+attention"):
+    for inputs in INPUTS:
         scorer = PerHeadKVPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, width=16, inputs=inputs, window=8)
         cache = EvictingCache(scorer, budget=32, config=model.config)
         model(ids, cache=cache, use_cache=True)
@@ -106,15 +117,18 @@ def test_trace_statistics_match_their_definitions(tiny_traces) -> None:
     q, k = trace.q(1), trace.k(1)
     group = q.shape[0] // k.shape[0]
     n, head = 40, 1
-    h2o, window = torch.zeros(n), torch.zeros(n)
+    h2o, window, last = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     for g in range(head * group, (head + 1) * group):
         for j in range(n):
             probs = torch.softmax(q[g, j] @ k[head, : j + 1].T / math.sqrt(q.shape[-1]), -1)
             h2o[: j + 1] += probs / group
             if j >= n - 8:
                 window[: j + 1] += probs / group
+            if j == n - 1:
+                last += probs / group
     torch.testing.assert_close(stats["h2o.40"][1, head], h2o / (n - torch.arange(n)), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats["window.40"][1, head], window, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats["last.40"][1, head], last, rtol=1e-4, atol=1e-6)
 
 
 def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
@@ -129,6 +143,44 @@ def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
         ImportanceStore.build(tiny_traces, (200,), window=8, show_progress=False)
 
 
+class WithQuestions:
+    """A trace set whose traces' questions start at the given tokens (None: no question)."""
+
+    def __init__(self, traces, questions: list[int | None], directory: Path) -> None:
+        self.traces, self.questions, self.directory, self.lengths = traces, questions, directory, traces.lengths
+        self.spec = traces.spec
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def __getitem__(self, index: int):
+        trace = copy.copy(self.traces[index])  # the set's own trace object stays as it is
+        trace.meta = {**trace.meta, "question_token": self.questions[index]}
+        return trace
+
+
+def test_store_at_question_adds_each_traces_question_prefix(tiny_traces, tmp_path: Path) -> None:
+    questions = WithQuestions(tiny_traces, [70, None, 96], tmp_path)  # 96 = the trace's length: no future
+    store = ImportanceStore.build(questions, (40, 64), window=8, show_progress=False, at_question=True)
+    assert [store.prefixes_of(i) for i in range(3)] == [(40, 64, 70), (40, 64), (40, 64)]
+    stats = store.load(0)
+    reference = trace_statistics(tiny_traces[0], (70,), window=8)
+    torch.testing.assert_close(stats["imp.70"].float(), reference["imp.70"], rtol=1e-3, atol=1e-3)
+    assert "imp.70" not in store.load(1)
+    # a store without questions lives in its own directory
+    assert ImportanceStore.build(questions, (40, 64), window=8, show_progress=False).directory != store.directory
+
+    agent_config = DistillConfig(prefixes="40,64,question", tokens=16, window=8)
+    scorer = PerHeadKVPScorer(2, 2, tiny_traces.spec.head_dim, width=8, inputs="kv+attention+last", window=8)
+    agent = DistillAgent(scorer, [questions], {}, agent_config, total_steps=1)
+    agent.reseed(0)
+    drawn = {int(agent.sample()["n"]) for _ in range(60)}
+    assert drawn == {40, 64, 70}
+    assert math.isfinite(agent.update()["train/distill_loss"])
+    with pytest.raises(ValueError, match="prefixes: expected token counts"):
+        DistillAgent(scorer, [questions], {}, DistillConfig(prefixes="40,last"), total_steps=1)
+
+
 def test_distill_losses() -> None:
     target = torch.tensor([[0.0, 1.0, 3.0, 10.0]])
     perfect = torch.log(target + 1e-3) + 5.0
@@ -140,7 +192,7 @@ def test_distill_losses() -> None:
         distill_loss("mse", perfect, target)
 
 
-@pytest.mark.parametrize("inputs", ["kv", "kv+attention"])
+@pytest.mark.parametrize("inputs", INPUTS)
 def test_distillation_learns_the_ranking(tiny_traces, inputs: str) -> None:
     spec = tiny_traces.spec
     torch.manual_seed(0)
@@ -184,7 +236,8 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda self, show_progress=True, root=None: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
-    assert config.arch_options == {"width": 112, "inputs": "kv+attention"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.arch_options == {"width": 112, "inputs": "kv+attention+last"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.agent_options["prefixes"] == "256,512,768,question"
     assert config.agent_options["loss"] == "listnet" and config.agent_options["target"] == "imp_vnorm"
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
     assert config.val_texts == 4 and RECIPES["smollm2-quick"].config("/runs/q", traces_root="/d/traces").val_texts == 2

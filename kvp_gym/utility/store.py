@@ -9,6 +9,11 @@ store keeps, per trace, only (fp16 safetensors, one file per trace, written atom
     imp_mean.<n> [L, Hkv, n]  the same with the mean over the group            (agg=mean)
     h2o.<n>      [L, Hkv, n]  mean_g sum_{j < n} A_g[j, i] / (n - i)           (normalised H2O)
     window.<n>   [L, Hkv, n]  mean_g sum_{n - w <= j < n} A_g[j, i]            (the recent window's vote)
+    last.<n>     [L, Hkv, n]  mean_g A_g[n - 1, i]                              (the last query's, TOVA's)
+
+``at_question`` adds, for every trace whose question starts inside it (RULER, dialogue), the prefix n =
+its question token: compression where a server compresses a context before a new question, so the
+target is the attention of the question and its answer.
 
 Keys and values are read from the trace itself (memory-mapped). At three prefixes of a 1024-token
 trace this is 30 x 3 x 1536 x 4 x 2 B = 1.1 MB per trace, against 59 MB for the trace's Q/K/V: a
@@ -30,7 +35,7 @@ from kvp_gym.progress import progress_bar
 from kvp_gym.traces import Trace, TraceDataset
 from kvp_gym.utility.importance import attention_probs
 
-STATISTICS = ("imp", "imp_mean", "h2o", "window")
+STATISTICS = ("imp", "imp_mean", "h2o", "window", "last")
 
 
 def trace_statistics(trace: Trace, prefixes: Sequence[int], window: int = 64) -> dict[str, torch.Tensor]:
@@ -53,41 +58,59 @@ def trace_statistics(trace: Trace, prefixes: Sequence[int], window: int = 64) ->
             out[f"imp_mean.{n}"][layer] = group_mean[:, n:, :n].sum(1)
             out[f"h2o.{n}"][layer] = group_mean[:, :n, :n].sum(1) / seen_by
             out[f"window.{n}"][layer] = group_mean[:, n - window : n, :n].sum(1)
+            out[f"last.{n}"][layer] = group_mean[:, n - 1, :n]
     return out
 
 
 class ImportanceStore:
-    """The store of one trace set: ``store[i] -> {"<name>.<n>": tensor}`` (fp16, loaded on demand).
+    """The store of one trace set: ``store.load(position) -> {"<name>.<n>": tensor}`` (fp16, loaded on demand).
 
-    Built by ``ImportanceStore.build(traces_dir, prefixes)`` into ``<traces_dir>/importance-<key>``,
-    resumably (one file per trace); traces shorter than max(prefixes) + 1 are skipped.
+    Built by ``ImportanceStore.build(traces, prefixes)`` into ``<traces_dir>/importance-<key>``, resumably
+    (one file per trace); traces shorter than max(prefixes) + 1 are skipped. ``store.prefixes_of(position)``
+    lists the prefixes n a trace has statistics at (with ``at_question``, its question token too).
     """
 
-    def __init__(self, directory: Path, prefixes: tuple[int, ...], indices: list[int]) -> None:
-        self.directory, self.prefixes, self.indices = directory, prefixes, indices
+    def __init__(self, directory: Path, prefixes: tuple[int, ...], indices: list[int], questions: dict[int, int]) -> None:
+        self.directory, self.prefixes, self.indices, self.questions = directory, prefixes, indices, questions
 
     @staticmethod
-    def directory_for(traces_dir: str | Path, prefixes: Sequence[int], window: int) -> Path:
-        key = hashlib.sha256(json.dumps({"prefixes": list(prefixes), "window": window}).encode()).hexdigest()[:10]
+    def directory_for(traces_dir: str | Path, prefixes: Sequence[int], window: int, at_question: bool = False) -> Path:
+        settings = {"prefixes": list(prefixes), "window": window, "statistics": list(STATISTICS)}
+        if at_question:
+            settings["at_question"] = True
+        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
         return Path(traces_dir) / f"importance-{key}"
 
     @classmethod
-    def build(cls, traces: TraceDataset, prefixes: Sequence[int], window: int = 64, show_progress: bool = True) -> ImportanceStore:
+    def build(cls, traces: TraceDataset, prefixes: Sequence[int], window: int = 64, show_progress: bool = True,
+              at_question: bool = False) -> ImportanceStore:
         prefixes = tuple(sorted(int(n) for n in prefixes))
-        directory = cls.directory_for(traces.directory, prefixes, window)
+        directory = cls.directory_for(traces.directory, prefixes, window, at_question)
         directory.mkdir(exist_ok=True)
         remove_temp_files(directory)
         indices = [i for i in range(len(traces)) if traces.lengths[i] > prefixes[-1]]
         if not indices:
             raise ValueError(f"no trace of {traces.directory} is longer than the largest prefix {prefixes[-1]}")
+        questions = {}
         with progress_bar(len(indices), f"importance store {traces.directory.name}", enabled=show_progress) as bar:
             for i in indices:
+                trace = traces[i]
+                own = prefixes
+                question = trace.meta.get("question_token")
+                if at_question and question is not None and window <= question < trace.length and question not in prefixes:
+                    questions[i] = question
+                    own = (*prefixes, question)
                 path = directory / f"seq_{i:05d}.safetensors"
                 if not path.exists():
-                    stats = {name: value.half().contiguous() for name, value in trace_statistics(traces[i], prefixes, window).items()}
+                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, own, window).items()}
                     write_atomic(path, lambda tmp, stats=stats: save_file(stats, str(tmp)))
                 bar.advance(1)
-        return cls(directory, prefixes, indices)
+        return cls(directory, prefixes, indices, questions)
+
+    def prefixes_of(self, position: int) -> tuple[int, ...]:
+        """The prefixes n the ``position``-th trace has statistics at."""
+        question = self.questions.get(self.indices[position])
+        return self.prefixes if question is None else (*self.prefixes, question)
 
     def __len__(self) -> int:
         return len(self.indices)
