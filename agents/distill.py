@@ -11,8 +11,9 @@ trace, and updates all heads at once on ``tokens`` entries drawn from the unprot
 
 target_i is I_n(i) (``target="imp"``, the env's agg=max reward target), its group mean (``"imp_mean"``)
 or I_n(i) ||v_i|| (``"imp_vnorm"``). ``prefixes`` lists the prefix lengths n drawn from (uniformly among a
-trace's own); the word ``question`` among them adds, on the traces that have one (RULER, dialogue), n = the
-question's first token, where a server compresses the context before a new question. Scores are compared within a row only, so one ranking per head
+trace's own); the words ``question`` and ``answer`` among them add, on the traces that have one (RULER,
+dialogue), n = the question's first token (a context compressed before a new question) or the answer's (the
+question compressed with it; ``kvp_gym.utility.store``). Scores are compared within a row only, so one ranking per head
 serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
 """
 
@@ -28,7 +29,7 @@ from agents.kvp_scorer import attention_features
 from agents.pairwise import pairwise_hinge
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset
-from kvp_gym.utility.store import ImportanceStore
+from kvp_gym.utility.store import MARKS, ImportanceStore
 
 LOSSES = ("log-mse", "listnet", "pairwise")
 TARGETS = ("imp", "imp_mean", "imp_vnorm")
@@ -77,12 +78,13 @@ class DistillAgent:
             raise ValueError(f"--set target: must be one of {TARGETS}, got {config.target!r}")
         self.scorer, self.config, self.traces = scorer, config, traces
         words = [word.strip() for word in config.prefixes.split(",")]
-        at_question = "question" in words
+        marks = [word for word in words if word in MARKS]
         try:
-            self.prefixes = tuple(int(word) for word in words if word != "question")
+            self.prefixes = tuple(int(word) for word in words if word not in MARKS)
         except ValueError:
-            raise ValueError(f"--set prefixes: expected token counts and optionally 'question', got {config.prefixes!r}") from None
-        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window, at_question=at_question) for dataset in traces]
+            raise ValueError(f"--set prefixes: expected token counts and optionally {' / '.join(MARKS)}, "
+                             f"got {config.prefixes!r}") from None
+        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window, marks=marks) for dataset in traces]
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
         self.optimizer = ScheduledOptimizer(

@@ -62,6 +62,12 @@ def make_scorer(name: str, model: LlamaForCausalLM):
     if name == "mlp":  # the per-head MLP agent, untrained weights: same cost as a trained one
         return scorers.get("mlp", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                            head_dim=config.head_dim).to(model.device)
+    if name == "kvp":  # the shipped policy; on another model, an untrained network of its shape (the same cost)
+        shipped = scorers.get("kvp")
+        shape = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
+        if all(shipped.config()[key] == value for key, value in shape.items()):
+            return shipped.to(model.device)
+        return scorers.get("kvp-net", **shape, width=shipped.width, inputs=shipped.inputs).to(model.device)
     return scorers.get(name)
 
 
@@ -125,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny random GQA Llama instead of SmolLM2")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--policies", nargs="+", default=["knorm", "streamingllm", "snapkv", "h2o", "mlp"])
+    parser.add_argument("--policies", nargs="+", default=["knorm", "streamingllm", "snapkv", "tova", "h2o-norm", "kvp"])
     parser.add_argument("--decode-policy", default="knorm")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)

@@ -144,41 +144,45 @@ def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
 
 
 class WithQuestions:
-    """A trace set whose traces' questions start at the given tokens (None: no question)."""
+    """A trace set whose traces' questions and answers start at the given tokens (None: none)."""
 
-    def __init__(self, traces, questions: list[int | None], directory: Path) -> None:
-        self.traces, self.questions, self.directory, self.lengths = traces, questions, directory, traces.lengths
-        self.spec = traces.spec
+    def __init__(self, traces, questions: list[int | None], answers: list[int | None], directory: Path) -> None:
+        self.traces, self.questions, self.answers, self.directory = traces, questions, answers, directory
+        self.spec, self.lengths = traces.spec, traces.lengths
 
     def __len__(self) -> int:
         return len(self.traces)
 
     def __getitem__(self, index: int):
         trace = copy.copy(self.traces[index])  # the set's own trace object stays as it is
-        trace.meta = {**trace.meta, "question_token": self.questions[index]}
+        trace.meta = {**trace.meta, "question_token": self.questions[index], "answer_token": self.answers[index]}
         return trace
 
 
-def test_store_at_question_adds_each_traces_question_prefix(tiny_traces, tmp_path: Path) -> None:
-    questions = WithQuestions(tiny_traces, [70, None, 96], tmp_path)  # 96 = the trace's length: no future
-    store = ImportanceStore.build(questions, (40, 64), window=8, show_progress=False, at_question=True)
+def test_store_marks_add_each_traces_question_and_answer_prefixes(tiny_traces, tmp_path: Path) -> None:
+    marked = WithQuestions(tiny_traces, [70, None, 96], [80, None, None], tmp_path)  # 96 = the length: no future
+    store = ImportanceStore.build(marked, (40, 64), window=8, show_progress=False, marks=("question",))
     assert [store.prefixes_of(i) for i in range(3)] == [(40, 64, 70), (40, 64), (40, 64)]
     stats = store.load(0)
     reference = trace_statistics(tiny_traces[0], (70,), window=8)
     torch.testing.assert_close(stats["imp.70"].float(), reference["imp.70"], rtol=1e-3, atol=1e-3)
     assert "imp.70" not in store.load(1)
-    # a store without questions lives in its own directory
-    assert ImportanceStore.build(questions, (40, 64), window=8, show_progress=False).directory != store.directory
+    both = ImportanceStore.build(marked, (40, 64), window=8, show_progress=False, marks=("answer", "question"))
+    assert both.prefixes_of(0) == (40, 64, 70, 80) and both.directory != store.directory
+    # a store without marks lives in its own directory
+    assert ImportanceStore.build(marked, (40, 64), window=8, show_progress=False).directory != store.directory
+    with pytest.raises(ValueError, match="marks must be among"):
+        ImportanceStore.build(marked, (40, 64), window=8, show_progress=False, marks=("end",))
 
-    agent_config = DistillConfig(prefixes="40,64,question", tokens=16, window=8)
+    agent_config = DistillConfig(prefixes="40,64,question,answer", tokens=16, window=8)
     scorer = PerHeadKVPScorer(2, 2, tiny_traces.spec.head_dim, width=8, inputs="kv+attention+last", window=8)
-    agent = DistillAgent(scorer, [questions], {}, agent_config, total_steps=1)
+    agent = DistillAgent(scorer, [marked], {}, agent_config, total_steps=1)
     agent.reseed(0)
-    drawn = {int(agent.sample()["n"]) for _ in range(60)}
-    assert drawn == {40, 64, 70}
+    drawn = {int(agent.sample()["n"]) for _ in range(80)}
+    assert drawn == {40, 64, 70, 80}
     assert math.isfinite(agent.update()["train/distill_loss"])
     with pytest.raises(ValueError, match="prefixes: expected token counts"):
-        DistillAgent(scorer, [questions], {}, DistillConfig(prefixes="40,last"), total_steps=1)
+        DistillAgent(scorer, [marked], {}, DistillConfig(prefixes="40,last"), total_steps=1)
 
 
 def test_distill_losses() -> None:

@@ -11,9 +11,10 @@ store keeps, per trace, only (fp16 safetensors, one file per trace, written atom
     window.<n>   [L, Hkv, n]  mean_g sum_{n - w <= j < n} A_g[j, i]            (the recent window's vote)
     last.<n>     [L, Hkv, n]  mean_g A_g[n - 1, i]                              (the last query's, TOVA's)
 
-``at_question`` adds, for every trace whose question starts inside it (RULER, dialogue), the prefix n =
-its question token: compression where a server compresses a context before a new question, so the
-target is the attention of the question and its answer.
+``marks`` adds, on every trace that has them (RULER, dialogue), the prefix n at its question's first token
+("question": a context compressed before a new question, the target is what the question and its answer
+attend to) or at its answer's ("answer": the question compressed with the context, the target is what the
+answer attends to).
 
 Keys and values are read from the trace itself (memory-mapped). At three prefixes of a 1024-token
 trace this is 30 x 3 x 1536 x 4 x 2 B = 1.1 MB per trace, against 59 MB for the trace's Q/K/V: a
@@ -36,6 +37,7 @@ from kvp_gym.traces import Trace, TraceDataset
 from kvp_gym.utility.importance import attention_probs
 
 STATISTICS = ("imp", "imp_mean", "h2o", "window", "last")
+MARKS = ("question", "answer")  # a trace's meta "<mark>_token" is a prefix of its own
 
 
 def trace_statistics(trace: Trace, prefixes: Sequence[int], window: int = 64) -> dict[str, torch.Tensor]:
@@ -67,50 +69,47 @@ class ImportanceStore:
 
     Built by ``ImportanceStore.build(traces, prefixes)`` into ``<traces_dir>/importance-<key>``, resumably
     (one file per trace); traces shorter than max(prefixes) + 1 are skipped. ``store.prefixes_of(position)``
-    lists the prefixes n a trace has statistics at (with ``at_question``, its question token too).
+    lists the prefixes n a trace has statistics at (with ``marks``, its question's or answer's first token too).
     """
 
-    def __init__(self, directory: Path, prefixes: tuple[int, ...], indices: list[int], questions: dict[int, int]) -> None:
-        self.directory, self.prefixes, self.indices, self.questions = directory, prefixes, indices, questions
+    def __init__(self, directory: Path, prefixes: tuple[int, ...], indices: list[int], own: dict[int, tuple[int, ...]]) -> None:
+        self.directory, self.prefixes, self.indices, self.own = directory, prefixes, indices, own
 
     @staticmethod
-    def directory_for(traces_dir: str | Path, prefixes: Sequence[int], window: int, at_question: bool = False) -> Path:
-        settings = {"prefixes": list(prefixes), "window": window, "statistics": list(STATISTICS)}
-        if at_question:
-            settings["at_question"] = True
+    def directory_for(traces_dir: str | Path, prefixes: Sequence[int], window: int, marks: Sequence[str] = ()) -> Path:
+        settings = {"prefixes": list(prefixes), "window": window, "statistics": list(STATISTICS), "marks": sorted(marks)}
         key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
         return Path(traces_dir) / f"importance-{key}"
 
     @classmethod
     def build(cls, traces: TraceDataset, prefixes: Sequence[int], window: int = 64, show_progress: bool = True,
-              at_question: bool = False) -> ImportanceStore:
+              marks: Sequence[str] = ()) -> ImportanceStore:
         prefixes = tuple(sorted(int(n) for n in prefixes))
-        directory = cls.directory_for(traces.directory, prefixes, window, at_question)
+        unknown = set(marks) - set(MARKS)
+        if unknown:
+            raise ValueError(f"marks must be among {MARKS}, got {sorted(unknown)}")
+        directory = cls.directory_for(traces.directory, prefixes, window, marks)
         directory.mkdir(exist_ok=True)
         remove_temp_files(directory)
         indices = [i for i in range(len(traces)) if traces.lengths[i] > prefixes[-1]]
         if not indices:
             raise ValueError(f"no trace of {traces.directory} is longer than the largest prefix {prefixes[-1]}")
-        questions = {}
+        own = {}
         with progress_bar(len(indices), f"importance store {traces.directory.name}", enabled=show_progress) as bar:
             for i in indices:
                 trace = traces[i]
-                own = prefixes
-                question = trace.meta.get("question_token")
-                if at_question and question is not None and window <= question < trace.length and question not in prefixes:
-                    questions[i] = question
-                    own = (*prefixes, question)
+                marked = {trace.meta.get(f"{mark}_token") for mark in marks} - {None, *prefixes}
+                own[i] = (*prefixes, *sorted(n for n in marked if window <= n < trace.length))
                 path = directory / f"seq_{i:05d}.safetensors"
                 if not path.exists():
-                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, own, window).items()}
+                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, own[i], window).items()}
                     write_atomic(path, lambda tmp, stats=stats: save_file(stats, str(tmp)))
                 bar.advance(1)
-        return cls(directory, prefixes, indices, questions)
+        return cls(directory, prefixes, indices, own)
 
     def prefixes_of(self, position: int) -> tuple[int, ...]:
         """The prefixes n the ``position``-th trace has statistics at."""
-        question = self.questions.get(self.indices[position])
-        return self.prefixes if question is None else (*self.prefixes, question)
+        return self.own[self.indices[position]]
 
     def __len__(self) -> int:
         return len(self.indices)
