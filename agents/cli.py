@@ -52,12 +52,13 @@ def train_command(
     set_: Annotated[list[str], typer.Option("--set", help="agent hyperparameter KEY=VALUE (repeatable), e.g. --set lr=1e-3")] = [],  # noqa: B006
     env_opt: Annotated[list[str], typer.Option("--env-opt", help="training env option KEY=VALUE (repeatable), e.g. --env-opt max_tokens=256")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    workers: Annotated[int, typer.Option(help="with --recipe: make its traces on N Ray workers (needs kvp-gym[ray]); 0 = serial")] = 0,
 ) -> None:
     """Train an eviction agent on a trace set and save it as a scorer checkpoint."""
     from agents.train import TrainConfig
 
     if recipe is not None:
-        _run(lambda: _recipe_config(recipe, out, seed, progress))
+        _run(lambda: _recipe_config(recipe, out, seed, progress, workers))
         return
     if agent is None or not traces or steps is None:
         typer.secho("error: give --agent, --traces and --steps, or a --recipe", fg=typer.colors.RED, err=True)
@@ -74,10 +75,10 @@ def train_command(
     _run(lambda: config)
 
 
-def _recipe_config(name: str, out: Path, seed: int, progress: bool):
+def _recipe_config(name: str, out: Path, seed: int, progress: bool, workers: int):
     from agents.recipes import get_recipe
 
-    return get_recipe(name).config(str(out), seed=seed, progress=progress)
+    return get_recipe(name).config(str(out), seed=seed, progress=progress, workers=workers)
 
 
 def _run(make_config) -> None:

@@ -44,23 +44,24 @@ class Recipe:
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
 
-    def trace_sets(self, show_progress: bool = True, root: str | Path | None = None) -> tuple[list[str], str]:
+    def trace_sets(self, show_progress: bool = True, root: str | Path | None = None, workers: int = 0) -> tuple[list[str], str]:
         """(training trace set directories, validation set directory), generated on first use under ``root``
-        ($KVP_GYM_HOME/recipes/<name> by default)."""
+        ($KVP_GYM_HOME/recipes/<name> by default), on ``workers`` Ray workers if > 0 (the same files)."""
         root = home_dir() / "recipes" / self.name if root is None else Path(root).expanduser()
         train = [
             str(generate_traces(root / f"{source}-train", source, n, self.length, split="train", model_name=self.model,
-                                show_progress=show_progress).directory)
+                                show_progress=show_progress, workers=workers).directory)
             for source, n in self.train_sets
         ]
         source, n = self.val_set
         val = generate_traces(root / f"{source}-val", source, n, self.length, split="train", model_name=self.model,
-                              seed=self.val_seed, show_progress=show_progress)
+                              seed=self.val_seed, show_progress=show_progress, workers=workers)
         return train, str(val.directory)
 
-    def config(self, out: str, seed: int = 0, progress: bool = True, traces_root: str | Path | None = None) -> TrainConfig:
-        """The run's TrainConfig; its trace sets are made first (under ``traces_root``, see ``trace_sets``)."""
-        train, val = self.trace_sets(show_progress=progress, root=traces_root)
+    def config(self, out: str, seed: int = 0, progress: bool = True, traces_root: str | Path | None = None,
+               workers: int = 0) -> TrainConfig:
+        """The run's TrainConfig; its trace sets are made first (under ``traces_root`` on ``workers``, see ``trace_sets``)."""
+        train, val = self.trace_sets(show_progress=progress, root=traces_root, workers=workers)
         return TrainConfig(
             agent="distill", traces=train, out=out, steps=self.steps, all_heads=True, seed=seed, arch="kvp-net",
             arch_options=dict(self.arch_options), agent_options=dict(self.agent_options), val_traces=val,

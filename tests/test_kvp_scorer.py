@@ -237,7 +237,7 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         get_recipe("nope")
     roots = []
     monkeypatch.setattr(Recipe, "trace_sets",
-                        lambda self, show_progress=True, root=None: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
+                        lambda self, show_progress=True, root=None, workers=0: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
     assert config.arch_options == {"width": 112, "inputs": "kv+attention+last"} and config.traces == ["/t/prose", "/t/ruler"]

@@ -134,15 +134,17 @@ class RecordStore:
         write_json_atomic(path, value)
         return value
 
-    def get_or_compute_all(self, keys: list[tuple], compute: Callable[[], list[Any]]) -> list[Any]:
-        """The records of ``keys``: if any is missing, all are computed at once (``compute()``, in ``keys``'
-        order) and the missing ones written; a record that existed is returned as stored."""
+    def get_or_compute_missing(self, keys: list[tuple], compute: Callable[[list[int]], list[Any]]) -> list[Any]:
+        """The records of ``keys``: the missing ones are computed at once (``compute(indices)`` returns the
+        records of those indices into ``keys``, in order) and written; the others are read as stored."""
         stored = [json.loads(self.path(key).read_text()) if self.path(key).exists() else None for key in keys]
-        if None not in stored:
-            return stored
-        computed = compute()
-        self.write_missing((key, value) for key, value, old in zip(keys, computed, stored) if old is None)
-        return [value if old is None else old for value, old in zip(computed, stored)]
+        missing = [index for index, record in enumerate(stored) if record is None]
+        if missing:
+            computed = compute(missing)
+            self.write_missing((keys[index], record) for index, record in zip(missing, computed))
+            for index, record in zip(missing, computed):
+                stored[index] = record
+        return stored
 
     def write_missing(self, records: Iterable[tuple[tuple, Any]]) -> None:
         for key, value in records:
@@ -240,7 +242,7 @@ def run_leaderboard(
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
             for batch in unit_batches(units):
                 keys = [(unit[0], ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
-                results += store.get_or_compute_all(keys, lambda: runner(batch))
+                results += store.get_or_compute_missing(keys, lambda missing: runner([batch[i] for i in missing]))
                 bar.advance(len(batch), status=f"{batch[0][0]} {batch[0][1]}{' ...' if len(batch) > 1 else ''} b={batch[0][4]}")
     future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
     if downstream and oracle:
@@ -281,7 +283,8 @@ def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> in
 def unit_batches(units: list[tuple]) -> list[list[tuple]]:
     """The units a ``DownstreamRunner`` computes together: every RULER unit of one prompt (the full cache and
     every policy at every budget; they decode in batches of similar length, ``ruler_answers``), every perplexity unit alone. Serial
-    and Ray runs use the same batches, so they write the same records; a resumed run recomputes a batch whole."""
+    and Ray runs compute the missing units of a batch together, so from the same records they write the same
+    records; a resumed or extended run (a new policy) computes only the missing ones."""
     batches: dict[tuple, list[tuple]] = {}
     for unit in units:
         kind, _, source, trace, _, placement = unit

@@ -35,7 +35,7 @@ class LeaderboardWorker:
         return scorers.get(name) if name in self.registered else self.policies[name]
 
     def run(self, job: tuple[str, list]) -> list[tuple[tuple, Any]]:
-        """One ranking unit [(key, unit)], or the batches of one prompt that miss records [[(key, unit)]] (they
+        """One ranking unit [(key, unit)], or the missing units of one prompt's batches [[(key, unit)]] (they
         share its prefill): [(record key, record)]."""
         kind, work = job
         crash_once("leaderboard")
@@ -73,8 +73,9 @@ def compute_missing_units(
         by_prompt: dict[tuple, list] = {}
         for batch in unit_batches(downstream_units(suite, traces, policies, oracle=oracle)):
             keys = [(unit[0], all_ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
-            if not all(store.path(key).exists() for key in keys):
-                by_prompt.setdefault((batch[0][0], *batch[0][2:4], batch[0][5]), []).append(list(zip(keys, batch)))
+            missing = [(key, unit) for key, unit in zip(keys, batch) if not store.path(key).exists()]
+            if missing:
+                by_prompt.setdefault((batch[0][0], *batch[0][2:4], batch[0][5]), []).append(missing)
         jobs += [("downstream", batches) for batches in by_prompt.values()]
     if not jobs:
         return 0
