@@ -41,6 +41,21 @@ def test_leaderboard_end_to_end_resumes_and_reproduces(tiny_suite, tmp_path):
     assert saved["suite"]["id"] == "tiny-v1" and "torch" in saved["versions"]
 
 
+def test_an_added_policy_computes_only_its_own_units(tiny_suite, tmp_path, monkeypatch):
+    from kvp_gym.eval.leaderboard import DownstreamRunner
+
+    run_leaderboard(tiny_suite, tmp_path / "lb", ["knorm"], show_progress=False)
+    records = {path: path.stat().st_mtime_ns for path in (tmp_path / "lb" / "records" / "tiny-v1").glob("*.json")}
+    computed: list[tuple] = []
+    original = DownstreamRunner.__call__
+    monkeypatch.setattr(DownstreamRunner, "__call__", lambda self, batch: computed.extend(batch) or original(self, batch))
+    results = run_leaderboard(tiny_suite, tmp_path / "lb", ["knorm", "snapkv"], show_progress=False)
+    assert computed and {unit[1] for unit in computed} == {"snapkv"}  # the RULER prompt's other rows are not redone
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in records.items())
+    assert {("ruler", "snapkv", 48), ("ruler", "knorm", 48), ("ruler", "full cache", None)} <= {
+        (r["kind"], r["policy"], r["budget"]) for r in results["downstream"]}
+
+
 def test_unknown_suite_and_policy(tiny_suite, tmp_path):
     with pytest.raises(KeyError, match="known suites"):
         get_suite("huge")
