@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from agents.common import ScheduledOptimizer
-from agents.kvp_scorer import attention_features
+from agents.kvp_scorer import ATTENTION_STATISTICS, attention_features
 from agents.pairwise import pairwise_hinge
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset
@@ -99,7 +99,7 @@ class DistillAgent:
 
     def sample(self) -> dict[str, torch.Tensor]:
         """One (trace, prefix) for every agent: keys / values [S, M, d], positions [S, M], target,
-        attention statistics [S, M] each, on the same M entries of every head."""
+        the attention statistics the scorer reads ([S, M] each), on the same M entries of every head."""
         pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
         store_index, position = self.examples[pick]
         store = self.stores[store_index]
@@ -126,14 +126,14 @@ class DistillAgent:
         return {
             "keys": keys, "values": values, "target": target, "n": torch.tensor(n),
             "positions": entries[None].expand(len(self.heads), -1),
-            "h2o": pick_rows("h2o"), "window": pick_rows("window"), "last": pick_rows("last"),
+            **{name: pick_rows(name) for name in ATTENTION_STATISTICS[: self.scorer.features]},
         }
 
     def update(self) -> dict[str, float]:
         batch = self.sample()
         slots = torch.arange(len(self.heads))
-        features = getattr(self.scorer, "features", 0)
-        extra = attention_features(*(batch[name] for name in ("h2o", "window", "last")[:features])) if features else None
+        names = ATTENTION_STATISTICS[: self.scorer.features]
+        extra = attention_features(*(batch[name] for name in names)) if names else None
         scores = self.scorer.network(
             slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra
         )

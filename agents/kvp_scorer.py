@@ -41,6 +41,7 @@ from baselines._attention import window_attention
 from kvp_gym.scorers import ScoringView
 
 ATTENTION_FEATURES = {"kv": 0, "kv+attention": 2, "kv+attention+last": 3}  # per entry, by ``inputs``
+ATTENTION_STATISTICS = ("h2o", "window", "last")  # the features in order, by their importance-store names
 INPUTS = tuple(ATTENTION_FEATURES)
 POSITION_BUCKETS = 32
 
@@ -56,15 +57,15 @@ def attention_features(*statistics: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.log(statistic.float() + 1e-6) for statistic in statistics], -1) / 5.0
 
 
-def view_attention_features(view: ScoringView, window: int, last: bool = False) -> torch.Tensor:
-    """attention_features of a view that carries ``attention`` and ``queries``: [B, H, N, 2], or [B, H, N, 3]
-    with the last query's attention (``last``)."""
+def view_attention_features(view: ScoringView, window: int, features: int = 2) -> torch.Tensor:
+    """The first ``features`` attention_features (``ATTENTION_STATISTICS`` order) of a view that carries
+    ``attention`` and ``queries``: [B, H, N, features]."""
     newest = view.positions.masked_fill(~view.mask, -1).amax(-1, keepdim=True)
     seen_by = (newest + 1 - view.positions).clamp_min(1).float()  # queries that attended to each entry
     h2o = view.attention.float().mean(2) / seen_by[:, None]
     recent = window_attention(view, window)  # [B, H, G, w, N]
-    statistics = [h2o, recent.sum(3).mean(2)] + ([recent[:, :, :, -1].mean(2)] if last else [])
-    return attention_features(*statistics)
+    statistics = {"h2o": h2o, "window": recent.sum(3).mean(2), "last": recent[:, :, :, -1].mean(2)}
+    return attention_features(*(statistics[name] for name in ATTENTION_STATISTICS[:features]))
 
 
 class PerHeadKVPScorer(PerHeadModule):
@@ -132,7 +133,7 @@ class PerHeadKVPScorer(PerHeadModule):
         newest = positions.amax(-1, keepdim=True)
         extra = None
         if self.features:
-            extra = view_attention_features(view, self.window, self.features == 3).reshape(b * h, n, self.features)
+            extra = view_attention_features(view, self.window, self.features).reshape(b * h, n, self.features)
         scores = self.network(
             slots,
             view.keys.reshape(b * h, n, d).float(),

@@ -61,7 +61,7 @@ def test_shapes_needs_and_parameter_count() -> None:
         torch.stack([torch.softmax(view.queries[0, head, g, -1] @ view.keys[0, head].T / 4.0, -1) for g in range(2)]).mean(0)
         for head in range(2)
     ])  # the last query (position 39) sees all 40 keys; sqrt(head_dim) = 4
-    torch.testing.assert_close(view_attention_features(view, 8, last=True)[0, ..., 2], torch.log(last + 1e-6) / 5.0)
+    torch.testing.assert_close(view_attention_features(view, 8, features=3)[0, ..., 2], torch.log(last + 1e-6) / 5.0)
     with pytest.raises(ValueError, match="inputs must be one of"):
         PerHeadKVPScorer(3, 2, 16, inputs="queries")
 

@@ -73,8 +73,10 @@ class ImportanceStore:
     lists the prefixes n a trace has statistics at (with ``marks``, its question's or answer's first token too).
     """
 
-    def __init__(self, directory: Path, prefixes: tuple[int, ...], indices: list[int], own: dict[int, tuple[int, ...]]) -> None:
-        self.directory, self.prefixes, self.indices, self.own = directory, prefixes, indices, own
+    def __init__(self, directory: Path, prefixes: tuple[int, ...], trace_prefixes: dict[int, tuple[int, ...]]) -> None:
+        """``trace_prefixes``: {trace index: the prefixes it has statistics at}, in store order."""
+        self.directory, self.prefixes, self.trace_prefixes = directory, prefixes, trace_prefixes
+        self.indices = list(trace_prefixes)
 
     @staticmethod
     def directory_for(traces_dir: str | Path, prefixes: Sequence[int], window: int, marks: Sequence[str] = ()) -> Path:
@@ -95,22 +97,22 @@ class ImportanceStore:
         indices = [i for i in range(len(traces)) if traces.lengths[i] > prefixes[-1]]
         if not indices:
             raise ValueError(f"no trace of {traces.directory} is longer than the largest prefix {prefixes[-1]}")
-        own = {}
+        trace_prefixes = {}
         with progress_bar(len(indices), f"importance store {traces.directory.name}", enabled=show_progress) as bar:
             for i in indices:
                 trace = traces[i]
                 marked = {trace.meta.get(f"{mark}_token") for mark in marks} - {None, *prefixes}
-                own[i] = (*prefixes, *sorted(n for n in marked if window <= n < trace.length))
+                trace_prefixes[i] = (*prefixes, *sorted(n for n in marked if window <= n < trace.length))
                 path = directory / f"seq_{i:05d}.safetensors"
                 if not path.exists():
-                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, own[i], window).items()}
+                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, trace_prefixes[i], window).items()}
                     write_atomic(path, lambda tmp, stats=stats: save_file(stats, str(tmp)))
                 bar.advance(1)
-        return cls(directory, prefixes, indices, own)
+        return cls(directory, prefixes, trace_prefixes)
 
     def prefixes_of(self, position: int) -> tuple[int, ...]:
         """The prefixes n the ``position``-th trace has statistics at."""
-        return self.own[self.indices[position]]
+        return self.trace_prefixes[self.indices[position]]
 
     def __len__(self) -> int:
         return len(self.indices)
