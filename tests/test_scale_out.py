@@ -128,6 +128,27 @@ def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp
     same_set()
 
 
+def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_model_dir, tmp_path) -> None:
+    """The model's dialogue replies (the slow part of a dialogue set) made on workers, one worker killed once
+    and one dialogue already made by an interrupted run: the serial path's samples and sequence files."""
+    from kvp_gym.traces.generate import PARTIAL_SAMPLES, generate_traces
+
+    serial, distributed = tmp_path / "serial", tmp_path / "ray"
+    with one_torch_thread():
+        generate_traces(serial, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False)
+    samples = json.loads((serial / "samples.json").read_text())
+    partial = distributed / PARTIAL_SAMPLES
+    partial.mkdir(parents=True)
+    (partial / "00001.json").write_text(json.dumps(samples["samples"][1]))
+    fired = arm(ray_cluster, "dialogue")
+    generate_traces(distributed, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2)
+    assert fired.exists(), "the crash hook never killed a worker"
+    assert (serial / "samples.json").read_bytes() == (distributed / "samples.json").read_bytes()
+    assert not partial.exists()
+    for path in serial.glob("seq_*.safetensors"):
+        assert path.read_bytes() == (distributed / path.name).read_bytes(), path.name
+
+
 def test_leaderboard_on_workers_writes_the_serial_records(ray_cluster, tiny_suite, tmp_path) -> None:
     from kvp_gym.eval.leaderboard import run_leaderboard
 

@@ -1,5 +1,7 @@
 """Trace generation on Ray actors: each loads the model once and writes whole sequence files
-atomically into the trace set; the driver alone updates the manifest (so resuming works as serially)."""
+atomically into the trace set, or writes dialogue samples (the model answering every turn, the slow part
+of a dialogue set) for the driver to keep; the driver alone updates the manifest and the samples (so
+resuming works as serially)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,25 @@ class TraceWorker:
         return write_sequence(self.directory, name, self.model, ids, meta)
 
 
+class DialogueWorker:
+    """One Ray actor: the model and tokenizer, loaded once; ``dialogue`` makes one dialogue sample."""
+
+    def __init__(self, model_name: str, params: dict[str, Any]) -> None:
+        from kvp_gym.models import load_model
+
+        worker_setup()
+        self.model, self.tokenizer = load_model(model_name)
+        self.params = params
+
+    def dialogue(self, index: int) -> tuple[int, dict[str, Any]]:
+        from kvp_gym.data import make_dialogue
+
+        crash_once("dialogue")
+        params = self.params
+        sample = make_dialogue(self.model, self.tokenizer, params["split"], params["seed"], index, params["length"])
+        return index, sample.to_dict()
+
+
 def trace_on_workers(
     model_name: str, directory: Path, jobs: list[tuple[str, torch.Tensor, dict[str, Any]]],
     on_record: Callable[[dict[str, Any]], None], workers: int | None, address: str | None,
@@ -37,3 +58,13 @@ def trace_on_workers(
     """Trace ``jobs`` (name, ids [T], meta) on Ray actors; ``on_record`` gets each finished sequence's record."""
     with ray_session(workers, address) as count:
         run_unordered(TraceWorker, (model_name, str(directory)), count, jobs, "trace", on_record)
+
+
+def dialogues_on_workers(
+    model_name: str, params: dict[str, Any], indices: list[int],
+    on_sample: Callable[[tuple[int, dict[str, Any]]], None], workers: int | None, address: str | None,
+) -> None:
+    """Make the dialogue samples ``indices`` of a set with ``params`` on Ray actors; ``on_sample`` gets
+    each (index, sample record) as it finishes."""
+    with ray_session(workers, address) as count:
+        run_unordered(DialogueWorker, (model_name, params), count, indices, "dialogue", on_sample)

@@ -143,15 +143,16 @@ def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any,
-                  show_progress: bool = True) -> list[dict[str, Any]]:
-    """Text samples of the set, made once and kept with their settings in samples.json (dialogue is slow to make)."""
+                  show_progress: bool = True, workers: int | None = None, address: str | None = None) -> list[dict[str, Any]]:
+    """Text samples of the set, made once and kept with their settings in samples.json (dialogue is slow to make:
+    on Ray workers when ``workers`` / ``address`` ask for them)."""
     path = directory / SAMPLES_FILE
     if path.exists():
         stored = json.loads(path.read_text())
         check_same_settings(path, stored.get("params") if isinstance(stored, dict) else None, params)
         return stored["samples"]
     if params["source"] == "dialogue":
-        records = _dialogue_records(directory / PARTIAL_SAMPLES, params, tokenizer, model, show_progress)
+        records = _dialogue_records(directory / PARTIAL_SAMPLES, params, tokenizer, model, show_progress, workers, address)
     else:
         samples = make_samples(
             params["source"],
@@ -169,9 +170,13 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
     return records
 
 
-def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, model: Any, show_progress: bool) -> list[dict[str, Any]]:
-    """The dialogue samples, made one at a time (the model writes every reply: about a minute each on a CPU),
-    each kept in ``partial`` as it is made, so an interrupted set resumes with the next dialogue."""
+def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, model: Any, show_progress: bool,
+                      workers: int | None = None, address: str | None = None) -> list[dict[str, Any]]:
+    """The dialogue samples (the model writes every reply: about a minute each on a CPU), each kept in
+    ``partial`` as it is made, so an interrupted set resumes with the dialogues it lacks. One at a time
+    here, or on Ray workers (each dialogue is seeded by its index alone: the same samples)."""
+    from kvp_gym.scale import wants_ray
+
     partial.mkdir(parents=True, exist_ok=True)
     remove_temp_files(partial)
     settings = partial / "params.json"
@@ -179,17 +184,25 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
         check_same_settings(settings, json.loads(settings.read_text()), params)
     else:
         write_json_atomic(settings, params)
-    records = []
+    paths = [partial / f"{index:05d}.json" for index in range(params["n"])]
+    missing = [index for index, path in enumerate(paths) if not path.exists()]
     with progress_bar(params["n"], f"dialogue samples ({params['split']}), the model writing every reply",
                       enabled=show_progress) as bar:
-        for index in range(params["n"]):
-            path = partial / f"{index:05d}.json"
-            if not path.exists():
-                sample = make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"])
-                write_json_atomic(path, sample.to_dict())
-            records.append(json.loads(path.read_text()))
+        bar.advance(params["n"] - len(missing))
+
+        def keep(result: tuple[int, dict[str, Any]]) -> None:
+            index, record = result
+            write_json_atomic(paths[index], record)
             bar.advance(1)
-    return records
+
+        if wants_ray(workers, address):
+            from kvp_gym.scale.traces import dialogues_on_workers
+
+            dialogues_on_workers(params["model"], params, missing, keep, workers, address)
+        else:
+            for index in missing:
+                keep((index, make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"]).to_dict()))
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def _tokenize(tokenizer: Any, record: dict[str, Any], length: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -218,7 +231,7 @@ def generate_traces(
 
     ``tasks``: the RULER tasks the samples cycle through (``source="ruler"`` only; default all).
     ``workers`` / ``address``: trace the sequences on Ray actors (a local Ray with ``workers`` CPUs, or the
-    cluster at ``address``; kvp_gym.scale); the samples are still made once here, the files are the same."""
+    cluster at ``address``; kvp_gym.scale), and the dialogue samples too; the files are the same."""
     _check_arguments(source, split, n, length)
     from kvp_gym.scale import wants_ray
 
@@ -240,7 +253,7 @@ def generate_traces(
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
     if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
         return TraceDataset(directory)
-    samples = _load_samples(directory, params, tokenizer, model, show_progress)
+    samples = _load_samples(directory, params, tokenizer, model, show_progress, workers, address)
     done = writer.done()
     with progress_bar(total=len(samples), description=f"traces {source}/{split}", enabled=show_progress) as bar:
         bar.advance(len(done))
