@@ -2,12 +2,15 @@
 
     python benchmarks/cache_overhead.py                  # SmolLM2-135M at 1k and 2k prompt tokens
     python benchmarks/cache_overhead.py --tiny           # a tiny random GQA Llama (e.g. on a GPU box)
+    python benchmarks/cache_overhead.py --kvp-widths 112 64 32 --policies h2o-norm kvp   # cost by network width
 
 For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the time the evicting
 prefill spends in the ``kvp_evict`` hand-off (``EvictingLayer.observe``: positions and padding, plus
 the query window for SnapKV/TOVA and the attention accumulation for H2O); the scoring + compaction of
 all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA); their sum relative to
-the stock prefill (goal <= 2%). Then decode tokens/s with the full cache and with 25% and
+the stock prefill (goal <= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
+shipped policy's inputs (``kvp-wW``), and the network's share of the prefill's FLOPs next to it: what the
+scoring costs at best, and how much of the measured time is the implementation. Then decode tokens/s with the full cache and with 25% and
 10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
 time on CUDA, this process's CPU time on CPU (so that other jobs on a shared box do not count).
 """
@@ -59,6 +62,10 @@ def load(tiny: bool, device: torch.device) -> tuple[LlamaForCausalLM, torch.Tens
 
 def make_scorer(name: str, model: LlamaForCausalLM):
     config = model.config
+    if name.startswith("kvp-w"):  # an untrained kvp-net of that width, reading what the shipped policy reads
+        shipped = scorers.get("kvp")
+        return scorers.get("kvp-net", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                           head_dim=config.head_dim, width=int(name[len("kvp-w"):]), inputs=shipped.inputs).to(model.device)
     if name == "mlp":  # the per-head MLP agent, untrained weights: same cost as a trained one
         return scorers.get("mlp", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                            head_dim=config.head_dim).to(model.device)
@@ -69,6 +76,20 @@ def make_scorer(name: str, model: LlamaForCausalLM):
             return shipped.to(model.device)
         return scorers.get("kvp-net", **shape, width=shipped.width, inputs=shipped.inputs).to(model.device)
     return scorers.get(name)
+
+
+def flop_share(scorer, model: LlamaForCausalLM, length: int) -> str:
+    """A kvp network's multiply-adds per scored entry, over all heads (its projections and hidden layers), as
+    a share of the prefill's per token (the linear layers and the LM head, plus causal attention at
+    ``length``); "" for other policies."""
+    width = getattr(scorer, "width", None)
+    if width is None:
+        return ""
+    config = model.config
+    network = config.num_hidden_layers * config.num_key_value_heads * (2 * config.head_dim * width + 2 * width * width)
+    linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight")) + model.lm_head.weight.numel()
+    attention = config.num_hidden_layers * 2 * config.num_attention_heads * config.head_dim * length / 2
+    return f"{network / (linear + attention):>10.2%}"
 
 
 @contextlib.contextmanager
@@ -132,6 +153,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random GQA Llama instead of SmolLM2")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--policies", nargs="+", default=["knorm", "streamingllm", "snapkv", "tova", "h2o-norm", "kvp"])
+    parser.add_argument("--kvp-widths", type=int, nargs="*", default=[],
+                        help="add an untrained kvp-net of each width (rows kvp-wW), with its FLOP share")
     parser.add_argument("--decode-policy", default="knorm")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -151,13 +174,13 @@ def main() -> None:
         budget = length // 4
         stock = stock_prefill(model, ids, args.repeats)
         print(f"\n== prompt {length} tokens: stock prefill {stock * 1e3:.0f} ms; budget {budget} (25%) ==")
-        print(f"{'policy':<14}{'path':<8}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}")
-        for name in args.policies:
+        print(f"{'policy':<14}{'path':<8}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}{'net FLOPs':>10}")
+        for name in [*args.policies, *(f"kvp-w{width}" for width in args.kvp_widths)]:
             scorer = make_scorer(name, model)
             for use_triton in paths:
                 hand_off, flush = compression_cost(model, ids, scorer, budget, use_triton, args.repeats)
                 print(f"{name:<14}{'triton' if use_triton else 'torch':<8}{hand_off * 1e3:>8.1f}ms"
-                      f"{flush * 1e3:>13.1f}ms{(hand_off + flush) / stock:>10.2%}")
+                      f"{flush * 1e3:>13.1f}ms{(hand_off + flush) / stock:>10.2%}{flop_share(scorer, model, length)}")
         model.set_attn_implementation("sdpa")
         full_speed, full_cache = decode_speed(model, ids, lambda: DynamicCache(config=model.config), args.decode_steps)
         full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)

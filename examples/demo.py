@@ -1,7 +1,7 @@
 """The whole kvp-gym story on the embedded SmolLM2-135M, end to end (7.2 minutes on 2 CPU cores, measured
 from an empty $KVP_GYM_HOME).
 
-    python examples/demo.py [--out demo] [--budget 64]
+    python examples/demo.py [--out demo] [--budget 96]
 
 1. traces:      run SmolLM2 over Python's documentation prose and RULER-style tasks and record the
                 post-RoPE Q/K/V of every layer (the train split of the ``smollm2-quick`` recipe);
@@ -13,13 +13,15 @@ from an empty $KVP_GYM_HOME).
                 strongest heuristic downstream in our measurements), SnapKV, the shipped ``kvp`` policy
                 and the policy trained in step 2, between the full cache and the future oracle (an
                 upper bound: it reads the future);
-4. generate:    SmolLM2 answering one prompt at the same KV budget with the full cache, with the best
-                heuristic and with the learned policy evicting its cache.
+4. generate:    SmolLM2 answering a note's question at the same KV budget with the full cache, the
+                heuristics and the learned policy evicting its cache, the question after the compressed
+                note or inside it, on 8 notes with other codes.
 
 Every step shows progress and reuses what an earlier run already made: rerunning is cheap.
 """
 
 import argparse
+import random
 import shutil
 import time
 from pathlib import Path
@@ -29,8 +31,8 @@ import torch
 from agents.recipes import RECIPES
 from agents.train import BEST_DIR, train
 from kvp_gym import scorers
-from kvp_gym.cache import EvictingCache
 from kvp_gym.checkpoint import FILE_NAME, checkpoint_file, read_header
+from kvp_gym.eval.downstream import prefilled_cache
 from kvp_gym.eval.leaderboard import run_leaderboard
 from kvp_gym.eval.report import ranking_table, write_report
 from kvp_gym.eval.suite import get_suite
@@ -39,14 +41,19 @@ from kvp_gym.traces.dataset import sha256_of
 
 RECIPE = "smollm2-quick"
 HEURISTICS = ["streamingllm", "h2o-norm", "snapkv"]  # the floor, the strongest downstream, a classic
-BEST_HEURISTIC = "h2o-norm"
 SHIPPED = "kvp"  # the registered policy shipped with kvp-gym (agents/shipped.py)
 TRAINED = "kvp-demo"  # the leaderboard name of the policy this demo trains
 SECTIONS = ("Perplexity", "RULER accuracy", "Headroom closed")  # of the report, printed here
+QUESTION = "What is the locker code, and when is the meeting?"
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+NOTES = 8  # locker notes answered per policy and placement
+# the question after the compressed note (where the leaderboard's RULER asks it: compress a document once,
+# then ask), or inside the compressed part (the whole prompt is compressed but its last token)
+PLACEMENTS = ("after the compressed note (as the leaderboard's RULER)", "inside the compressed part")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="demo", help="where the traces, the policy and the leaderboard go")
-parser.add_argument("--budget", type=int, default=64, help="KV entries kept per head when generating")
+parser.add_argument("--budget", type=int, default=96, help="KV entries kept per head when generating")
 args = parser.parse_args()
 out = Path(args.out)
 started = time.perf_counter()
@@ -91,7 +98,7 @@ print(f"== 3/4 leaderboard: held-out suite {suite.id}, real perplexity and RULER
       f"{elapsed()} ==")
 results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED], checkpoints=[trained.parent])
 report = write_report(results, out / "leaderboard", title="kvp-gym demo leaderboard")
-print(f"\nRanking quality on the env (cost ratio, 1 = the future-attention oracle, lower is better):")
+print("\nRanking quality on the env (cost ratio, 1 = the future-attention oracle, lower is better):")
 for row in ranking_table(results):
     print(f"  {row['policy']:<24}{row['cost_ratio']:>8.3f}")
 text = report.read_text()
@@ -100,20 +107,47 @@ for section in text.split("\n## ")[1:]:
         print("\n## " + section.rstrip())
 print(f"\nfull report: {report} {elapsed()}")
 
-print(f"== 4/4 generate: SmolLM2 keeping {args.budget} entries per KV head ==")
+print(f"== 4/4 generate: SmolLM2 keeping {args.budget} entries per KV head, question after or inside the compressed part ==")
 model, tokenizer = load_model()
-note = ("Here is a note: the locker code is 4821 and the meeting moved to Thursday at 3 pm in room 12B. "
-        "Python's list.sort() is stable; sorted() returns a new list. ")
-question = "What is the locker code, and when is the meeting?"
-prompt = note * 4 + question
-ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
-ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-print(f"prompt ({ids.shape[1]} tokens): 4 x \"{note.strip()}\" + \"{question}\"\n")
-for label, policy in [("full cache", None), (f"best heuristic ({BEST_HEURISTIC}), {args.budget} per KV head", BEST_HEURISTIC),
-                      (f"learned policy (shipped {SHIPPED}), {args.budget} per KV head", SHIPPED)]:
-    cache = None if policy is None else EvictingCache(scorers.get(policy), args.budget, config=model.config)
-    with torch.inference_mode():
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, **({} if cache is None else {"cache": cache}))
-    print(f"{label}:\n  {tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()}\n")
-print(f"done {elapsed()}")
+sink, recent = suite.sink, suite.recent
+codes = [("4821", "Thursday")] + [("".join(rng.choice("123456789") for _ in range(4)), rng.choice(DAYS))
+                                 for rng in [random.Random(0)] for _ in range(NOTES - 1)]
+
+
+def note_prompt(code: str, day: str) -> tuple[torch.Tensor, int]:
+    """Token ids [1, n] of a note stated four times and its question, and how many precede the question."""
+    note = (f"Here is a note: the locker code is {code} and the meeting moved to {day} at 3 pm in room 12B. "
+            "Python's list.sort() is stable; sorted() returns a new list.")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{note} " * 4 + QUESTION}],
+                                        add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    rendered = tokenizer.decode(ids[0])
+    before = len(tokenizer(rendered[:rendered.rindex(note) + len(note)], add_special_tokens=False)["input_ids"])
+    return ids, before
+
+
+@torch.inference_mode()
+def answer(ids: torch.Tensor, compressed: int, policy: str | None) -> str:
+    """Greedy answer after prefilling ids[:, :compressed] into a cache evicted to the budget by ``policy``."""
+    cache = prefilled_cache(model, ids[:, :compressed], None if policy is None else scorers.get(policy),
+                            None if policy is None else args.budget, sink, recent)
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=24, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+prompts = [(note_prompt(code, day), code) for code, day in codes]
+(first, before), _ = prompts[0]
+print(f"prompt ({first.shape[1]} tokens, {before} before the question): 4 x the note "
+      f"\"Here is a note: the locker code is 4821 and the meeting moved to Thursday ...\" + \"{QUESTION}\"; "
+      f"right = the code in the answer, over {NOTES} notes with other codes (this one first)")
+rows = [("full cache", None), *((f"{name}, {args.budget} per KV head", name) for name in HEURISTICS),
+        (f"{SHIPPED} (learned, shipped), {args.budget} per KV head", SHIPPED)]
+for placement in PLACEMENTS:
+    print(f"\nquestion {placement}:")
+    for label, policy in rows:
+        answers = [answer(ids, before if placement == PLACEMENTS[0] else ids.shape[1] - 1, policy)
+                   for (ids, before), _ in prompts]
+        right = sum(code in text for text, (_, code) in zip(answers, prompts))
+        print(f"  {label:<44}{right}/{NOTES} right  {answers[0][:60]!r}")
+print(f"\ndone {elapsed()}")
