@@ -12,9 +12,9 @@ no training text has, the one whose policy lost least perplexity and fits the 10
 256, 512 and 768 tokens and, on RULER tasks and dialogues, the question's first token: compressed where a
 server compresses before a question, the target is what the question and its answer attend to, and that
 (with the last query's attention as an input) is what taught the policy to keep the needle. The training
-traces are 64 prose texts, 48 RULER tasks and 24 dialogues (the dialogues, which the model answers
-turn by turn, take about half the recipe's 45 minutes on 2 cores; without them the policy lost to
-ExpectedAttention on dialogue). ``smollm2-quick`` is the same at demo size, without dialogues.
+traces are 64 prose texts, 48 RULER tasks and 24 dialogues (the model answers every dialogue turn by
+turn, about a minute per dialogue on a CPU core, on the Ray workers with ``workers``; without them the
+policy lost to ExpectedAttention on dialogue). ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations

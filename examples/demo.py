@@ -1,4 +1,4 @@
-"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (7.2 minutes on 2 CPU cores, measured
+"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (6.4 minutes on 2 CPU cores, measured
 from an empty $KVP_GYM_HOME).
 
     python examples/demo.py [--out demo] [--budget 96]
