@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from agents.common import ScheduledOptimizer
-from agents.kvp_scorer import ATTENTION_STATISTICS, attention_features
+from agents.kvp_scorer import attention_features
 from agents.pairwise import pairwise_hinge
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset
@@ -126,13 +126,13 @@ class DistillAgent:
         return {
             "keys": keys, "values": values, "target": target, "n": torch.tensor(n),
             "positions": entries[None].expand(len(self.heads), -1),
-            **{name: pick_rows(name) for name in ATTENTION_STATISTICS[: self.scorer.features]},
+            **{name: pick_rows(name) for name in self.scorer.statistics},
         }
 
     def update(self) -> dict[str, float]:
         batch = self.sample()
         slots = torch.arange(len(self.heads))
-        names = ATTENTION_STATISTICS[: self.scorer.features]
+        names = self.scorer.statistics
         extra = attention_features(*(batch[name] for name in names)) if names else None
         scores = self.scorer.network(
             slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra

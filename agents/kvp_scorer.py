@@ -23,6 +23,9 @@ The first makes the scorer read the ``attention`` input, the others the ``querie
 declares both in ``needs``. They also enter the score directly, s_i += c . a_i with c [S, A] learned
 and initialised to (5, 0, ...): an untrained scorer ranks exactly as normalised H2O, the strongest heuristic
 downstream, and training learns per head where keys, values and positions correct it.
+``inputs="kv+window+last"`` reads the window's and the last query's votes only: no ``attention`` input,
+so the cache skips the attention sum over every query (a second attention pass on a CPU:
+benchmarks/cache_overhead.py); untrained, it ranks by the window's vote.
 ``inputs="kv"`` is KVP's own agent (no optional input).
 """
 
@@ -40,9 +43,12 @@ from agents.mlp_scorer import PerHeadModule
 from baselines._attention import window_attention
 from kvp_gym.scorers import ScoringView
 
-ATTENTION_FEATURES = {"kv": 0, "kv+attention": 2, "kv+attention+last": 3}  # per entry, by ``inputs``
-ATTENTION_STATISTICS = ("h2o", "window", "last")  # the features in order, by their importance-store names
-INPUTS = tuple(ATTENTION_FEATURES)
+# the attention features per entry, in order, by ``inputs`` (their importance-store statistic names)
+ATTENTION_STATISTICS = {
+    "kv": (), "kv+attention": ("h2o", "window"), "kv+attention+last": ("h2o", "window", "last"),
+    "kv+window+last": ("window", "last"),
+}
+INPUTS = tuple(ATTENTION_STATISTICS)
 POSITION_BUCKETS = 32
 
 
@@ -57,21 +63,25 @@ def attention_features(*statistics: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.log(statistic.float() + 1e-6) for statistic in statistics], -1) / 5.0
 
 
-def view_attention_features(view: ScoringView, window: int, features: int = 2) -> torch.Tensor:
-    """The first ``features`` attention_features (``ATTENTION_STATISTICS`` order) of a view that carries
-    ``attention`` and ``queries``: [B, H, N, features]."""
-    newest = view.positions.masked_fill(~view.mask, -1).amax(-1, keepdim=True)
-    seen_by = (newest + 1 - view.positions).clamp_min(1).float()  # queries that attended to each entry
-    h2o = view.attention.float().mean(2) / seen_by[:, None]
+def view_attention_features(view: ScoringView, window: int, names: Sequence[str]) -> torch.Tensor:
+    """The attention_features ``names`` (of "h2o", "window", "last") of a view that carries ``queries``
+    (and ``attention`` for "h2o"): [B, H, N, len(names)]."""
     recent = window_attention(view, window)  # [B, H, G, w, N]
-    statistics = {"h2o": h2o, "window": recent.sum(3).mean(2), "last": recent[:, :, :, -1].mean(2)}
-    return attention_features(*(statistics[name] for name in ATTENTION_STATISTICS[:features]))
+    statistics = {"window": lambda: recent.sum(3).mean(2), "last": lambda: recent[:, :, :, -1].mean(2), "h2o": lambda: (
+        view.attention.float().mean(2) / _seen_by(view)[:, None])}
+    return attention_features(*(statistics[name]() for name in names))
+
+
+def _seen_by(view: ScoringView) -> torch.Tensor:
+    """[B, N]: how many queries attended to each entry (the newest real position + 1 - its own)."""
+    newest = view.positions.masked_fill(~view.mask, -1).amax(-1, keepdim=True)
+    return (newest + 1 - view.positions).clamp_min(1).float()
 
 
 class PerHeadKVPScorer(PerHeadModule):
     """KVP's per-head network (module docstring); ``score(view) -> [B, H, N]``, higher = keep.
 
-    Parameters (S agents, d head_dim, W width, A = ATTENTION_FEATURES[inputs] when > 0):
+    Parameters (S agents, d head_dim, W width, A = len(ATTENTION_STATISTICS[inputs]) when > 0):
         key_w / value_w [S, d, W], key_b / value_b [S, 1, W], relative / absolute [S, 32, W],
         (attention_w [S, A, W], attention_b [S, 1, W], attention_skip [S, 1, A]), hidden1_w / hidden2_w [S, W, W],
         hidden1_b / hidden2_b [S, 1, W], out_w [S, W, 1], out_b [S, 1, 1]
@@ -97,8 +107,9 @@ class PerHeadKVPScorer(PerHeadModule):
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
         self.width, self.inputs, self.window, self.seed = width, inputs, window, seed
-        self.features = ATTENTION_FEATURES[inputs]
-        self.needs = frozenset({"attention", "queries"}) if self.features else frozenset()
+        self.statistics = ATTENTION_STATISTICS[inputs]
+        self.features = len(self.statistics)
+        self.needs = frozenset(({"queries"} if self.features else set()) | ({"attention"} if "h2o" in self.statistics else set()))
         slots, generator = len(self.heads), torch.Generator().manual_seed(seed)
 
         def linear(fan_in: int, fan_out: int, gain: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:
@@ -112,7 +123,7 @@ class PerHeadKVPScorer(PerHeadModule):
         if self.features:
             self.attention_w, self.attention_b = linear(self.features, width)
             skip = torch.zeros(slots, 1, self.features)
-            skip[..., 0] = 5.0  # undoes the feature's / 5: the score starts as log normalised H2O
+            skip[..., 0] = 5.0  # undoes the / 5: the score starts as the first feature's log (H2O or the window)
             self.attention_skip = nn.Parameter(skip)
         self.hidden1_w, self.hidden1_b = linear(width, width)
         self.hidden2_w, self.hidden2_b = linear(width, width)
@@ -133,7 +144,7 @@ class PerHeadKVPScorer(PerHeadModule):
         newest = positions.amax(-1, keepdim=True)
         extra = None
         if self.features:
-            extra = view_attention_features(view, self.window, self.features).reshape(b * h, n, self.features)
+            extra = view_attention_features(view, self.window, self.statistics).reshape(b * h, n, self.features)
         scores = self.network(
             slots,
             view.keys.reshape(b * h, n, d).float(),

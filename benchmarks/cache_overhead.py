@@ -3,6 +3,7 @@
     python benchmarks/cache_overhead.py                  # SmolLM2-135M at 1k and 2k prompt tokens
     python benchmarks/cache_overhead.py --tiny           # a tiny random GQA Llama (e.g. on a GPU box)
     python benchmarks/cache_overhead.py --kvp-widths 112 64 32 --policies h2o-norm kvp   # cost by network width
+    python benchmarks/cache_overhead.py --policies kvp runs/kvp                         # a trained run too
 
 For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the time the evicting
 prefill spends in the ``kvp_evict`` hand-off (``EvictingLayer.observe``: positions and padding, plus
@@ -22,6 +23,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -29,6 +31,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
 from kvp_gym.cache.layer import EvictingLayer
+from kvp_gym.checkpoint import load_scorer
 
 
 def clock(device: torch.device) -> Callable[[], float]:
@@ -75,6 +78,8 @@ def make_scorer(name: str, model: LlamaForCausalLM):
         if all(shipped.config()[key] == value for key, value in shape.items()):
             return shipped.to(model.device)
         return scorers.get("kvp-net", **shape, width=shipped.width, inputs=shipped.inputs).to(model.device)
+    if Path(name).exists():  # a run directory or checkpoint file
+        return load_scorer(name).to(model.device)
     return scorers.get(name)
 
 
@@ -179,7 +184,8 @@ def main() -> None:
             scorer = make_scorer(name, model)
             for use_triton in paths:
                 hand_off, flush = compression_cost(model, ids, scorer, budget, use_triton, args.repeats)
-                print(f"{name:<14}{'triton' if use_triton else 'torch':<8}{hand_off * 1e3:>8.1f}ms"
+                label = Path(name).name if Path(name).exists() else name
+                print(f"{label:<14}{'triton' if use_triton else 'torch':<8}{hand_off * 1e3:>8.1f}ms"
                       f"{flush * 1e3:>13.1f}ms{(hand_off + flush) / stock:>10.2%}{flop_share(scorer, model, length)}")
         model.set_attn_implementation("sdpa")
         full_speed, full_cache = decode_speed(model, ids, lambda: DynamicCache(config=model.config), args.decode_steps)

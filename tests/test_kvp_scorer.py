@@ -61,7 +61,18 @@ def test_shapes_needs_and_parameter_count() -> None:
         torch.stack([torch.softmax(view.queries[0, head, g, -1] @ view.keys[0, head].T / 4.0, -1) for g in range(2)]).mean(0)
         for head in range(2)
     ])  # the last query (position 39) sees all 40 keys; sqrt(head_dim) = 4
-    torch.testing.assert_close(view_attention_features(view, 8, features=3)[0, ..., 2], torch.log(last + 1e-6) / 5.0)
+    torch.testing.assert_close(view_attention_features(view, 8, ("h2o", "window", "last"))[0, ..., 2],
+                               torch.log(last + 1e-6) / 5.0)
+    # the window's and the last query's votes alone: no attention sum, and untrained it ranks by the window's vote
+    votes_only = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+window+last", window=8)
+    assert votes_only.needs == {"queries"} and votes_only.attention_w.shape == (6, 2, 32)
+    torch.nn.init.zeros_(votes_only.out_w)
+    window = torch.stack([
+        torch.stack([torch.softmax(view.queries[0, head, g] @ view.keys[0, head].T / 4.0 + torch.triu(
+            torch.full((8, 40), -math.inf), diagonal=33), -1).sum(0) for g in range(2)]).mean(0)
+        for head in range(2)
+    ])  # query t of the last 8 (positions 32..39) sees keys up to its own position
+    torch.testing.assert_close(votes_only.score(view)[0], torch.log(window + 1e-6))
     with pytest.raises(ValueError, match="inputs must be one of"):
         PerHeadKVPScorer(3, 2, 16, inputs="queries")
 
@@ -104,6 +115,8 @@ def test_drives_the_evicting_cache(tiny_model_dir: Path) -> None:
         model(ids, cache=cache, use_cache=True)
         model(ids[:, :1], cache=cache, use_cache=True)  # the compression happens at the next forward
         assert cache.layers[0].keys.shape[2] == 33
+        if "h2o" not in scorer.statistics:  # the prefill summed no attention: that is the second pass it saves
+            assert all(layer.attention is None for layer in cache.layers)
 
 
 def test_trace_statistics_match_their_definitions(tiny_traces) -> None:
