@@ -110,8 +110,9 @@ print(f"\nfull report: {report} {elapsed()}")
 print(f"== 4/4 generate: SmolLM2 keeping {args.budget} entries per KV head, question after or inside the compressed part ==")
 model, tokenizer = load_model()
 sink, recent = suite.sink, suite.recent
+rng = random.Random(0)
 codes = [("4821", "Thursday")] + [("".join(rng.choice("123456789") for _ in range(4)), rng.choice(DAYS))
-                                 for rng in [random.Random(0)] for _ in range(NOTES - 1)]
+                                 for _ in range(NOTES - 1)]
 
 
 def note_prompt(code: str, day: str) -> tuple[torch.Tensor, int]:
