@@ -14,7 +14,10 @@ server compresses before a question, the target is what the question and its ans
 (with the last query's attention as an input) is what taught the policy to keep the needle. The training
 traces are 64 prose texts, 48 RULER tasks and 24 dialogues (the model answers every dialogue turn by
 turn, about a minute per dialogue on a CPU core, on the Ray workers with ``workers``; without them the
-policy lost to ExpectedAttention on dialogue). ``smollm2-quick`` is the same at demo size, without dialogues.
+policy lost to ExpectedAttention on dialogue). ``smollm2-fast`` is the same without the normalised-H2O
+input (``inputs=kv+window+last``), on the same trace sets: the cache then needs no attention sum, a third
+of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md, study 5).
+``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ class Recipe:
                                                   ("prefixes", "256,512,768,question"))
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
+    traces_of: str | None = None  # the recipe whose trace sets this one shares (None: its own)
+
+    def traces_root(self, root: str | Path | None = None) -> Path:
+        """Where the trace sets go: ``root``, or $KVP_GYM_HOME/recipes/<name of the recipe whose sets these are>."""
+        return home_dir() / "recipes" / (self.traces_of or self.name) if root is None else Path(root).expanduser()
 
     def trace_sets(self, show_progress: bool = True, root: str | Path | None = None, workers: int = 0) -> tuple[list[str], str]:
-        """(training trace set directories, validation set directory), generated on first use under ``root``
-        ($KVP_GYM_HOME/recipes/<name> by default), on ``workers`` Ray workers if > 0 (the same files)."""
-        root = home_dir() / "recipes" / self.name if root is None else Path(root).expanduser()
+        """(training trace set directories, validation set directory), generated on first use under
+        ``traces_root(root)``, on ``workers`` Ray workers if > 0 (the same files)."""
+        root = self.traces_root(root)
         train = [
             str(generate_traces(root / f"{source}-train", source, n, self.length, split="train", model_name=self.model,
                                 show_progress=show_progress, workers=workers).directory)
@@ -72,6 +80,10 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "smollm2": Recipe("smollm2", train_sets=(("prose", 64), ("ruler", 48), ("dialogue", 24)), val_set=("prose", 4),
                       steps=1500),
+    # the same without the normalised-H2O input: the cache needs no attention sum (a third of the cost on a CPU)
+    "smollm2-fast": Recipe("smollm2-fast", train_sets=(("prose", 64), ("ruler", 48), ("dialogue", 24)),
+                           val_set=("prose", 4), steps=1500, traces_of="smollm2",
+                           arch_options=(("width", 112), ("inputs", "kv+window+last"))),
     "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12), ("ruler", 8)), val_set=("prose", 2), steps=300,
                             val_every=150),
 }

@@ -259,6 +259,10 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
     assert config.val_texts == 4 and RECIPES["smollm2-quick"].config("/runs/q", traces_root="/d/traces").val_texts == 2
     assert roots == [None, "/d/traces"]
+    # the fast recipe reads no attention sum and trains on the smollm2 recipe's trace sets
+    fast = RECIPES["smollm2-fast"]
+    assert fast.config("/runs/f").arch_options == {"width": 112, "inputs": "kv+window+last"}
+    assert fast.traces_root() == RECIPES["smollm2"].traces_root() != RECIPES["smollm2-quick"].traces_root()
 
 
 @pytest.mark.slow
