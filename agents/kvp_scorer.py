@@ -109,7 +109,8 @@ class PerHeadKVPScorer(PerHeadModule):
         self.width, self.inputs, self.window, self.seed = width, inputs, window, seed
         self.statistics = ATTENTION_STATISTICS[inputs]
         self.features = len(self.statistics)
-        self.needs = frozenset(({"queries"} if self.features else set()) | ({"attention"} if "h2o" in self.statistics else set()))
+        needs = {"queries"} if self.statistics else set()  # the window's and the last query's votes
+        self.needs = frozenset(needs | {"attention"} if "h2o" in self.statistics else needs)
         slots, generator = len(self.heads), torch.Generator().manual_seed(seed)
 
         def linear(fan_in: int, fan_out: int, gain: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:

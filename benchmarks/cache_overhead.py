@@ -11,8 +11,8 @@ the query window for SnapKV/TOVA and the attention accumulation for H2O); the sc
 all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA); their sum relative to
 the stock prefill (goal <= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
 shipped policy's inputs (``kvp-wW``), and the network's share of the prefill's FLOPs next to it: what the
-scoring costs at best, and how much of the measured time is the implementation. Then decode tokens/s with the full cache and with 25% and
-10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
+scoring costs at best, and how much of the measured time is the implementation. Then decode tokens/s with
+the full cache and with 25% and 10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
 time on CUDA, this process's CPU time on CPU (so that other jobs on a shared box do not count).
 """
 
@@ -65,16 +65,13 @@ def load(tiny: bool, device: torch.device) -> tuple[LlamaForCausalLM, torch.Tens
 
 def make_scorer(name: str, model: LlamaForCausalLM):
     config = model.config
+    shape = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
     if name.startswith("kvp-w"):  # an untrained kvp-net of that width, reading what the shipped policy reads
-        shipped = scorers.get("kvp")
-        return scorers.get("kvp-net", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
-                           head_dim=config.head_dim, width=int(name[len("kvp-w"):]), inputs=shipped.inputs).to(model.device)
+        return scorers.get("kvp-net", **shape, width=int(name[len("kvp-w"):]), inputs=scorers.get("kvp").inputs).to(model.device)
     if name == "mlp":  # the per-head MLP agent, untrained weights: same cost as a trained one
-        return scorers.get("mlp", num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
-                           head_dim=config.head_dim).to(model.device)
+        return scorers.get("mlp", **shape).to(model.device)
     if name == "kvp":  # the shipped policy; on another model, an untrained network of its shape (the same cost)
         shipped = scorers.get("kvp")
-        shape = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
         if all(shipped.config()[key] == value for key, value in shape.items()):
             return shipped.to(model.device)
         return scorers.get("kvp-net", **shape, width=shipped.width, inputs=shipped.inputs).to(model.device)

@@ -43,12 +43,10 @@ class DialogueWorker:
         self.params = params
 
     def dialogue(self, index: int) -> tuple[int, dict[str, Any]]:
-        from kvp_gym.data import make_dialogue
+        from kvp_gym.traces.generate import dialogue_record
 
         crash_once("dialogue")
-        params = self.params
-        sample = make_dialogue(self.model, self.tokenizer, params["split"], params["seed"], index, params["length"])
-        return index, sample.to_dict()
+        return index, dialogue_record(self.model, self.tokenizer, self.params, index)
 
 
 def trace_on_workers(

@@ -170,6 +170,11 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
     return records
 
 
+def dialogue_record(model: Any, tokenizer: Any, params: dict[str, Any], index: int) -> dict[str, Any]:
+    """Dialogue number ``index`` of a set with ``params`` (split, seed, length), as a sample record."""
+    return make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"]).to_dict()
+
+
 def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, model: Any, show_progress: bool,
                       workers: int | None = None, address: str | None = None) -> list[dict[str, Any]]:
     """The dialogue samples (the model writes every reply: about a minute each on a CPU), each kept in
@@ -201,7 +206,7 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
             dialogues_on_workers(params["model"], params, missing, keep, workers, address)
         else:
             for index in missing:
-                keep((index, make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"]).to_dict()))
+                keep((index, dialogue_record(model, tokenizer, params, index)))
     return [json.loads(path.read_text()) for path in paths]
 
 
