@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from agents.common import ScheduledOptimizer
-from agents.kvp_scorer import attention_features
+from agents.kvp_scorer import attention_features, pooled
 from agents.pairwise import pairwise_hinge
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset
@@ -117,7 +117,10 @@ class DistillAgent:
         stats = store.load(position)
 
         def pick_rows(name: str) -> torch.Tensor:
-            """The store's statistic ``name`` at prefix n for every agent's head, on the drawn entries: [S, M]."""
+            """The store's statistic ``name`` at prefix n for every agent's head, on the drawn entries: [S, M]
+            ("window_pool": the window's vote pooled over the whole prefix, then drawn)."""
+            if name == "window_pool":
+                return pooled(stats[f"window.{n}"][layers, kv_heads])[:, entries]
             return stats[f"{name}.{n}"][layers, kv_heads][:, entries].float()
 
         target = pick_rows("imp_mean" if self.config.target == "imp_mean" else "imp")

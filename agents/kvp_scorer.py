@@ -23,6 +23,11 @@ The first makes the scorer read the ``attention`` input, the others the ``querie
 declares both in ``needs``. They also enter the score directly, s_i += c . a_i with c [S, A] learned
 and initialised to (5, 0, ...): an untrained scorer ranks exactly as normalised H2O, the strongest heuristic
 downstream, and training learns per head where keys, values and positions correct it.
+``inputs="kv+attention+last+pool"`` adds a fourth, the window's vote averaged over each entry's neighbours
+in position order (kernel 5, SnapKV's pooling, which keeps whole spans such as a multi-token number):
+
+    log(avg_pool_5(mean_g sum_{last w queries t} A_g[t, .])(i) + 1e-6) / 5
+
 ``inputs="kv+window+last"`` reads the window's and the last query's votes only: no ``attention`` input,
 so the cache skips the attention sum over every query (a second attention pass on a CPU:
 benchmarks/cache_overhead.py); untrained, it ranks by the window's vote.
@@ -40,16 +45,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.mlp_scorer import PerHeadModule
-from baselines._attention import window_attention
+from baselines._attention import avg_pool_in_position_order, window_attention
 from kvp_gym.scorers import ScoringView
 
 # the attention features per entry, in order, by ``inputs`` (their importance-store statistic names)
 ATTENTION_STATISTICS = {
     "kv": (), "kv+attention": ("h2o", "window"), "kv+attention+last": ("h2o", "window", "last"),
-    "kv+window+last": ("window", "last"),
+    "kv+window+last": ("window", "last"), "kv+attention+last+pool": ("h2o", "window", "last", "window_pool"),
 }
 INPUTS = tuple(ATTENTION_STATISTICS)
 POSITION_BUCKETS = 32
+POOL_KERNEL = 5  # the pooled window vote's neighbourhood (SnapKV's kernel_size in kvpress)
 
 
 def log_bucket(distance: torch.Tensor) -> torch.Tensor:
@@ -58,17 +64,27 @@ def log_bucket(distance: torch.Tensor) -> torch.Tensor:
 
 
 def attention_features(*statistics: torch.Tensor) -> torch.Tensor:
-    """The attention inputs (normalised H2O, the window's vote and optionally the last query's), [..., N]
-    each -> [..., N, A] (see the module docstring)."""
+    """The attention inputs (the statistics of ``ATTENTION_STATISTICS``), [..., N] each -> [..., N, A]
+    (see the module docstring)."""
     return torch.stack([torch.log(statistic.float() + 1e-6) for statistic in statistics], -1) / 5.0
 
 
+def pooled(vote: torch.Tensor) -> torch.Tensor:
+    """A vote [..., n] over the contiguous positions 0..n-1 (a prefix before any eviction: the importance
+    store's rows) averaged over ``POOL_KERNEL`` neighbours, zero padding counted: [..., n]."""
+    shape = vote.shape
+    smoothed = F.avg_pool1d(vote.reshape(-1, 1, shape[-1]).float(), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+    return smoothed.reshape(shape)
+
+
 def view_attention_features(view: ScoringView, window: int, names: Sequence[str]) -> torch.Tensor:
-    """The attention_features ``names`` (of "h2o", "window", "last") of a view that carries ``queries``
-    (and ``attention`` for "h2o"): [B, H, N, len(names)]."""
+    """The attention_features ``names`` (of "h2o", "window", "last", "window_pool") of a view that carries
+    ``queries`` (and ``attention`` for "h2o"): [B, H, N, len(names)]. "window_pool" pools in position order
+    over the view's real entries (``pooled`` on a view of a whole prefix)."""
     recent = window_attention(view, window)  # [B, H, G, w, N]
     statistics = {"window": lambda: recent.sum(3).mean(2), "last": lambda: recent[:, :, :, -1].mean(2), "h2o": lambda: (
-        view.attention.float().mean(2) / _seen_by(view)[:, None])}
+        view.attention.float().mean(2) / _seen_by(view)[:, None]), "window_pool": lambda: avg_pool_in_position_order(
+        recent.sum(3).mean(2), view.mask, view.positions, POOL_KERNEL)}
     return attention_features(*(statistics[name]() for name in names))
 
 

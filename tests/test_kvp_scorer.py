@@ -73,6 +73,13 @@ def test_shapes_needs_and_parameter_count() -> None:
         for head in range(2)
     ])  # query t of the last 8 (positions 32..39) sees keys up to its own position
     torch.testing.assert_close(votes_only.score(view)[0], torch.log(window + 1e-6))
+    # the pooled window vote: the mean over the 5 neighbours in position order, zeros beyond the ends
+    with_pool = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention+last+pool", window=8)
+    assert with_pool.needs == {"attention", "queries"} and with_pool.attention_w.shape == (6, 4, 32)
+    padded = torch.cat([torch.zeros(2, 2), window, torch.zeros(2, 2)], -1)
+    neighbours = torch.stack([padded[:, i : i + 5].sum(-1) / 5 for i in range(40)], -1)
+    torch.testing.assert_close(view_attention_features(view, 8, ("window_pool",))[0, ..., 0],
+                               torch.log(neighbours + 1e-6) / 5.0)
     with pytest.raises(ValueError, match="inputs must be one of"):
         PerHeadKVPScorer(3, 2, 16, inputs="queries")
 
@@ -194,6 +201,19 @@ def test_store_marks_add_each_traces_question_and_answer_prefixes(tiny_traces, t
     drawn = {int(agent.sample()["n"]) for _ in range(80)}
     assert drawn == {40, 64, 70, 80}
     assert math.isfinite(agent.update()["train/distill_loss"])
+    # the pooled window vote is pooled over the whole prefix, then drawn, as a cache view of that prefix pools it
+    pooling = PerHeadKVPScorer(2, 2, tiny_traces.spec.head_dim, width=8, inputs="kv+attention+last+pool", window=8)
+    pooling_agent = DistillAgent(pooling, [marked], {}, agent_config, total_steps=1)
+    pooling_agent.reseed(1)
+    batch = pooling_agent.sample()
+    pooling_agent.reseed(1)
+    pick = int(torch.randint(len(pooling_agent.examples), (1,), generator=pooling_agent.generator))
+    window = both.load(pooling_agent.examples[pick][1])[f"window.{int(batch['n'])}"].float()  # [L, Hkv, n]
+    padded = torch.nn.functional.pad(window, (2, 2))
+    neighbours = torch.stack([padded[..., i : i + 5].mean(-1) for i in range(window.shape[-1])], -1)
+    layers, kv_heads = pooling_agent.heads[:, 0], pooling_agent.heads[:, 1]
+    torch.testing.assert_close(batch["window_pool"], neighbours[layers, kv_heads][:, batch["positions"][0]])
+    assert math.isfinite(pooling_agent.update()["train/distill_loss"])
     with pytest.raises(ValueError, match="prefixes: expected token counts"):
         DistillAgent(scorer, [marked], {}, DistillConfig(prefixes="40,last"), total_steps=1)
 
