@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from agents.common import ScheduledOptimizer
-from agents.kvp_scorer import attention_features, pooled
+from agents.kvp_scorer import POOL_KERNEL, attention_features
 from agents.pairwise import pairwise_hinge
+from baselines._attention import avg_pool_in_position_order
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.traces import TraceDataset
 from kvp_gym.utility.store import MARKS, ImportanceStore
@@ -119,8 +120,10 @@ class DistillAgent:
         def pick_rows(name: str) -> torch.Tensor:
             """The store's statistic ``name`` at prefix n for every agent's head, on the drawn entries: [S, M]
             ("window_pool": the window's vote pooled over the whole prefix, then drawn)."""
-            if name == "window_pool":
-                return pooled(stats[f"window.{n}"][layers, kv_heads])[:, entries]
+            if name == "window_pool":  # the same pooling as a cache view of the whole prefix 0..n-1
+                vote = stats[f"window.{n}"][layers, kv_heads].float()[None]  # [1, S, n]
+                prefix = torch.arange(n)[None]
+                return avg_pool_in_position_order(vote, prefix >= 0, prefix, POOL_KERNEL)[0][:, entries]
             return stats[f"{name}.{n}"][layers, kv_heads][:, entries].float()
 
         target = pick_rows("imp_mean" if self.config.target == "imp_mean" else "imp")

@@ -69,22 +69,15 @@ def attention_features(*statistics: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.log(statistic.float() + 1e-6) for statistic in statistics], -1) / 5.0
 
 
-def pooled(vote: torch.Tensor) -> torch.Tensor:
-    """A vote [..., n] over the contiguous positions 0..n-1 (a prefix before any eviction: the importance
-    store's rows) averaged over ``POOL_KERNEL`` neighbours, zero padding counted: [..., n]."""
-    shape = vote.shape
-    smoothed = F.avg_pool1d(vote.reshape(-1, 1, shape[-1]).float(), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
-    return smoothed.reshape(shape)
-
-
 def view_attention_features(view: ScoringView, window: int, names: Sequence[str]) -> torch.Tensor:
     """The attention_features ``names`` (of "h2o", "window", "last", "window_pool") of a view that carries
-    ``queries`` (and ``attention`` for "h2o"): [B, H, N, len(names)]. "window_pool" pools in position order
-    over the view's real entries (``pooled`` on a view of a whole prefix)."""
+    ``queries`` (and ``attention`` for "h2o"): [B, H, N, len(names)]. "window_pool" pools the window's vote
+    in position order over the view's real entries."""
     recent = window_attention(view, window)  # [B, H, G, w, N]
-    statistics = {"window": lambda: recent.sum(3).mean(2), "last": lambda: recent[:, :, :, -1].mean(2), "h2o": lambda: (
+    vote = recent.sum(3).mean(2)  # the window's vote [B, H, N]: every input with attention features reads it
+    statistics = {"window": lambda: vote, "last": lambda: recent[:, :, :, -1].mean(2), "h2o": lambda: (
         view.attention.float().mean(2) / _seen_by(view)[:, None]), "window_pool": lambda: avg_pool_in_position_order(
-        recent.sum(3).mean(2), view.mask, view.positions, POOL_KERNEL)}
+        vote, view.mask, view.positions, POOL_KERNEL)}
     return attention_features(*(statistics[name]() for name in names))
 
 
