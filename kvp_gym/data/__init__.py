@@ -1,12 +1,14 @@
 """Text sources: the first stage of the flow (text tasks -> model -> traces -> ...).
 
-Four sources, all generated or shipped locally (nothing is fetched at run time):
+Five sources, all generated or shipped locally (nothing is fetched at run time):
 
 - ``ruler``: RULER-style synthetic long-context tasks with exact answers (:func:`make_ruler`);
 - ``dialogue``: multi-turn dialogues, the project's prompts answered by the model (:func:`make_dialogues`);
 - ``prose``: windows of Python's own documentation, ``pydoc_data.topics`` (:func:`make_prose`);
+- ``docs``: windows of the standard library's docstrings, more documentation prose for training
+  (:func:`make_docs`; never the ``code`` source's modules);
 - ``code``: windows of Python source from the interpreter's standard library (:func:`make_code`).
-  The out-of-domain source: held out of every training recipe and, unlike the other three, not in
+  The out-of-domain source: held out of every training recipe and, unlike the others, not in
   the default suites' sources (:data:`TRAINING_SOURCES`); name it explicitly to evaluate on it.
 
 Every source returns :class:`TextSample` objects built to a target token length (never above it)
@@ -18,15 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from .common import SPLITS, count_tokens, split_of
+from .docstrings import docs_modules, make_docs
 from .dialogue import dialogue_topics, make_dialogue, make_dialogues
 from .prose import make_prose, prose_topics
 from .pycode import CODE_FILES, code_files, make_code
 from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer
 from .sample import EncodedSample, TextSample, encode_sample
 
-SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "code")
+SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "docs", "code")
 # The in-domain sources; "code" is held out of every training recipe and of the shipped suites.
-TRAINING_SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose")
+TRAINING_SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "docs")
 
 __all__ = [
     "CODE_FILES",
@@ -40,10 +43,12 @@ __all__ = [
     "code_files",
     "count_tokens",
     "dialogue_topics",
+    "docs_modules",
     "encode_sample",
     "make_code",
     "make_dialogue",
     "make_dialogues",
+    "make_docs",
     "make_prose",
     "make_ruler",
     "make_samples",
@@ -63,7 +68,7 @@ def make_samples(
     model: Any = None,
     **options: Any,
 ) -> list[TextSample]:
-    """`n` samples of `source` ("ruler", "dialogue", "prose" or "code"); `options` go to that source's maker
+    """`n` samples of `source` ("ruler", "dialogue", "prose", "docs" or "code"); `options` go to that source's maker
     (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p).
     `model` is needed by "dialogue" only."""
     if source not in SOURCES:
@@ -74,4 +79,6 @@ def make_samples(
         return make_dialogues(model, tokenizer, n, split, seed, target_tokens, **options)
     if source == "code":
         return make_code(tokenizer, n, split, seed, target_tokens, **options)
+    if source == "docs":
+        return make_docs(tokenizer, n, split, seed, target_tokens, **options)
     return make_prose(tokenizer, n, split, seed, target_tokens, **options)

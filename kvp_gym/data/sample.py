@@ -13,7 +13,7 @@ class TextSample:
     """One text fed to the model.
 
     text: the full string (context + question + answer; chat-formatted when the tokenizer has a template).
-    source: "ruler", "dialogue", "prose" or "code"; task: e.g. "niah_single" (the source's name for the others).
+    source: "ruler", "dialogue", "prose", "docs" or "code"; task: e.g. "niah_single" (the source's name for the others).
     answer: the exact expected answers (empty for dialogue, prose and code).
     question_start: char offset in `text` where the question begins (dialogue: the last user turn;
         prose, code: len(text)). answer_start: char offset where the assistant answer begins (dialogue:

@@ -1,0 +1,115 @@
+"""Docs: contiguous windows of the docstrings of Python's standard library, English prose about APIs.
+
+A second documentation source for training, about twice the size of ``prose`` (``pydoc_data.topics``).
+Each module contributes its dotted name and its docstring, then the docstring of every public class,
+function and method, under its qualified name, in source order. Docstrings shorter than
+:data:`MIN_DOCSTRING_CHARS` (one-liners such as "Return self.") are left out.
+
+The modules are every pure-Python module of the interpreter's standard library except the private
+ones (a ``_`` name), tests, demos, bundled packages, ``encodings`` (boilerplate), and the :data:`CODE_FILES`
+of the held-out ``code`` source: no text of that domain enters a training set through this one. The list
+is read from ``sysconfig.get_paths()["stdlib"]``, so the corpus is fixed by the CPython version (the
+project's is 3.11). Modules go to the train or test split by their path, like prose topics by title.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import os
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from .common import check_request, corpus_windows, keys_in_split
+from .pycode import CODE_FILES, stdlib_dir
+from .sample import TextSample
+
+MIN_DOCSTRING_CHARS = 80
+EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "ensurepip", "lib2to3",
+                           "encodings", "__pycache__", "pydoc_data"})
+_MODULE_SEPARATOR = "\n\n\n"
+_PARAGRAPH_BREAK = "\n\n"
+
+
+class DocsCorpus(NamedTuple):
+    """The docstrings of one split's modules joined in path order, the char offset where each module
+    starts, and the char offsets of every paragraph start (window start candidates)."""
+
+    text: str
+    modules: tuple[str, ...]
+    starts: tuple[int, ...]
+    paragraph_starts: tuple[int, ...]
+
+    def modules_between(self, start: int, stop: int) -> list[str]:
+        """Paths of the modules overlapping text[start:stop]."""
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_left(self.starts, stop)
+        return list(self.modules[first:last])
+
+
+def stdlib_modules() -> list[str]:
+    """Paths (relative to the stdlib directory, sorted) of the modules the docs source reads, both splits."""
+    root, paths = stdlib_dir(), []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(name for name in subdirectories
+                                   if name not in EXCLUDED_DIRS and not name.startswith(("_", "config-")))
+        for name in files:
+            if name.endswith(".py") and not name.startswith("_"):
+                paths.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+    return sorted(path for path in paths if path not in CODE_FILES)
+
+
+def docs_modules(split: str) -> list[str]:
+    """The modules of a split (disjoint between train and test)."""
+    return keys_in_split(stdlib_modules(), split)
+
+
+def module_docstrings(source: str, module: str) -> str:
+    """The module's name and docstring, then each public class's, function's and method's qualified name
+    and docstring, in source order; docstrings under MIN_DOCSTRING_CHARS are left out ("" when none is left)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""  # a few stdlib files are templates or Python-2 examples, not modules
+    entries: list[str] = []
+
+    def visit(node: ast.AST, qualified: str) -> None:
+        docstring = ast.get_docstring(node)
+        if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:
+            entries.append(f"{qualified}\n\n{docstring}")
+        for child in getattr(node, "body", []):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
+                visit(child, f"{qualified}.{child.name}")
+
+    visit(tree, module)
+    return _PARAGRAPH_BREAK.join(entries)
+
+
+@lru_cache(maxsize=None)
+def docs_corpus(split: str) -> DocsCorpus:
+    """The split's docstrings, one module after another (modules without a long docstring are skipped)."""
+    parts, modules, starts, paragraphs, position = [], [], [], [], 0
+    for path in docs_modules(split):
+        with open(os.path.join(stdlib_dir(), *path.split("/")), encoding="utf-8") as handle:
+            module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            body = module_docstrings(handle.read(), module)
+        if not body:
+            continue
+        modules.append(path)
+        starts.append(position)
+        paragraphs.append(position)
+        offset = body.find(_PARAGRAPH_BREAK)
+        while offset >= 0:
+            paragraphs.append(position + offset + len(_PARAGRAPH_BREAK))
+            offset = body.find(_PARAGRAPH_BREAK, offset + len(_PARAGRAPH_BREAK))
+        parts.append(body)
+        position += len(body) + len(_MODULE_SEPARATOR)
+    return DocsCorpus(_MODULE_SEPARATOR.join(parts), tuple(modules), tuple(starts), tuple(paragraphs))
+
+
+def make_docs(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
+    """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded paragraph start."""
+    check_request(n, split, target_tokens)
+    corpus = docs_corpus(split)
+    return corpus_windows(tokenizer, corpus.text, corpus.paragraph_starts, "docs", split, seed, n, target_tokens,
+                          lambda start, stop: {"modules": corpus.modules_between(start, stop)})
