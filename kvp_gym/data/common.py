@@ -28,6 +28,13 @@ def keys_in_split(keys: Iterable[str], split: str) -> list[str]:
     return [key for key in keys if split_of(key) == split]
 
 
+def parts_between(names: Sequence[str], starts: Sequence[int], start: int, stop: int) -> list[str]:
+    """Names of the parts of a joined corpus (part k starts at char ``starts[k]``) overlapping text[start:stop]."""
+    first = bisect.bisect_right(starts, start) - 1
+    last = bisect.bisect_left(starts, stop)
+    return list(names[first:last])
+
+
 def check_request(n: int, split: str, target_tokens: int) -> None:
     """Raise ValueError naming the bad argument of a make_* call."""
     if split not in SPLITS:

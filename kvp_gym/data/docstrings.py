@@ -15,12 +15,12 @@ project's is 3.11). Modules go to the train or test split by their path, like pr
 from __future__ import annotations
 
 import ast
-import bisect
 import os
+import re
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, keys_in_split
+from .common import check_request, corpus_windows, keys_in_split, parts_between
 from .pycode import CODE_FILES, stdlib_dir
 from .sample import TextSample
 
@@ -28,23 +28,19 @@ MIN_DOCSTRING_CHARS = 80
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "ensurepip", "lib2to3",
                            "encodings", "__pycache__", "pydoc_data"})
 _MODULE_SEPARATOR = "\n\n\n"
-_PARAGRAPH_BREAK = "\n\n"
+_PARAGRAPH_BREAK = re.compile(r"\n\n+")
 
 
 class DocsCorpus(NamedTuple):
-    """The docstrings of one split's modules joined in path order, the char offset where each module
-    starts, and the char offsets of every paragraph start (window start candidates)."""
+    """The docstrings of one split's modules joined in path order, with the char offset where each module starts."""
 
     text: str
     modules: tuple[str, ...]
     starts: tuple[int, ...]
-    paragraph_starts: tuple[int, ...]
 
     def modules_between(self, start: int, stop: int) -> list[str]:
         """Paths of the modules overlapping text[start:stop]."""
-        first = bisect.bisect_right(self.starts, start) - 1
-        last = bisect.bisect_left(self.starts, stop)
-        return list(self.modules[first:last])
+        return parts_between(self.modules, self.starts, start, stop)
 
 
 def stdlib_modules() -> list[str]:
@@ -82,13 +78,13 @@ def module_docstrings(source: str, module: str) -> str:
                 visit(child, f"{qualified}.{child.name}")
 
     visit(tree, module)
-    return _PARAGRAPH_BREAK.join(entries)
+    return "\n\n".join(entries)
 
 
 @lru_cache(maxsize=None)
 def docs_corpus(split: str) -> DocsCorpus:
     """The split's docstrings, one module after another (modules without a long docstring are skipped)."""
-    parts, modules, starts, paragraphs, position = [], [], [], [], 0
+    parts, modules, starts, position = [], [], [], 0
     for path in docs_modules(split):
         with open(os.path.join(stdlib_dir(), *path.split("/")), encoding="utf-8") as handle:
             module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
@@ -97,19 +93,15 @@ def docs_corpus(split: str) -> DocsCorpus:
             continue
         modules.append(path)
         starts.append(position)
-        paragraphs.append(position)
-        offset = body.find(_PARAGRAPH_BREAK)
-        while offset >= 0:
-            paragraphs.append(position + offset + len(_PARAGRAPH_BREAK))
-            offset = body.find(_PARAGRAPH_BREAK, offset + len(_PARAGRAPH_BREAK))
         parts.append(body)
         position += len(body) + len(_MODULE_SEPARATOR)
-    return DocsCorpus(_MODULE_SEPARATOR.join(parts), tuple(modules), tuple(starts), tuple(paragraphs))
+    return DocsCorpus(_MODULE_SEPARATOR.join(parts), tuple(modules), tuple(starts))
 
 
 def make_docs(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
     """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded paragraph start."""
     check_request(n, split, target_tokens)
     corpus = docs_corpus(split)
-    return corpus_windows(tokenizer, corpus.text, corpus.paragraph_starts, "docs", split, seed, n, target_tokens,
+    paragraphs = [match.end() for match in _PARAGRAPH_BREAK.finditer(corpus.text)]
+    return corpus_windows(tokenizer, corpus.text, paragraphs, "docs", split, seed, n, target_tokens,
                           lambda start, stop: {"modules": corpus.modules_between(start, stop)})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import bisect
 import re
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
-from .common import check_request, corpus_windows, keys_in_split
+from .common import check_request, corpus_windows, keys_in_split, parts_between
 from .sample import TextSample
 
 _TOPIC_SEPARATOR = "\n\n"
@@ -25,9 +24,7 @@ class ProseCorpus(NamedTuple):
 
     def topics_between(self, start: int, stop: int) -> list[str]:
         """Keys of the topics overlapping text[start:stop]."""
-        first = bisect.bisect_right(self.starts, start) - 1
-        last = bisect.bisect_left(self.starts, stop)
-        return list(self.keys[first:last])
+        return parts_between(self.keys, self.starts, start, stop)
 
 
 def prose_topics(split: str) -> list[str]:

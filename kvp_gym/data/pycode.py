@@ -15,14 +15,13 @@ or ``class`` with its decorators, an assignment, ...) and run across file bounda
 from __future__ import annotations
 
 import ast
-import bisect
 import os
 import sys
 import sysconfig
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, keys_in_split
+from .common import check_request, corpus_windows, keys_in_split, parts_between
 from .sample import TextSample
 
 # Paths relative to the stdlib directory, sorted. Changing this list changes every code sample.
@@ -106,9 +105,7 @@ class CodeCorpus(NamedTuple):
 
     def files_between(self, start: int, stop: int) -> list[str]:
         """Paths of the files overlapping text[start:stop]."""
-        first = bisect.bisect_right(self.starts, start) - 1
-        last = bisect.bisect_left(self.starts, stop)
-        return list(self.files[first:last])
+        return parts_between(self.files, self.starts, start, stop)
 
 
 def stdlib_dir() -> str:
