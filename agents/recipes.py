@@ -3,21 +3,24 @@
 A recipe makes its training and validation trace sets (once, into $KVP_GYM_HOME/recipes/<name>/,
 resumable) and returns the TrainConfig that trains on them. ``smollm2`` distils the future-attention
 oracle into KVP's per-head network reading keys, values, positions and the attention statistics the
-cache already has (``--agent distill --arch kvp-net --arch-opt inputs=kv+attention+last``), validating
-downstream perplexity every ``val_every`` steps and keeping the best checkpoint in ``DIR/best``.
-The loss is ListNet on the future attention times the value norm (``I_i * ||v_i||``), width 112, 1500
-steps: of the losses, targets, widths and lengths compared in docs/learned-eviction.md, on texts of topics
-no training text has, the one whose policy lost least perplexity and fits the 10 MB shipping budget
-(float16). Longer training fits the training topics better and unseen ones worse. The prefixes drawn are
-256, 512 and 768 tokens and, on RULER tasks and dialogues, the question's first token: compressed where a
-server compresses before a question, the target is what the question and its answer attend to, and that
-(with the last query's attention as an input) is what taught the policy to keep the needle. The training
-traces are 64 prose texts, 48 RULER tasks and 24 dialogues (the model answers every dialogue turn by
-turn, about a minute per dialogue on a CPU core, on the Ray workers with ``workers``; without them the
-policy lost to ExpectedAttention on dialogue). ``smollm2-fast`` is the same without the normalised-H2O
-input (``inputs=kv+window+last``), on the same trace sets: the cache then needs no attention sum, a third
-of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md, study 5).
-``smollm2-quick`` is the same at demo size, without dialogues.
+cache already has, the window's vote pooled over neighbours included (``--agent distill --arch kvp-net
+--arch-opt inputs=kv+attention+last+pool``), validating downstream perplexity every ``val_every`` steps
+and keeping the best checkpoint in ``DIR/best``. The loss is ListNet on the future attention times the
+value norm (``I_i * ||v_i||``), width 112, 3000 steps: of the losses, targets, widths and lengths compared
+in docs/learned-eviction.md, on texts of topics no training text has, the one whose policy lost least
+perplexity and fits the 10 MB shipping budget (float16). The prefixes drawn are 256, 512 and 768 tokens
+and, on RULER tasks and dialogues, the question's first token: compressed where a server compresses before
+a question, the target is what the question and its answer attend to, and that (with the last query's
+attention as an input) is what taught the policy to keep the needle. The training traces are 64 prose
+texts, 128 windows of the standard library's docstrings, 96 RULER tasks and 48 dialogues (the model
+answers every dialogue turn by turn, about a minute per dialogue on a CPU core, on the Ray workers with
+``workers``): twice study 4's data, which lost less perplexity on every validation set but one
+(docs/learned-eviction.md, study 7). A set with a seed other than 0 is a second set of that source
+(``ruler-train-s1``: other samples), so the sets of the smaller recipe before it are reused as they are.
+``smollm2-fast`` is the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on
+the same trace sets: the cache then needs no attention sum, a third of the scoring cost on a CPU, for a
+little perplexity (docs/learned-eviction.md, study 5). ``smollm2-quick`` is the same at demo size, without
+dialogues.
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ from kvp_gym.traces import generate_traces
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Training sets per source ({source: sequences}), their length, the validation set, and the run's settings."""
+    """Training sets ((source, sequences, seed), ...), their length, the validation set, and the run's settings."""
 
     name: str
-    train_sets: tuple[tuple[str, int], ...]
+    train_sets: tuple[tuple[str, int, int], ...]
     val_set: tuple[str, int]
     steps: int
     length: int = 1024
     model: str = "smollm2-135m"
-    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last"))
+    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last+pool"))
     agent_options: tuple[tuple[str, str], ...] = (("loss", "listnet"), ("target", "imp_vnorm"),
                                                   ("prefixes", "256,512,768,question"))
     val_every: int = 500
@@ -57,9 +60,10 @@ class Recipe:
         ``traces_root(root)``, on ``workers`` Ray workers if > 0 (the same files)."""
         root = self.traces_root(root)
         train = [
-            str(generate_traces(root / f"{source}-train", source, n, self.length, split="train", model_name=self.model,
-                                show_progress=show_progress, workers=workers).directory)
-            for source, n in self.train_sets
+            str(generate_traces(root / (f"{source}-train" if seed == 0 else f"{source}-train-s{seed}"), source, n,
+                                self.length, split="train", model_name=self.model, seed=seed, show_progress=show_progress,
+                                workers=workers).directory)
+            for source, n, seed in self.train_sets
         ]
         source, n = self.val_set
         val = generate_traces(root / f"{source}-val", source, n, self.length, split="train", model_name=self.model,
@@ -77,13 +81,14 @@ class Recipe:
         )
 
 
-SMOLLM2 = Recipe("smollm2", train_sets=(("prose", 64), ("ruler", 48), ("dialogue", 24)), val_set=("prose", 4), steps=1500)
+SMOLLM2 = Recipe("smollm2", train_sets=(("prose", 64, 0), ("docs", 128, 0), ("ruler", 48, 0), ("ruler", 48, 1),
+                                         ("dialogue", 24, 0), ("dialogue", 24, 1)), val_set=("prose", 4), steps=3000)
 RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
-    # the same without the normalised-H2O input: the cache needs no attention sum (a third of the cost on a CPU)
+    # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum (a third of the cost on a CPU)
     "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2",
                                         arch_options=(("width", 112), ("inputs", "kv+window+last"))),
-    "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12), ("ruler", 8)), val_set=("prose", 2), steps=300,
+    "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12, 0), ("ruler", 8, 0)), val_set=("prose", 2), steps=300,
                             val_every=150),
 }
 

@@ -4,9 +4,10 @@
     EvictingCache(kvp_gym.scorers.get("kvp"), budget, config=model.config)
 
 It is KVP's per-head network for SmolLM2-135M-Instruct reading keys, values, positions and the
-attention statistics of the cache, the last query's included (``agents.kvp_scorer``,
-``inputs="kv+attention+last"``), distilled from the future-attention oracle (``agents.distill``); its
-checkpoint header records how it was trained.
+attention statistics of the cache, the last query's and the window's vote pooled over neighbours
+included (``agents.kvp_scorer``, ``inputs="kv+attention+last+pool"``), distilled from the future-attention
+oracle (``agents.distill``) by ``kvp-gym train --recipe smollm2``; its checkpoint header records how it was
+trained.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def elapsed() -> str:
 
 recipe = RECIPES[RECIPE]
 print(f"== 1/4 traces: SmolLM2 over real text, Q/K/V of every layer (recipe {RECIPE}: "
-      f"{', '.join(f'{n} {source}' for source, n in recipe.train_sets)}, {recipe.val_set[1]} {recipe.val_set[0]} "
+      f"{', '.join(f'{n} {source}' for source, n, _ in recipe.train_sets)}, {recipe.val_set[1]} {recipe.val_set[0]} "
       f"for validation) ==")
 config = recipe.config(str(out / "policy"), progress=True, traces_root=out / "traces")
 

@@ -273,7 +273,7 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda self, show_progress=True, root=None, workers=0: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
-    assert config.arch_options == {"width": 112, "inputs": "kv+attention+last"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.arch_options == {"width": 112, "inputs": "kv+attention+last+pool"} and config.traces == ["/t/prose", "/t/ruler"]
     assert config.agent_options["prefixes"] == "256,512,768,question"
     assert config.agent_options["loss"] == "listnet" and config.agent_options["target"] == "imp_vnorm"
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
@@ -283,6 +283,24 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     fast = RECIPES["smollm2-fast"]
     assert fast.config("/runs/f").arch_options == {"width": 112, "inputs": "kv+window+last"}
     assert fast.traces_root() == RECIPES["smollm2"].traces_root() != RECIPES["smollm2-quick"].traces_root()
+
+
+def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import agents.recipes as recipes
+
+    made = []
+
+    def fake_generate(directory, source, n, length, split, model_name, seed=None, show_progress=True, workers=0):
+        made.append((directory.name, source, n, seed, split))
+        return type("Made", (), {"directory": directory})()
+
+    monkeypatch.setattr(recipes, "generate_traces", fake_generate)
+    recipe = recipes.Recipe("r", train_sets=(("ruler", 8, 0), ("ruler", 4, 1), ("docs", 2, 0)), val_set=("prose", 2), steps=1)
+    train, val = recipe.trace_sets(show_progress=False, root=tmp_path)
+    assert train == [str(tmp_path / name) for name in ("ruler-train", "ruler-train-s1", "docs-train")]
+    assert made == [("ruler-train", "ruler", 8, 0, "train"), ("ruler-train-s1", "ruler", 4, 1, "train"),
+                    ("docs-train", "docs", 2, 0, "train"), ("prose-val", "prose", 2, 7, "train")]
+    assert val == str(tmp_path / "prose-val")
 
 
 @pytest.mark.slow
