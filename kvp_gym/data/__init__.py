@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from .common import SPLITS, count_tokens, split_of
-from .docstrings import docs_modules, make_docs
 from .dialogue import dialogue_topics, make_dialogue, make_dialogues
+from .docstrings import docs_modules, make_docs
 from .prose import make_prose, prose_topics
 from .pycode import CODE_FILES, code_files, make_code
 from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer

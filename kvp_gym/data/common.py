@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ _TEST_ONE_IN = 5  # about one key in five goes to the test split
 _FIT_PROBE_UNITS = 16
 _FIT_MAX_STEPS = 24
 _FIT_MAX_GROWTH = 16  # extrapolate at most this factor beyond the last fitting k
+_PARAGRAPH_BREAK = re.compile(r"\n\n+")
 
 Message = dict[str, str]
 
@@ -26,6 +28,20 @@ def split_of(key: str) -> str:
 def keys_in_split(keys: Iterable[str], split: str) -> list[str]:
     """The keys assigned to `split`, in their given order."""
     return [key for key in keys if split_of(key) == split]
+
+
+def join_parts(parts: Sequence[str], separator: str) -> tuple[str, tuple[int, ...]]:
+    """The parts joined by ``separator``, and the char offset where each part starts in the joined text."""
+    starts, position = [], 0
+    for part in parts:
+        starts.append(position)
+        position += len(part) + len(separator)
+    return separator.join(parts), tuple(starts)
+
+
+def paragraph_starts(text: str) -> list[int]:
+    """Char offsets in ``text`` of every paragraph that follows a blank line."""
+    return [match.end() for match in _PARAGRAPH_BREAK.finditer(text)]
 
 
 def parts_between(names: Sequence[str], starts: Sequence[int], start: int, stop: int) -> list[str]:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import ast
 import os
-import re
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, keys_in_split, parts_between
+from .common import check_request, corpus_windows, join_parts, keys_in_split, paragraph_starts, parts_between
 from .pycode import CODE_FILES, stdlib_dir
 from .sample import TextSample
 
@@ -28,7 +27,6 @@ MIN_DOCSTRING_CHARS = 80
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "ensurepip", "lib2to3",
                            "encodings", "__pycache__", "pydoc_data"})
 _MODULE_SEPARATOR = "\n\n\n"
-_PARAGRAPH_BREAK = re.compile(r"\n\n+")
 
 
 class DocsCorpus(NamedTuple):
@@ -85,24 +83,20 @@ def module_docstrings(source: str, module: str) -> str:
 @lru_cache(maxsize=None)
 def docs_corpus(split: str) -> DocsCorpus:
     """The split's docstrings, one module after another (modules without a long docstring are skipped)."""
-    parts, modules, starts, position = [], [], [], 0
+    bodies = {}
     for path in docs_modules(split):
         with open(os.path.join(stdlib_dir(), *path.split("/")), encoding="utf-8") as handle:
             module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
             body = module_docstrings(handle.read(), module)
-        if not body:
-            continue
-        modules.append(path)
-        starts.append(position)
-        parts.append(body)
-        position += len(body) + len(_MODULE_SEPARATOR)
-    return DocsCorpus(_MODULE_SEPARATOR.join(parts), tuple(modules), tuple(starts))
+        if body:
+            bodies[path] = body
+    text, starts = join_parts(list(bodies.values()), _MODULE_SEPARATOR)
+    return DocsCorpus(text, tuple(bodies), starts)
 
 
 def make_docs(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
     """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded paragraph start."""
     check_request(n, split, target_tokens)
     corpus = docs_corpus(split)
-    paragraphs = [match.end() for match in _PARAGRAPH_BREAK.finditer(corpus.text)]
-    return corpus_windows(tokenizer, corpus.text, paragraphs, "docs", split, seed, n, target_tokens,
+    return corpus_windows(tokenizer, corpus.text, paragraph_starts(corpus.text), "docs", split, seed, n, target_tokens,
                           lambda start, stop: {"modules": corpus.modules_between(start, stop)})

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
-from .common import check_request, corpus_windows, keys_in_split, parts_between
+from .common import check_request, corpus_windows, join_parts, keys_in_split, paragraph_starts, parts_between
 from .sample import TextSample
 
 _TOPIC_SEPARATOR = "\n\n"
-_PARAGRAPH_BREAK = re.compile(r"\n\n+")
 
 
 class ProseCorpus(NamedTuple):
@@ -36,19 +34,13 @@ def prose_topics(split: str) -> list[str]:
 def prose_corpus(split: str) -> ProseCorpus:
     """The split's documentation text, one topic after another."""
     keys = tuple(prose_topics(split))
-    parts, starts, position = [], [], 0
-    for key in keys:
-        body = _PYDOC_TOPICS[key].strip()
-        starts.append(position)
-        parts.append(body)
-        position += len(body) + len(_TOPIC_SEPARATOR)
-    return ProseCorpus(_TOPIC_SEPARATOR.join(parts), keys, tuple(starts))
+    text, starts = join_parts([_PYDOC_TOPICS[key].strip() for key in keys], _TOPIC_SEPARATOR)
+    return ProseCorpus(text, keys, starts)
 
 
 def make_prose(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
     """`n` windows of about `target_tokens` tokens (never more), each starting at a seeded paragraph start."""
     check_request(n, split, target_tokens)
     corpus = prose_corpus(split)
-    paragraphs = [match.end() for match in _PARAGRAPH_BREAK.finditer(corpus.text)]
-    return corpus_windows(tokenizer, corpus.text, paragraphs, "prose", split, seed, n, target_tokens,
+    return corpus_windows(tokenizer, corpus.text, paragraph_starts(corpus.text), "prose", split, seed, n, target_tokens,
                           lambda start, stop: {"topics": corpus.topics_between(start, stop)})

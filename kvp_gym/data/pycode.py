@@ -21,7 +21,7 @@ import sysconfig
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, keys_in_split, parts_between
+from .common import check_request, corpus_windows, join_parts, keys_in_split, parts_between
 from .sample import TextSample
 
 # Paths relative to the stdlib directory, sorted. Changing this list changes every code sample.
@@ -152,14 +152,11 @@ def _top_level_starts(source: str, path: str) -> list[int]:
 def code_corpus(split: str) -> CodeCorpus:
     """The split's source code, one file after another."""
     files = tuple(code_files(split))
-    parts, starts, statements, position = [], [], [], 0
-    for path in files:
-        body = read_code_file(path)
-        starts.append(position)
-        statements.extend(position + offset for offset in _top_level_starts(body, path))
-        parts.append(body)
-        position += len(body) + len(_FILE_SEPARATOR)
-    return CodeCorpus(_FILE_SEPARATOR.join(parts), files, tuple(starts), tuple(statements))
+    bodies = [read_code_file(path) for path in files]
+    text, starts = join_parts(bodies, _FILE_SEPARATOR)
+    statements = [start + offset for start, body, path in zip(starts, bodies, files)
+                  for offset in _top_level_starts(body, path)]
+    return CodeCorpus(text, files, starts, tuple(statements))
 
 
 def make_code(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
