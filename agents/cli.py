@@ -52,7 +52,7 @@ def train_command(
     set_: Annotated[list[str], typer.Option("--set", help="agent hyperparameter KEY=VALUE (repeatable), e.g. --set lr=1e-3")] = [],  # noqa: B006
     env_opt: Annotated[list[str], typer.Option("--env-opt", help="training env option KEY=VALUE (repeatable), e.g. --env-opt max_tokens=256")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    workers: Annotated[int, typer.Option(help="with --recipe: make its traces on N Ray workers (needs kvp-gym[ray]); 0 = serial")] = 0,
+    workers: Annotated[int, typer.Option(help="with --recipe: make its traces and importance stores on N Ray workers (needs kvp-gym[ray]); 0 = serial")] = 0,
 ) -> None:
     """Train an eviction agent on a trace set and save it as a scorer checkpoint."""
     from agents.train import TrainConfig

@@ -66,6 +66,20 @@ def distill_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, margin: 
     return ((scores - scores.mean(-1, keepdim=True)) - (log_target - log_target.mean(-1, keepdim=True))).pow(2).mean()
 
 
+def build_stores(traces: list[TraceDataset], config: DistillConfig, show_progress: bool = True,
+                 workers: int = 0) -> list[ImportanceStore]:
+    """The importance store of every trace set at ``config``'s prefixes and window, its missing files
+    written first (on ``workers`` Ray workers if > 0)."""
+    words = [word.strip() for word in config.prefixes.split(",")]
+    marks = [word for word in words if word in MARKS]
+    try:
+        prefixes = tuple(int(word) for word in words if word not in MARKS)
+    except ValueError:
+        raise ValueError(f"--set prefixes: expected token counts and optionally {' / '.join(MARKS)}, "
+                         f"got {config.prefixes!r}") from None
+    return [ImportanceStore.build(dataset, prefixes, config.window, show_progress, marks, workers) for dataset in traces]
+
+
 class DistillAgent:
     """Supervised distillation from an importance store; ``update()`` is one gradient step on all heads."""
 
@@ -78,14 +92,7 @@ class DistillAgent:
         if config.target not in TARGETS:
             raise ValueError(f"--set target: must be one of {TARGETS}, got {config.target!r}")
         self.scorer, self.config, self.traces = scorer, config, traces
-        words = [word.strip() for word in config.prefixes.split(",")]
-        marks = [word for word in words if word in MARKS]
-        try:
-            self.prefixes = tuple(int(word) for word in words if word not in MARKS)
-        except ValueError:
-            raise ValueError(f"--set prefixes: expected token counts and optionally {' / '.join(MARKS)}, "
-                             f"got {config.prefixes!r}") from None
-        self.stores = [ImportanceStore.build(dataset, self.prefixes, config.window, marks=marks) for dataset in traces]
+        self.stores = build_stores(traces, config)
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
         self.optimizer = ScheduledOptimizer(

@@ -26,13 +26,16 @@ dialogues.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
-from agents.train import TrainConfig
+from agents.distill import build_stores
+from agents.train import TrainConfig, agent_config
 from kvp_gym.paths import home_dir
-from kvp_gym.traces import generate_traces
+from kvp_gym.scale import ray_session, wants_ray
+from kvp_gym.traces import TraceDataset, generate_traces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +76,12 @@ class Recipe:
 
     def config(self, out: str, seed: int = 0, progress: bool = True, traces_root: str | Path | None = None,
                workers: int = 0) -> TrainConfig:
-        """The run's TrainConfig; its trace sets are made first (under ``traces_root`` on ``workers``, see ``trace_sets``)."""
-        train, val = self.trace_sets(show_progress=progress, root=traces_root, workers=workers)
+        """The run's TrainConfig; its trace sets and their importance stores are made first (under
+        ``traces_root``, on ``workers`` Ray workers in one Ray session if > 0, see ``trace_sets``)."""
+        with ray_session(workers) if wants_ray(workers, None) else contextlib.nullcontext():
+            train, val = self.trace_sets(show_progress=progress, root=traces_root, workers=workers)
+            build_stores([TraceDataset(directory) for directory in train], agent_config("distill", dict(self.agent_options)),
+                         show_progress=progress, workers=workers)
         return TrainConfig(
             agent="distill", traces=train, out=out, steps=self.steps, all_heads=True, seed=seed, arch="kvp-net",
             arch_options=dict(self.arch_options), agent_options=dict(self.agent_options), val_traces=val,

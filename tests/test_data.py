@@ -269,6 +269,23 @@ def test_dialogue_mechanics_with_tiny_model(tiny_llama, smol_tokenizer):
     assert again.text == sample.text
 
 
+def test_dialogue_turns_continue_the_cache_with_the_fresh_prefills_replies(tiny_llama, smol_tokenizer, monkeypatch):
+    """Each turn prefills only what it adds to the conversation's cache; the replies are those of a fresh
+    prefill of the whole conversation at every turn."""
+    from kvp_gym.data import dialogue
+
+    kwargs = dict(n=1, split="test", seed=0, target_tokens=200, model=tiny_llama, max_new_tokens=12)
+    held = []
+    continue_cache = dialogue.ConversationCache.for_prompt
+    monkeypatch.setattr(dialogue.ConversationCache, "for_prompt",
+                        lambda self, ids: held.append(self.cache.get_seq_length()) or continue_cache(self, ids))
+    (continued,) = make_samples("dialogue", smol_tokenizer, **kwargs)
+    assert held[0] == 0 and all(length > 0 for length in held[1:]) and len(held) >= 2  # turns 2+ reuse the cache
+    monkeypatch.setattr(dialogue.ConversationCache, "for_prompt", lambda self, ids: type(self)().cache)
+    (fresh,) = make_samples("dialogue", smol_tokenizer, **kwargs)
+    assert fresh.text == continued.text and fresh.meta == continued.meta
+
+
 @pytest.mark.slow
 def test_dialogue_one_turn_with_smollm2(smol_tokenizer, smol_gguf):
     from transformers import AutoModelForCausalLM

@@ -264,14 +264,19 @@ def test_train_distill_validates_downstream_and_keeps_the_best(tiny_traces, tmp_
 
 
 def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.recipes as recipes
     from agents.recipes import RECIPES, Recipe, get_recipe
 
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         get_recipe("nope")
-    roots = []
+    roots, stores = [], []
     monkeypatch.setattr(Recipe, "trace_sets",
                         lambda self, show_progress=True, root=None, workers=0: roots.append(root) or (["/t/prose", "/t/ruler"], "/t/val"))
+    monkeypatch.setattr(recipes, "TraceDataset", lambda directory: directory)
+    monkeypatch.setattr(recipes, "build_stores", lambda traces, config, show_progress, workers: stores.append((traces, config)))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
+    # the importance stores of the training sets are made with the trace sets, at the agent's prefixes
+    assert stores[0][0] == ["/t/prose", "/t/ruler"] and stores[0][1].prefixes == "256,512,768,question"
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
     assert config.arch_options == {"width": 112, "inputs": "kv+attention+last+pool"} and config.traces == ["/t/prose", "/t/ruler"]
     assert config.agent_options["prefixes"] == "256,512,768,question"

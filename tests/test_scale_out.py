@@ -149,6 +149,32 @@ def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_mo
         assert path.read_bytes() == (distributed / path.name).read_bytes(), path.name
 
 
+def test_importance_store_on_workers_is_the_serial_store(ray_cluster, tiny_traces, tmp_path) -> None:
+    """The store files written on workers, one worker killed once and one file already written by an
+    interrupted run, are the serial path's bytes."""
+    import shutil
+
+    from kvp_gym.traces import TraceDataset
+    from kvp_gym.utility.store import ImportanceStore
+
+    here, copy = (TraceDataset(shutil.copytree(tiny_traces.directory, tmp_path / name, ignore=shutil.ignore_patterns("importance-*")))
+                  for name in ("serial", "ray"))
+    with one_torch_thread():
+        serial = ImportanceStore.build(here, (40, 64), window=8, show_progress=False)
+    done = sorted(serial.directory.glob("seq_*.safetensors"))
+    assert len(done) == len(here) >= 3
+    store_dir = ImportanceStore.directory_for(copy.directory, (40, 64), 8)
+    store_dir.mkdir()
+    shutil.copy(done[1], store_dir / done[1].name)
+    fired = arm(ray_cluster, "store")
+    distributed = ImportanceStore.build(copy, (40, 64), window=8, show_progress=False, workers=2)
+    assert fired.exists(), "the crash hook never killed a worker"
+    assert distributed.directory == store_dir and distributed.trace_prefixes == serial.trace_prefixes
+    assert sorted(path.name for path in store_dir.iterdir()) == [path.name for path in done]  # no temp files
+    for path in done:
+        assert path.read_bytes() == (store_dir / path.name).read_bytes(), path.name
+
+
 def test_leaderboard_on_workers_writes_the_serial_records(ray_cluster, tiny_suite, tmp_path) -> None:
     from kvp_gym.eval.leaderboard import run_leaderboard
 

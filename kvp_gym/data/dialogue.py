@@ -64,6 +64,7 @@ def make_dialogue(
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     messages: list[Message] = []
     titles: list[str] = []
+    conversation = ConversationCache()
     for turn, (title, prompt) in enumerate(_user_turns(split, seed, index)):
         asked = messages + [{"role": "user", "content": prompt}]
         prompt_ids = tokenizer(
@@ -73,7 +74,7 @@ def make_dialogue(
         if room < MIN_REPLY_TOKENS:
             break
         torch.manual_seed(torch_seed("dialogue", split, seed, index, turn))
-        reply = _generate(model, tokenizer, prompt_ids, min(max_new_tokens, room), sampling)
+        reply = _generate(model, tokenizer, prompt_ids, min(max_new_tokens, room), sampling, conversation)
         messages = asked + [{"role": "assistant", "content": reply}]
         if title not in titles:
             titles.append(title)
@@ -107,18 +108,44 @@ def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:
             yield topic.title, turn
 
 
+class ConversationCache:
+    """The model's KV cache of the conversation so far and the token ids it holds, so that each turn
+    prefills only what it adds (the same replies as a fresh prefill per turn, in less time)."""
+
+    def __init__(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.ids: list[int] = []
+
+    def for_prompt(self, prompt_ids: list[int]) -> Any:
+        """The cache, cut back to the longest prefix of ``prompt_ids`` it holds (leaving at least one token to prefill)."""
+        shared = 0
+        for held, wanted in zip(self.ids, prompt_ids[:-1]):
+            if held != wanted:
+                break
+            shared += 1
+        surplus = self.cache.get_seq_length() - shared
+        if surplus > 0:
+            self.cache.crop(-surplus)
+        return self.cache
+
+
 def _generate(
-    model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, sampling: dict[str, Any]
+    model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, sampling: dict[str, Any],
+    conversation: ConversationCache,
 ) -> str:
-    """One sampled assistant reply to the rendered conversation `prompt_ids`."""
+    """One sampled assistant reply to the rendered conversation `prompt_ids`, continuing ``conversation``'s cache."""
     input_ids = torch.tensor([prompt_ids], device=model.device)
     eos = tokenizer.eos_token_id
     output = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
+        cache=conversation.for_prompt(prompt_ids),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         **sampling,
     )
+    conversation.ids = output[0].tolist()
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()

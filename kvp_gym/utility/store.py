@@ -86,11 +86,16 @@ class ImportanceStore:
 
     @classmethod
     def build(cls, traces: TraceDataset, prefixes: Sequence[int], window: int = 64, show_progress: bool = True,
-              marks: Sequence[str] = ()) -> ImportanceStore:
+              marks: Sequence[str] = (), workers: int = 0) -> ImportanceStore:
+        """The store, its missing files written first (one trace at a time, or on ``workers`` Ray workers:
+        the same bytes)."""
+        from kvp_gym.scale import wants_ray
+
         prefixes = tuple(sorted(int(n) for n in prefixes))
         unknown = set(marks) - set(MARKS)
         if unknown:
             raise ValueError(f"marks must be among {MARKS}, got {sorted(unknown)}")
+        distributed = wants_ray(workers, None)
         directory = cls.directory_for(traces.directory, prefixes, window, marks)
         directory.mkdir(exist_ok=True)
         remove_temp_files(directory)
@@ -98,16 +103,20 @@ class ImportanceStore:
         if not indices:
             raise ValueError(f"no trace of {traces.directory} is longer than the largest prefix {prefixes[-1]}")
         trace_prefixes = {}
+        for i in indices:
+            marked = {traces[i].meta.get(f"{mark}_token") for mark in marks} - {None, *prefixes}
+            trace_prefixes[i] = (*prefixes, *sorted(n for n in marked if window <= n < traces.lengths[i]))
+        missing = [(i, trace_prefixes[i]) for i in indices if not statistics_path(directory, i).exists()]
         with progress_bar(len(indices), f"importance store {traces.directory.name}", enabled=show_progress) as bar:
-            for i in indices:
-                trace = traces[i]
-                marked = {trace.meta.get(f"{mark}_token") for mark in marks} - {None, *prefixes}
-                trace_prefixes[i] = (*prefixes, *sorted(n for n in marked if window <= n < trace.length))
-                path = directory / f"seq_{i:05d}.safetensors"
-                if not path.exists():
-                    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, trace_prefixes[i], window).items()}
-                    write_atomic(path, lambda tmp, stats=stats: save_file(stats, str(tmp)))
-                bar.advance(1)
+            bar.advance(len(indices) - len(missing))
+            if distributed:
+                from kvp_gym.scale.store import statistics_on_workers
+
+                statistics_on_workers(traces.directory, directory, window, missing, lambda _: bar.advance(1), workers)
+            else:
+                for i, trace_prefix in missing:
+                    write_statistics(directory, traces[i], trace_prefix, window)
+                    bar.advance(1)
         return cls(directory, prefixes, trace_prefixes)
 
     def prefixes_of(self, position: int) -> tuple[int, ...]:
@@ -119,4 +128,15 @@ class ImportanceStore:
 
     def load(self, position: int) -> dict[str, torch.Tensor]:
         """The statistics of the store's ``position``-th trace (trace index ``self.indices[position]``)."""
-        return load_file(str(self.directory / f"seq_{self.indices[position]:05d}.safetensors"))
+        return load_file(str(statistics_path(self.directory, self.indices[position])))
+
+
+def statistics_path(directory: Path, index: int) -> Path:
+    """The store file of trace ``index`` in the store ``directory``."""
+    return directory / f"seq_{index:05d}.safetensors"
+
+
+def write_statistics(directory: Path, trace: Trace, prefixes: Sequence[int], window: int) -> None:
+    """``trace_statistics`` of one trace, as fp16, written atomically to its store file in ``directory``."""
+    stats = {name: value.half().contiguous() for name, value in trace_statistics(trace, prefixes, window).items()}
+    write_atomic(statistics_path(directory, trace.index), lambda tmp: save_file(stats, str(tmp)))
