@@ -82,7 +82,7 @@ def test_headline_is_the_iqm_of_normalised_task_scores():
             for policy, score in ((ORACLE, 1), ("random", 0), ("streamingllm", 0), ("a", right)):
                 downstream.append({"kind": "ruler", "policy": policy, "source": "ruler", "trace": trace, "budget": budget,
                                    "placement": "outside", "score": float(score)})
-    headline = headline_scores({"downstream": downstream, "future_only": []}, n_resamples=500)
+    headline = headline_scores({"downstream": downstream, "future_only": []})
     assert set(headline) == {"a", "random", "streamingllm"}
     assert headline["a"].estimate == pytest.approx(0.75)
     assert 0.5 <= headline["a"].low <= 0.75 <= headline["a"].high <= 1.0 and headline["a"].low < headline["a"].high
@@ -91,7 +91,7 @@ def test_headline_is_the_iqm_of_normalised_task_scores():
 
 def test_headline_of_perplexity_matches_the_normalised_pooled_perplexity():
     results = fake_results()
-    headline = headline_scores(results, n_resamples=200)
+    headline = headline_scores(results)
     # no downstream oracle ran: the full cache is the 1; one perplexity task per budget (the RULER tasks have no 1)
     stats = downstream_statistics(results)["perplexity"]
     expected = np.mean([stats["good"][budget]["normalized"] for budget in (16, 32)])  # IQM of two values: their mean

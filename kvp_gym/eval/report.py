@@ -27,7 +27,6 @@ from kvp_gym.eval.stats import (
     normalized_score,
     percentile_interval,
     probability_of_improvement,
-    resample_indices,
     worse_of,
 )
 from kvp_gym.io import package_versions, write_atomic, write_json_atomic
@@ -147,9 +146,9 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
         budget = record["budget"] if record["budget"] is not None else "full"
         unit = (record["source"], record.get("trace", index))
         if record["kind"] == "ppl":
-            ppl_units[record["policy"]][budget][unit] = (record["nll_sum"] / record["tokens"], record["tokens"])
+            ppl_units[record["policy"]][budget][unit] = unit_value(record)
         else:
-            acc_units[record["placement"]][record["policy"]][budget][unit] = (float(record["score"]), 1.0)
+            acc_units[record["placement"]][record["policy"]][budget][unit] = unit_value(record)
 
     def cells(table: dict[str, dict[Any, dict]], lower_is_better: bool, transform) -> dict[str, dict[Any, dict]]:
         out: dict[str, dict[Any, dict]] = defaultdict(dict)
@@ -193,7 +192,7 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int = 0) -> dict[str, Interval]:
+def headline_scores(results: dict[str, Any]) -> dict[str, Interval]:
     """The leaderboard's headline: per policy, the IQM over tasks of its normalised downstream score, with a
     95% stratified bootstrap interval (rliable's protocol, Agarwal et al. 2021).
 
@@ -210,8 +209,7 @@ def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int 
         if record["budget"] is None:
             continue
         metric = "perplexity" if record["kind"] == "ppl" else f"accuracy {record['placement']}"
-        value = (record["nll_sum"], record["tokens"]) if record["kind"] == "ppl" else (float(record["score"]), 1.0)
-        tasks[metric, record["source"], record["budget"]][record["policy"]][record.get("trace", index)] = value
+        tasks[metric, record["source"], record["budget"]][record["policy"]][record.get("trace", index)] = unit_value(record)
     full = {(record["source"], record.get("trace", index)): record for index, record in enumerate(results["downstream"])
             if record["budget"] is None}
     per_policy: dict[str, list[np.ndarray]] = defaultdict(list)  # policy -> per task [1 + R] scores (estimate first)
@@ -219,21 +217,19 @@ def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int 
         units = sorted(set.intersection(*(set(per) for per in table.values())), key=str)
         if not units or not any(p in table for p in FLOOR_POLICIES):
             continue
-        index = np.concatenate([np.arange(len(units))[None], resample_indices(None, len(units), n_resamples, seed)])
         lower_is_better = metric == "perplexity"
 
         def means(values: list[tuple[float, float]]) -> np.ndarray:
-            """The task's mean for the estimate and every resample: [1 + R]."""
-            x, w = np.array([v for v, _ in values]), np.array([w for _, w in values])
-            if lower_is_better:  # x holds NLL sums, w token counts: exp(sum NLL / sum tokens)
-                return np.exp(x[index].sum(1) / w[index].sum(1))
-            return x[index].mean(1)
+            """The task's mean for the estimate and every resample (``paired_draws``, the same for every policy): [1 + R]."""
+            _, estimate, samples = paired_draws({(source, u): value for u, value in zip(units, values)})
+            drawn = np.concatenate([[estimate], samples])
+            return np.exp(drawn) if lower_is_better else drawn
 
         mean = {policy: means([per[u] for u in units]) for policy, per in table.items()}
         if ORACLE in mean:
             reference = mean[ORACLE]
         elif lower_is_better and all((source, u) in full for u in units):
-            reference = means([(full[source, u]["nll_sum"], full[source, u]["tokens"]) for u in units])
+            reference = means([unit_value(full[source, u]) for u in units])
         else:
             continue
         floors = [mean[p] for p in FLOOR_POLICIES if p in mean]
@@ -249,6 +245,14 @@ def headline_scores(results: dict[str, Any], n_resamples: int = 2000, seed: int 
             low, high = np.quantile(samples, [0.025, 0.975])
             headline[policy] = Interval(iqm(estimate), float(min(low, iqm(estimate))), float(max(high, iqm(estimate))))
     return headline
+
+
+def unit_value(record: dict[str, Any]) -> tuple[float, float]:
+    """(value, weight) of one downstream record as a bootstrap unit: (mean NLL per token, tokens) of a
+    perplexity record, so the weighted mean is the pooled NLL; (score, 1) of a task record."""
+    if record["kind"] == "ppl":
+        return record["nll_sum"] / record["tokens"], record["tokens"]
+    return float(record["score"]), 1.0
 
 
 def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int]:
