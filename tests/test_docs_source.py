@@ -20,7 +20,7 @@ def test_registered_as_a_training_source():
 
 def test_modules_exclude_the_code_source_and_split_disjoint():
     modules = stdlib_modules()
-    assert modules == sorted(set(modules)) and len(modules) > 200
+    assert list(modules) == sorted(set(modules)) and len(modules) > 200
     assert not set(modules) & set(CODE_FILES)
     for path in modules:
         assert path.endswith(".py") and not any(part.startswith("_") for part in path.split("/"))

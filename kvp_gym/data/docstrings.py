@@ -41,8 +41,10 @@ class DocsCorpus(NamedTuple):
         return parts_between(self.modules, self.starts, start, stop)
 
 
-def stdlib_modules() -> list[str]:
-    """Paths (relative to the stdlib directory, sorted) of the modules the docs source reads, both splits."""
+@lru_cache(maxsize=1)
+def stdlib_modules() -> tuple[str, ...]:
+    """Paths (relative to the stdlib directory, sorted) of the modules the docs source reads, both splits
+    (the directory is walked once)."""
     root, paths = stdlib_dir(), []
     for directory, subdirectories, files in os.walk(root):
         subdirectories[:] = sorted(name for name in subdirectories
@@ -50,7 +52,7 @@ def stdlib_modules() -> list[str]:
         for name in files:
             if name.endswith(".py") and not name.startswith("_"):
                 paths.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
-    return sorted(path for path in paths if path not in CODE_FILES)
+    return tuple(sorted(path for path in paths if path not in CODE_FILES))
 
 
 def docs_modules(split: str) -> list[str]:

@@ -143,16 +143,16 @@ def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model: Any,
-                  show_progress: bool = True, workers: int | None = None, address: str | None = None) -> list[dict[str, Any]]:
+                  show_progress: bool = True, ray: tuple[int | None, str | None] | None = None) -> list[dict[str, Any]]:
     """Text samples of the set, made once and kept with their settings in samples.json (dialogue is slow to make:
-    on Ray workers when ``workers`` / ``address`` ask for them)."""
+    on the Ray of ``ray`` = (workers, address) when given)."""
     path = directory / SAMPLES_FILE
     if path.exists():
         stored = json.loads(path.read_text())
         check_same_settings(path, stored.get("params") if isinstance(stored, dict) else None, params)
         return stored["samples"]
     if params["source"] == "dialogue":
-        records = _dialogue_records(directory / PARTIAL_SAMPLES, params, tokenizer, model, show_progress, workers, address)
+        records = _dialogue_records(directory / PARTIAL_SAMPLES, params, tokenizer, model, show_progress, ray)
     else:
         samples = make_samples(
             params["source"],
@@ -176,12 +176,10 @@ def dialogue_record(model: Any, tokenizer: Any, params: dict[str, Any], index: i
 
 
 def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, model: Any, show_progress: bool,
-                      workers: int | None = None, address: str | None = None) -> list[dict[str, Any]]:
+                      ray: tuple[int | None, str | None] | None = None) -> list[dict[str, Any]]:
     """The dialogue samples (the model writes every reply: about a minute each on a CPU), each kept in
     ``partial`` as it is made, so an interrupted set resumes with the dialogues it lacks. One at a time
-    here, or on Ray workers (each dialogue is seeded by its index alone: the same samples)."""
-    from kvp_gym.scale import wants_ray
-
+    here, or on the Ray of ``ray`` = (workers, address) (each dialogue is seeded by its index alone: the same samples)."""
     partial.mkdir(parents=True, exist_ok=True)
     remove_temp_files(partial)
     settings = partial / "params.json"
@@ -200,10 +198,10 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
             write_json_atomic(paths[index], record)
             bar.advance(1)
 
-        if wants_ray(workers, address):
+        if ray is not None:
             from kvp_gym.scale.traces import dialogues_on_workers
 
-            dialogues_on_workers(params["model"], params, missing, keep, workers, address)
+            dialogues_on_workers(params["model"], params, missing, keep, *ray)
         else:
             for index in missing:
                 keep((index, dialogue_record(model, tokenizer, params, index)))
@@ -258,7 +256,7 @@ def generate_traces(
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
     if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
         return TraceDataset(directory)
-    samples = _load_samples(directory, params, tokenizer, model, show_progress, workers, address)
+    samples = _load_samples(directory, params, tokenizer, model, show_progress, (workers, address) if distributed else None)
     done = writer.done()
     with progress_bar(total=len(samples), description=f"traces {source}/{split}", enabled=show_progress) as bar:
         bar.advance(len(done))
