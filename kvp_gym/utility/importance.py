@@ -36,10 +36,10 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> 
     num_heads, length, dim = q.shape
     group = num_heads // k.shape[0]
     keys = k[:, :stop].repeat_interleave(group, dim=0)
-    scores = torch.matmul(q[:, start:stop], keys.transpose(1, 2)) / math.sqrt(dim)
+    scores = torch.matmul(q[:, start:stop], keys.transpose(1, 2)).div_(math.sqrt(dim))
     future_key = torch.arange(stop)[None, :] > torch.arange(start, stop)[:, None]
-    probs = torch.softmax(scores.masked_fill(future_key, float("-inf")), dim=-1)
-    return torch.nn.functional.pad(probs, (0, length - stop))
+    probs = torch.softmax(scores.masked_fill_(future_key, float("-inf")), dim=-1)  # in place: T^2 floats per head
+    return probs if stop == length else torch.nn.functional.pad(probs, (0, length - stop))
 
 
 def _group_aggregate(probs: torch.Tensor, num_kv_heads: int, agg: str) -> torch.Tensor:
