@@ -10,7 +10,8 @@ trace, and updates all heads at once on ``tokens`` entries drawn from the unprot
     pairwise: ForesightKV's hinge max(0, m - (s_i - s_j)) over the ordered pairs         (agents.pairwise)
 
 target_i is I_n(i) (``target="imp"``, the env's agg=max reward target), its group mean (``"imp_mean"``)
-or I_n(i) ||v_i|| (``"imp_vnorm"``). ``prefixes`` lists the prefix lengths n drawn from (uniformly among a
+or I_n(i) ||v_i|| (``"imp_vnorm"``), raised to ``power`` (below 1, ListNet's shares spread from the few heavy
+entries toward those near the budgets' boundaries). ``prefixes`` lists the prefix lengths n drawn from (uniformly among a
 trace's own); the words ``question`` and ``answer`` among them add, on the traces that have one (RULER,
 dialogue), n = the question's first token (a context compressed before a new question) or the answer's (the
 question compressed with it; ``kvp_gym.utility.store``). Scores are compared within a row only, so one ranking per head
@@ -42,6 +43,7 @@ class DistillConfig:
 
     loss: str = "log-mse"
     target: str = "imp"
+    power: float = 1.0
     prefixes: str = "256,512,768"
     tokens: int = 128
     window: int = 64
@@ -136,6 +138,8 @@ class DistillAgent:
         target = pick_rows("imp_mean" if self.config.target == "imp_mean" else "imp")
         if self.config.target == "imp_vnorm":
             target = target * values.norm(dim=-1)
+        if self.config.power != 1.0:
+            target = target.pow(self.config.power)
         return {
             "keys": keys, "values": values, "target": target, "n": torch.tensor(n),
             "positions": entries[None].expand(len(self.heads), -1),

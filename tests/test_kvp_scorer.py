@@ -229,6 +229,18 @@ def test_distill_losses() -> None:
         distill_loss("mse", perfect, target)
 
 
+def test_distill_target_power_is_the_target_raised_to_it(tiny_traces) -> None:
+    spec = tiny_traces.spec
+    scorer = PerHeadKVPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, width=8, inputs="kv", window=8)
+    targets = []
+    for power in (1.0, 0.5):
+        config = DistillConfig(prefixes="48,64", tokens=16, window=8, target="imp_vnorm", power=power)
+        agent = DistillAgent(scorer, [tiny_traces], {}, config, total_steps=1)
+        agent.reseed(3)
+        targets.append(agent.sample()["target"])
+    torch.testing.assert_close(targets[1], targets[0].sqrt())
+
+
 @pytest.mark.parametrize("inputs", INPUTS)
 def test_distillation_learns_the_ranking(tiny_traces, inputs: str) -> None:
     spec = tiny_traces.spec
