@@ -39,6 +39,9 @@ from kvp_gym.scale import ray_session, wants_ray
 from kvp_gym.traces import TraceDataset, generate_traces
 
 
+DISTILL_OPTIONS = (("loss", "listnet"), ("target", "imp_vnorm"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Training sets ((source, sequences, seed), ...), their length, the validation set, and the run's settings."""
@@ -50,8 +53,7 @@ class Recipe:
     length: int = 1024
     model: str = "smollm2-135m"
     arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last+pool"))
-    agent_options: tuple[tuple[str, str], ...] = (("loss", "listnet"), ("target", "imp_vnorm"),
-                                                  ("prefixes", "256,512,768,question"))
+    agent_options: tuple[tuple[str, str], ...] = (*DISTILL_OPTIONS, ("prefixes", "256,512,768,question"))
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
     traces_of: str | None = None  # the recipe whose trace sets this one shares (None: its own)
@@ -91,12 +93,14 @@ class Recipe:
 
 
 SMOLLM2 = Recipe("smollm2", train_sets=(("prose", 64, 0), ("docs", 128, 0), ("ruler", 48, 0), ("ruler", 48, 1),
-                                         ("dialogue", 24, 0), ("dialogue", 24, 1)), val_set=("prose", 4), steps=3000)
+                                         ("dialogue", 24, 0), ("dialogue", 24, 1)), val_set=("prose", 4), steps=3000,
+                 agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question,answer")))
 RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
     # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum (a third of the cost on a CPU)
     "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2",
-                                        arch_options=(("width", 112), ("inputs", "kv+window+last"))),
+                                        arch_options=(("width", 112), ("inputs", "kv+window+last")),
+                                        agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question"))),
     "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12, 0), ("ruler", 8, 0)), val_set=("prose", 2), steps=300,
                             val_every=150),
 }

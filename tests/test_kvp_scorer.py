@@ -288,17 +288,19 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recipes, "build_stores", lambda traces, config, show_progress, workers: stores.append((traces, config)))
     config = RECIPES["smollm2"].config("/runs/kvp", progress=False)
     # the importance stores of the training sets are made with the trace sets, at the agent's prefixes
-    assert stores[0][0] == ["/t/prose", "/t/ruler"] and stores[0][1].prefixes == "256,512,768,question"
+    assert stores[0][0] == ["/t/prose", "/t/ruler"] and stores[0][1].prefixes == "256,512,768,question,answer"
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
     assert config.arch_options == {"width": 112, "inputs": "kv+attention+last+pool"} and config.traces == ["/t/prose", "/t/ruler"]
-    assert config.agent_options["prefixes"] == "256,512,768,question"
+    assert config.agent_options["prefixes"] == "256,512,768,question,answer"
     assert config.agent_options["loss"] == "listnet" and config.agent_options["target"] == "imp_vnorm"
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
     assert config.val_texts == 4 and RECIPES["smollm2-quick"].config("/runs/q", traces_root="/d/traces").val_texts == 2
     assert roots == [None, "/d/traces"]
     # the fast recipe reads no attention sum and trains on the smollm2 recipe's trace sets
     fast = RECIPES["smollm2-fast"]
-    assert fast.config("/runs/f").arch_options == {"width": 112, "inputs": "kv+window+last"}
+    fast_config = fast.config("/runs/f")
+    assert fast_config.arch_options == {"width": 112, "inputs": "kv+window+last"}
+    assert fast_config.agent_options["prefixes"] == "256,512,768,question"  # as kvp-fast was trained
     assert fast.traces_root() == RECIPES["smollm2"].traces_root() != RECIPES["smollm2-quick"].traces_root()
 
 
