@@ -11,7 +11,9 @@ in docs/learned-eviction.md, on texts of topics no training text has, the one wh
 perplexity and fits the 10 MB shipping budget (float16). The prefixes drawn are 256, 512 and 768 tokens
 and, on RULER tasks and dialogues, the question's first token: compressed where a server compresses before
 a question, the target is what the question and its answer attend to, and that (with the last query's
-attention as an input) is what taught the policy to keep the needle. The training traces are 64 prose
+attention as an input) is what taught the policy to keep the needle. They also include the answer's first
+token, where a server compressing the whole prompt compresses the question with its context, which taught
+it to keep the needle then too (study 8). The training traces are 64 prose
 texts, 128 windows of the standard library's docstrings, 96 RULER tasks and 48 dialogues (the model
 answers every dialogue turn by turn, about a minute per dialogue on a CPU core): twice study 4's data, whose
 policy lost less perplexity on dialogue and on prose of the training topics, and as much on unseen topics
