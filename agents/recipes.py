@@ -20,7 +20,7 @@ policy lost less perplexity on dialogue and on prose of the training topics, and
 and code (docs/learned-eviction.md, study 7). A set with a seed other than 0 is a second set of that
 source (``ruler-train-s1``: other samples), so the sets of the smaller recipe before it are reused as they
 are. With ``workers`` the traces, the dialogues' replies and the importance stores are made on that many
-Ray workers: 57 minutes from an empty $KVP_GYM_HOME on 2 CPU cores.
+Ray workers: 57.2 minutes from an empty $KVP_GYM_HOME on 2 CPU cores (measured with the answer prefix).
 ``smollm2-fast`` is the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on
 the same trace sets: the cache then needs no attention sum, a third of the scoring cost on a CPU, for a
 little perplexity (docs/learned-eviction.md, study 5). ``smollm2-quick`` is the same at demo size, without
