@@ -65,9 +65,23 @@ def test_downstream_statistics_and_report(tmp_path):
     assert "upper bound (reads the future)" in markdown
     assert "How far to trust the env's reward" in markdown and "| perplexity | prose | 16 |" in markdown
     assert "Normalised perplexity score" in markdown and "## Headline: normalised downstream score" in markdown
+    beats_rows = markdown.split("Normalised perplexity score")[1].split("\n\n")[1].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in beats_rows] == ["| good", "| streamingllm", "| random"]  # the table's order
+    assert "· 1.00 vs streamingllm" in beats_rows[0] and "vs" not in beats_rows[2]  # the next policy, named
     saved = json.loads((tmp_path / "results.json").read_text())
     taus = {(row["metric"], row["budget"]): row for row in saved["statistics"]["env_downstream_tau"]}
     assert taus["perplexity", 16]["tau"] == pytest.approx(1.0) and taus["perplexity", 16]["policies"] == 3
+
+
+def test_the_downstream_oracle_is_nobodys_next_policy():
+    """The oracle is an upper bound, not a competitor: a policy that beats it (perplexity does not reward
+    the oracle's ranking exactly) is compared with the next policy, and the oracle with none."""
+    results = fake_results()
+    results["downstream"] += [dict(r, policy=ORACLE, nll_sum=r["nll_sum"] + 5) for r in results["downstream"]
+                              if r["kind"] == "ppl" and r["policy"] == "good"]  # 0.1 nats/token above good
+    table = downstream_statistics(results)["perplexity"]
+    assert table["good"][16]["next"] == "streamingllm" and table["good"][16]["p_beats_next"] == 1.0
+    assert table[ORACLE][16]["next"] is None and math.isnan(table[ORACLE][16]["p_beats_next"])
 
 
 def test_headline_is_the_iqm_of_normalised_task_scores():

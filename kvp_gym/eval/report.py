@@ -138,7 +138,7 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
     Returns {"perplexity": {policy: {budget: {...}}}, "accuracy": {placement: {policy: {budget: {...}}}}}
     where each cell holds estimate, low, high, normalized with its interval (normalized_low/high: the
     policy's, the floor's and the oracle's means resampled together, texts paired) and p_beats_next (the
-    next policy by estimate at that budget).
+    next policy by estimate at that budget; the oracle is left out of that order).
     """
     ppl_units: dict[str, dict[Any, dict]] = defaultdict(lambda: defaultdict(dict))
     acc_units: dict[str, dict[str, dict[Any, dict]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
@@ -166,8 +166,10 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
             reference = drawn.get(ORACLE, full_draws)  # the downstream oracle (reads the future) is the 1 where it ran
             floors = [drawn[p] for p in FLOOR_POLICIES if p in drawn]
             floor = worse_of((f[1] for f in floors), lower_is_better)
-            order = sorted(stats, key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
-            for policy, following in zip(order, order[1:] + [None]):
+            order = sorted((p for p in stats if p != ORACLE),
+                           key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
+            chain = list(zip(order, order[1:] + [None])) + ([(ORACLE, None)] if ORACLE in stats else [])
+            for policy, following in chain:  # the oracle, an upper bound, is nobody's next
                 values = {u: v for u, (v, _) in table[policy][budget].items()}
                 weights = {u: w for u, (_, w) in table[policy][budget].items()}
                 beats = math.nan if following is None else paired_probability(
@@ -445,8 +447,9 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         lines += ["", "## Perplexity with the compressed cache (compressed once after the prefill)", "",
                   f"Prefill {suite['ppl_prefix']} tokens, compress to the budget, then score the rest of each "
                   f"{', '.join(suite['ppl_sources'])} test trace. Lower is better; [95% CI].{oracle_note}", ""]
-        lines += _downstream_table(ppl, downstream_stats["perplexity"], budgets, oracle, lambda p: ppl[p].get(budgets[0], math.inf))
-        lines += _beats_table(downstream_stats["perplexity"], budgets, "perplexity", oracle)
+        order = lambda p: ppl[p].get(budgets[0], math.inf)
+        lines += _downstream_table(ppl, downstream_stats["perplexity"], budgets, oracle, order)
+        lines += _beats_table(downstream_stats["perplexity"], budgets, "perplexity", oracle, order)
     if calibrated["task_accuracy"]:
         threshold = calibrated["threshold"]
         lines += ["", "## RULER calibration (full cache)", "",
@@ -463,8 +466,9 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         where = "after the compression (not in the compressed prefix)" if placement == "outside" else "inside the compressed prefix"
         cells = downstream_stats["accuracy"].get(placement, {})
         lines += ["", f"## RULER accuracy, question {where}", "", f"Higher is better; [95% CI].{oracle_note}", ""]
-        lines += _downstream_table(table, cells, budgets, oracle, lambda p, t=table: -np.mean([t[p].get(b, 0.0) for b in budgets]))
-        lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracle)
+        order = lambda p, t=table: -np.mean([t[p].get(b, 0.0) for b in budgets])
+        lines += _downstream_table(table, cells, budgets, oracle, order)
+        lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracle, order)
     if closed:
         lines += ["", "## Headroom closed", "",
                   "(best heuristic - policy) / (best heuristic - oracle) at each budget and source [95% CI]: 1 = as good "
@@ -550,18 +554,22 @@ def _cell(value: float, stats: dict[str, Any] | None, digits: int) -> str:
     return f"{value:.{digits}f} [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
 
 
-def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracle: str | None = None) -> list[str]:
-    """Per policy and budget: the normalised score with its interval and P(beats the next policy at that budget)."""
+def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracle: str | None, order) -> list[str]:
+    """Per policy (by ``order``, as the table above) and budget: the normalised score with its interval, and
+    P(beats the next policy at that budget) with that policy's name (the order can differ between budgets)."""
     policies = [p for p in cells if p not in (FULL_CACHE, oracle) and any(b in cells[p] for b in budgets)]
     if not policies:
         return []
-    lines = ["", f"Normalised {what} score [95% CI] / P(beats the next policy at that budget):", "",
+    lines = ["", f"Normalised {what} score [95% CI] · P(beats the next policy at that budget, named):", "",
              "| policy | " + " | ".join(f"b={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for policy in sorted(policies):
+
+    def cell(stats: dict) -> str:
+        beats = "" if stats["next"] is None else f" · {_number(stats['p_beats_next'], 2)} vs {stats['next']}"
+        return _with_interval(stats, "normalized", 2) + beats
+
+    for policy in sorted(policies, key=order):
         row = cells[policy]
-        lines.append(f"| {policy} | " + " | ".join(
-            "-" if b not in row else f"{_with_interval(row[b], 'normalized', 2)} / {_number(row[b]['p_beats_next'], 2)}"
-            for b in budgets) + " |")
+        lines.append(f"| {policy} | " + " | ".join("-" if b not in row else cell(row[b]) for b in budgets) + " |")
     return lines
 
 
