@@ -13,9 +13,9 @@ and, on RULER tasks and dialogues, the question's first token: compressed where 
 a question, the target is what the question and its answer attend to, and that (with the last query's
 attention as an input) is what taught the policy to keep the needle. They also include the answer's first
 token, where a server compressing the whole prompt compresses the question with its context, which taught
-it to keep the needle then too (study 8). The training traces are 64 prose
-texts, 128 windows of the standard library's docstrings, 96 RULER tasks and 48 dialogues (the model
-answers every dialogue turn by turn, about a minute per dialogue on a CPU core): twice study 4's data, whose
+it to keep the needle then too (study 8). The training traces are 64 prose texts, 128 windows of the
+standard library's docstrings, 96 RULER tasks and 48 dialogues (the model answers every dialogue turn by
+turn, about a minute per dialogue on a CPU core): twice study 4's data, whose
 policy lost less perplexity on dialogue and on prose of the training topics, and as much on unseen topics
 and code (docs/learned-eviction.md, study 7). A set with a seed other than 0 is a second set of that
 source (``ruler-train-s1``: other samples), so the sets of the smaller recipe before it are reused as they
