@@ -151,7 +151,7 @@ def test_trace_statistics_match_their_definitions(tiny_traces) -> None:
     torch.testing.assert_close(stats["last.40"][1, head], last, rtol=1e-4, atol=1e-6)
 
 
-def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
+def test_store_is_built_once_and_keeps_each_traces_fitting_prefixes(tiny_traces) -> None:
     store = ImportanceStore.build(tiny_traces, (40, 64), window=8, show_progress=False)
     files = sorted(store.directory.glob("seq_*.safetensors"))
     assert len(store) == len(tiny_traces) == len(files)
@@ -159,7 +159,11 @@ def test_store_is_built_once_and_refuses_short_traces(tiny_traces) -> None:
     assert ImportanceStore.build(tiny_traces, (64, 40), window=8, show_progress=False).directory == store.directory
     assert files[0].stat().st_mtime_ns == stamp
     assert store.load(0)["imp.64"].shape == (2, 2, 64)
-    with pytest.raises(ValueError, match="longer than the largest prefix"):
+    # a prefix with no future in a trace (the traces have 96 tokens) is left out of that trace's prefixes
+    longer = ImportanceStore.build(tiny_traces, (40, 64, 200), window=8, show_progress=False)
+    assert [longer.prefixes_of(i) for i in range(len(longer))] == [(40, 64)] * len(tiny_traces)
+    assert set(longer.load(0)) == set(store.load(0))
+    with pytest.raises(ValueError, match="longer than a prefix of"):
         ImportanceStore.build(tiny_traces, (200,), window=8, show_progress=False)
 
 

@@ -69,8 +69,9 @@ class ImportanceStore:
     """The store of one trace set: ``store.load(position) -> {"<name>.<n>": tensor}`` (fp16, loaded on demand).
 
     Built by ``ImportanceStore.build(traces, prefixes)`` into ``<traces_dir>/importance-<key>``, resumably
-    (one file per trace); traces shorter than max(prefixes) + 1 are skipped. ``store.prefixes_of(position)``
-    lists the prefixes n a trace has statistics at (with ``marks``, its question's or answer's first token too).
+    (one file per trace). ``store.prefixes_of(position)`` lists the prefixes n a trace has statistics at: those
+    of ``prefixes`` that leave it a future (n < its length), and with ``marks`` its question's or answer's first
+    token; a trace with none (shorter than every prefix) is skipped.
     """
 
     def __init__(self, directory: Path, prefixes: tuple[int, ...], trace_prefixes: dict[int, tuple[int, ...]]) -> None:
@@ -99,13 +100,15 @@ class ImportanceStore:
         directory = cls.directory_for(traces.directory, prefixes, window, marks)
         directory.mkdir(exist_ok=True)
         remove_temp_files(directory)
-        indices = [i for i in range(len(traces)) if traces.lengths[i] > prefixes[-1]]
-        if not indices:
-            raise ValueError(f"no trace of {traces.directory} is longer than the largest prefix {prefixes[-1]}")
         trace_prefixes = {}
-        for i in indices:
+        for i, length in enumerate(traces.lengths):
             marked = {traces[i].meta.get(f"{mark}_token") for mark in marks} - {None, *prefixes}
-            trace_prefixes[i] = (*prefixes, *sorted(n for n in marked if window <= n < traces.lengths[i]))
+            fitting = tuple(n for n in (*prefixes, *sorted(marked)) if window <= n < length)
+            if fitting:
+                trace_prefixes[i] = fitting
+        if not trace_prefixes:
+            raise ValueError(f"no trace of {traces.directory} is longer than a prefix of {prefixes} (window {window})")
+        indices = list(trace_prefixes)
         missing = [(i, trace_prefixes[i]) for i in indices if not statistics_path(directory, i).exists()]
         with progress_bar(len(indices), f"importance store {traces.directory.name}", enabled=show_progress) as bar:
             bar.advance(len(indices) - len(missing))
