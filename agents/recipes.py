@@ -17,14 +17,15 @@ it to keep the needle then too (study 8). The training traces are 64 prose texts
 standard library's docstrings, 96 RULER tasks and 48 dialogues (the model answers every dialogue turn by
 turn, about a minute per dialogue on a CPU core): twice study 4's data, whose
 policy lost less perplexity on dialogue and on prose of the training topics, and as much on unseen topics
-and code (docs/learned-eviction.md, study 7). A set with a seed other than 0 is a second set of that
-source (``ruler-train-s1``: other samples), so the sets of the smaller recipe before it are reused as they
-are. With ``workers`` the traces, the dialogues' replies and the importance stores are made on that many
-Ray workers: 57.2 minutes from an empty $KVP_GYM_HOME on 2 CPU cores (measured with the answer prefix).
-``smollm2-fast`` is the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on
-the same trace sets: the cache then needs no attention sum, a third of the scoring cost on a CPU, for a
-little perplexity (docs/learned-eviction.md, study 5). ``smollm2-quick`` is the same at demo size, without
-dialogues.
+and code (docs/learned-eviction.md, study 7). Plus 48 RULER tasks of 512 tokens: with only 1k-token
+tasks the policy lost a short note buried under repeated filler, which TOVA keeps (study 10). A set with a
+seed other than 0 is another set of that source (``ruler-train-s1``: other samples), so the sets of the
+smaller recipe before it are reused as they are. With ``workers`` the traces, the dialogues' replies and the
+importance stores are made on that many Ray workers: 57.2 minutes from an empty $KVP_GYM_HOME on 2 CPU cores
+(measured before the 512-token set, which adds about 3 minutes). ``smollm2-fast`` is the same without the
+normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
+no attention sum, a third of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md,
+study 5). ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agents.distill import build_stores
 from agents.train import TrainConfig, agent_config
@@ -44,12 +45,27 @@ from kvp_gym.traces import TraceDataset, generate_traces
 DISTILL_OPTIONS = (("loss", "listnet"), ("target", "imp_vnorm"))
 
 
+class TrainSet(NamedTuple):
+    """A training trace set: ``n`` sequences of ``source`` drawn with ``seed``, of ``length`` tokens (None: the
+    recipe's). A seed other than 0 is another set of that source (``ruler-train-s1``: other samples); another
+    length names it too (``ruler512-train-s2``)."""
+
+    source: str
+    n: int
+    seed: int = 0
+    length: int | None = None
+
+    def directory_name(self, recipe_length: int) -> str:
+        length = "" if self.length in (None, recipe_length) else str(self.length)
+        return f"{self.source}{length}-train" + (f"-s{self.seed}" if self.seed else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Training sets ((source, sequences, seed), ...), their length, the validation set, and the run's settings."""
+    """Training sets, their default length, the validation set (source, sequences), and the run's settings."""
 
     name: str
-    train_sets: tuple[tuple[str, int, int], ...]
+    train_sets: tuple[TrainSet, ...]
     val_set: tuple[str, int]
     steps: int
     length: int = 1024
@@ -69,10 +85,10 @@ class Recipe:
         ``traces_root(root)``, on ``workers`` Ray workers if > 0 (the same files)."""
         root = self.traces_root(root)
         train = [
-            str(generate_traces(root / (f"{source}-train" if seed == 0 else f"{source}-train-s{seed}"), source, n,
-                                self.length, split="train", model_name=self.model, seed=seed, show_progress=show_progress,
+            str(generate_traces(root / spec.directory_name(self.length), spec.source, spec.n, spec.length or self.length,
+                                split="train", model_name=self.model, seed=spec.seed, show_progress=show_progress,
                                 workers=workers).directory)
-            for source, n, seed in self.train_sets
+            for spec in self.train_sets
         ]
         source, n = self.val_set
         val = generate_traces(root / f"{source}-val", source, n, self.length, split="train", model_name=self.model,
@@ -94,16 +110,17 @@ class Recipe:
         )
 
 
-SMOLLM2 = Recipe("smollm2", train_sets=(("prose", 64, 0), ("docs", 128, 0), ("ruler", 48, 0), ("ruler", 48, 1),
-                                         ("dialogue", 24, 0), ("dialogue", 24, 1)), val_set=("prose", 4), steps=3000,
-                 agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question,answer")))
+STUDY7_SETS = (TrainSet("prose", 64), TrainSet("docs", 128), TrainSet("ruler", 48), TrainSet("ruler", 48, seed=1),
+               TrainSet("dialogue", 24), TrainSet("dialogue", 24, seed=1))
+SMOLLM2 = Recipe("smollm2", train_sets=(*STUDY7_SETS, TrainSet("ruler", 48, seed=2, length=512)), val_set=("prose", 4),
+                 steps=3000, agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question,answer")))
 RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
     # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum (a third of the cost on a CPU)
-    "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2",
+    "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2", train_sets=STUDY7_SETS,
                                         arch_options=(("width", 112), ("inputs", "kv+window+last")),
                                         agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question"))),
-    "smollm2-quick": Recipe("smollm2-quick", train_sets=(("prose", 12, 0), ("ruler", 8, 0)), val_set=("prose", 2), steps=300,
+    "smollm2-quick": Recipe("smollm2-quick", train_sets=(TrainSet("prose", 12), TrainSet("ruler", 8)), val_set=("prose", 2), steps=300,
                             val_every=150),
 }
 

@@ -1,5 +1,5 @@
-"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (6.4 minutes on 2 CPU cores, measured
-from an empty $KVP_GYM_HOME).
+"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (12.7 minutes on 2 CPU cores with the
+model already converted, measured).
 
     python examples/demo.py [--out demo] [--budget 96]
 
@@ -14,8 +14,10 @@ from an empty $KVP_GYM_HOME).
                 and the policy trained in step 2, between the full cache and the future oracle (an
                 upper bound: it reads the future);
 4. generate:    SmolLM2 answering a note's question at the same KV budget with the full cache, the
-                heuristics and the learned policy evicting its cache, the question after the compressed
-                note or inside it, on 8 notes with other codes.
+                heuristics and the learned policy evicting its cache, on 8 notes with other codes: the
+                note stated four times, the question after the compressed note or inside it; then the
+                note stated once before 20 repeated filler sentences, the whole prompt compressed (there
+                TOVA, the last query's vote, is the heuristic that answers).
 
 Every step shows progress and reuses what an earlier run already made: rerunning is cheap.
 """
@@ -41,6 +43,7 @@ from kvp_gym.traces.dataset import sha256_of
 
 RECIPE = "smollm2-quick"
 HEURISTICS = ["streamingllm", "h2o-norm", "snapkv"]  # the floor, the strongest downstream, a classic
+GENERATION_HEURISTICS = [*HEURISTICS, "tova"]  # + the one heuristic that keeps a note buried under filler
 SHIPPED = "kvp"  # the registered policy shipped with kvp-gym (agents/shipped.py)
 TRAINED = "kvp-demo"  # the leaderboard name of the policy this demo trains
 SECTIONS = ("Perplexity", "RULER accuracy", "Headroom closed")  # of the report, printed here
@@ -50,6 +53,7 @@ NOTES = 8  # locker notes answered per policy and placement
 # the question after the compressed note (where the leaderboard's RULER asks it: compress a document once,
 # then ask), or inside the compressed part (the whole prompt is compressed but its last token)
 PLACEMENTS = ("after the compressed note (as the leaderboard's RULER)", "inside the compressed part")
+FILLER = "The weather was mild and the trains ran on time. " * 20
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="demo", help="where the traces, the policy and the leaderboard go")
@@ -65,7 +69,7 @@ def elapsed() -> str:
 
 recipe = RECIPES[RECIPE]
 print(f"== 1/4 traces: SmolLM2 over real text, Q/K/V of every layer (recipe {RECIPE}: "
-      f"{', '.join(f'{n} {source}' for source, n, _ in recipe.train_sets)}, {recipe.val_set[1]} {recipe.val_set[0]} "
+      f"{', '.join(f'{spec.n} {spec.source}' for spec in recipe.train_sets)}, {recipe.val_set[1]} {recipe.val_set[0]} "
       f"for validation) ==")
 config = recipe.config(str(out / "policy"), progress=True, traces_root=out / "traces")
 
@@ -115,16 +119,26 @@ codes = [("4821", "Thursday")] + [("".join(rng.choice("123456789") for _ in rang
                                  for _ in range(NOTES - 1)]
 
 
+def chat_ids(text: str) -> torch.Tensor:
+    """Token ids [1, n] of ``text`` as the user's message, ready for the assistant's answer."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+
 def note_prompt(code: str, day: str) -> tuple[torch.Tensor, int]:
     """Token ids [1, n] of a note stated four times and its question, and how many precede the question."""
     note = (f"Here is a note: the locker code is {code} and the meeting moved to {day} at 3 pm in room 12B. "
             "Python's list.sort() is stable; sorted() returns a new list.")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{note} " * 4 + QUESTION}],
-                                        add_generation_prompt=True, return_tensors="pt")
-    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    ids = chat_ids(f"{note} " * 4 + QUESTION)
     rendered = tokenizer.decode(ids[0])
     before = len(tokenizer(rendered[:rendered.rindex(note) + len(note)], add_special_tokens=False)["input_ids"])
     return ids, before
+
+
+def filler_prompt(code: str, day: str) -> torch.Tensor:
+    """Token ids [1, n] of a note stated once, 20 repeated filler sentences and the question."""
+    return chat_ids(f"Here is a note: the locker code is {code} and the meeting moved to {day}. {FILLER}{QUESTION}")
 
 
 @torch.inference_mode()
@@ -137,18 +151,25 @@ def answer(ids: torch.Tensor, compressed: int, policy: str | None) -> str:
     return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-prompts = [(note_prompt(code, day), code) for code, day in codes]
-(first, before), _ = prompts[0]
+def print_answers(prompts: list[tuple[torch.Tensor, int]], title: str) -> None:
+    """One row per policy: how many of the (ids, tokens compressed) prompts it answers with their code."""
+    print(f"\n{title}:")
+    for label, policy in rows:
+        answers = [answer(ids, compressed, policy) for ids, compressed in prompts]
+        right = sum(code in text for text, (code, _) in zip(answers, codes))
+        print(f"  {label:<44}{right}/{NOTES} right  {answers[0][:60]!r}")
+
+
+notes = [note_prompt(code, day) for code, day in codes]
+first, before = notes[0]
 print(f"prompt ({first.shape[1]} tokens, {before} before the question): 4 x the note "
       f"\"Here is a note: the locker code is 4821 and the meeting moved to Thursday ...\" + \"{QUESTION}\"; "
       f"right = the code in the answer, over {NOTES} notes with other codes (this one first)")
-rows = [("full cache", None), *((f"{name}, {args.budget} per KV head", name) for name in HEURISTICS),
+rows = [("full cache", None), *((f"{name}, {args.budget} per KV head", name) for name in GENERATION_HEURISTICS),
         (f"{SHIPPED} (learned, shipped), {args.budget} per KV head", SHIPPED)]
-for placement in PLACEMENTS:
-    print(f"\nquestion {placement}:")
-    for label, policy in rows:
-        answers = [answer(ids, before if placement == PLACEMENTS[0] else ids.shape[1] - 1, policy)
-                   for (ids, before), _ in prompts]
-        right = sum(code in text for text, (_, code) in zip(answers, prompts))
-        print(f"  {label:<44}{right}/{NOTES} right  {answers[0][:60]!r}")
+print_answers([(ids, before) for ids, before in notes], f"question {PLACEMENTS[0]}")
+print_answers([(ids, ids.shape[1] - 1) for ids, _ in notes], f"question {PLACEMENTS[1]}")
+fillers = [filler_prompt(code, day) for code, day in codes]
+print(f"\nprompt ({fillers[0].shape[1]} tokens): the note once + 20 x \"{FILLER[:49]}\" + \"{QUESTION}\"")
+print_answers([(ids, ids.shape[1] - 1) for ids in fillers], "question inside the compressed part")
 print(f"\ndone {elapsed()}")

@@ -306,6 +306,8 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast_config.arch_options == {"width": 112, "inputs": "kv+window+last"}
     assert fast_config.agent_options["prefixes"] == "256,512,768,question"  # as kvp-fast was trained
     assert fast.traces_root() == RECIPES["smollm2"].traces_root() != RECIPES["smollm2-quick"].traces_root()
+    # kvp-fast's sets are study 7's; kvp's add short RULER tasks
+    assert RECIPES["smollm2"].train_sets == (*fast.train_sets, recipes.TrainSet("ruler", 48, seed=2, length=512))
 
 
 def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -314,15 +316,19 @@ def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatc
     made = []
 
     def fake_generate(directory, source, n, length, split, model_name, seed=None, show_progress=True, workers=0):
-        made.append((directory.name, source, n, seed, split))
+        made.append((directory.name, source, n, length, seed, split))
         return type("Made", (), {"directory": directory})()
 
     monkeypatch.setattr(recipes, "generate_traces", fake_generate)
-    recipe = recipes.Recipe("r", train_sets=(("ruler", 8, 0), ("ruler", 4, 1), ("docs", 2, 0)), val_set=("prose", 2), steps=1)
+    recipe = recipes.Recipe("r", train_sets=(recipes.TrainSet("ruler", 8), recipes.TrainSet("ruler", 4, seed=1),
+                                             recipes.TrainSet("docs", 2), recipes.TrainSet("ruler", 3, seed=2, length=512),
+                                             recipes.TrainSet("prose", 1, length=1024)), val_set=("prose", 2), steps=1)
     train, val = recipe.trace_sets(show_progress=False, root=tmp_path)
-    assert train == [str(tmp_path / name) for name in ("ruler-train", "ruler-train-s1", "docs-train")]
-    assert made == [("ruler-train", "ruler", 8, 0, "train"), ("ruler-train-s1", "ruler", 4, 1, "train"),
-                    ("docs-train", "docs", 2, 0, "train"), ("prose-val", "prose", 2, 7, "train")]
+    names = ("ruler-train", "ruler-train-s1", "docs-train", "ruler512-train-s2", "prose-train")
+    assert train == [str(tmp_path / name) for name in names]
+    assert made == [("ruler-train", "ruler", 8, 1024, 0, "train"), ("ruler-train-s1", "ruler", 4, 1024, 1, "train"),
+                    ("docs-train", "docs", 2, 1024, 0, "train"), ("ruler512-train-s2", "ruler", 3, 512, 2, "train"),
+                    ("prose-train", "prose", 1, 1024, 0, "train"), ("prose-val", "prose", 2, 1024, 7, "train")]
     assert val == str(tmp_path / "prose-val")
 
 
