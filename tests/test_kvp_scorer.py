@@ -165,6 +165,8 @@ def test_store_is_built_once_and_keeps_each_traces_fitting_prefixes(tiny_traces)
     assert set(longer.load(0)) == set(store.load(0))
     with pytest.raises(ValueError, match="longer than a prefix of"):
         ImportanceStore.build(tiny_traces, (200,), window=8, show_progress=False)
+    with pytest.raises(ValueError, match="prefix 4 is shorter than the query window 8"):
+        ImportanceStore.build(tiny_traces, (4, 40), window=8, show_progress=False)
 
 
 class WithQuestions:

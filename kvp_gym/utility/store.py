@@ -93,6 +93,8 @@ class ImportanceStore:
         from kvp_gym.scale import wants_ray
 
         prefixes = tuple(sorted(int(n) for n in prefixes))
+        if prefixes[0] < window:
+            raise ValueError(f"prefix {prefixes[0]} is shorter than the query window {window}")
         unknown = set(marks) - set(MARKS)
         if unknown:
             raise ValueError(f"marks must be among {MARKS}, got {sorted(unknown)}")
