@@ -167,7 +167,7 @@ print(f"prompt ({first.shape[1]} tokens, {before} before the question): 4 x the 
       f"right = the code in the answer, over {NOTES} notes with other codes (this one first)")
 rows = [("full cache", None), *((f"{name}, {args.budget} per KV head", name) for name in GENERATION_HEURISTICS),
         (f"{SHIPPED} (learned, shipped), {args.budget} per KV head", SHIPPED)]
-print_answers([(ids, before) for ids, before in notes], f"question {PLACEMENTS[0]}")
+print_answers(notes, f"question {PLACEMENTS[0]}")
 print_answers([(ids, ids.shape[1] - 1) for ids, _ in notes], f"question {PLACEMENTS[1]}")
 fillers = [filler_prompt(code, day) for code, day in codes]
 print(f"\nprompt ({fillers[0].shape[1]} tokens): the note once + 20 x \"{FILLER[:49]}\" + \"{QUESTION}\"")
