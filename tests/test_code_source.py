@@ -16,9 +16,9 @@ def test_registered_as_a_held_out_source():
     assert set(TRAINING_SOURCES) < set(SOURCES)
     from kvp_gym.eval.suite import SUITES
 
-    # only the headline suite reads it, as its out-of-domain perplexity source
-    assert [name for name, suite in SUITES.items() if "code" in suite.sources] == ["headline"]
-    assert "code" in SUITES["headline"].ppl_sources
+    # only the out-of-domain suites read it, as a perplexity source
+    assert sorted(name for name, suite in SUITES.items() if "code" in suite.sources) == ["headline", "unseen"]
+    assert "code" in SUITES["headline"].ppl_sources and "code" in SUITES["unseen"].ppl_sources
 
 
 def test_file_list_is_fixed_clean_and_split_disjoint():

