@@ -24,7 +24,7 @@ def test_plays_split_disjoint_and_complete():
     assert len(plays) == 38 and "tragedies/hamlet" in plays and plays == sorted(plays)
     train, test = set(drama_plays("train")), set(drama_plays("test"))
     assert train and test and not train & test and train | test == set(plays)
-    assert drama_corpus("test").plays == tuple(drama_plays("test"))
+    assert drama_corpus("test").names == tuple(drama_plays("test"))
 
 
 def test_markup_is_removed():

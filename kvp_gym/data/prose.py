@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
-from .common import check_request, corpus_windows, join_parts, keys_in_split, paragraph_starts, parts_between
+from .common import JoinedCorpus, check_request, corpus_windows, join_corpus, keys_in_split, paragraph_starts
 from .sample import TextSample
 
 _TOPIC_SEPARATOR = "\n\n"
-
-
-class ProseCorpus(NamedTuple):
-    """The topics of one split joined in key order, with the char offset where each topic starts."""
-
-    text: str
-    keys: tuple[str, ...]
-    starts: tuple[int, ...]
-
-    def topics_between(self, start: int, stop: int) -> list[str]:
-        """Keys of the topics overlapping text[start:stop]."""
-        return parts_between(self.keys, self.starts, start, stop)
 
 
 def prose_topics(split: str) -> list[str]:
@@ -31,11 +19,10 @@ def prose_topics(split: str) -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def prose_corpus(split: str) -> ProseCorpus:
-    """The split's documentation text, one topic after another."""
-    keys = tuple(prose_topics(split))
-    text, starts = join_parts([_PYDOC_TOPICS[key].strip() for key in keys], _TOPIC_SEPARATOR)
-    return ProseCorpus(text, keys, starts)
+def prose_corpus(split: str) -> JoinedCorpus:
+    """The split's documentation text, one topic after another (named by its key)."""
+    keys = prose_topics(split)
+    return join_corpus(keys, [_PYDOC_TOPICS[key].strip() for key in keys], _TOPIC_SEPARATOR)
 
 
 def make_prose(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
@@ -43,4 +30,4 @@ def make_prose(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int
     check_request(n, split, target_tokens)
     corpus = prose_corpus(split)
     return corpus_windows(tokenizer, corpus.text, paragraph_starts(corpus.text), "prose", split, seed, n, target_tokens,
-                          lambda start, stop: {"topics": corpus.topics_between(start, stop)})
+                          lambda start, stop: {"topics": corpus.names_between(start, stop)})

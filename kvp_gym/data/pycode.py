@@ -21,7 +21,7 @@ import sysconfig
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from .common import check_request, corpus_windows, join_parts, keys_in_split, parts_between
+from .common import JoinedCorpus, check_request, corpus_windows, join_corpus, keys_in_split
 from .sample import TextSample
 
 # Paths relative to the stdlib directory, sorted. Changing this list changes every code sample.
@@ -105,7 +105,7 @@ class CodeCorpus(NamedTuple):
 
     def files_between(self, start: int, stop: int) -> list[str]:
         """Paths of the files overlapping text[start:stop]."""
-        return parts_between(self.files, self.starts, start, stop)
+        return JoinedCorpus(self.text, self.files, self.starts).names_between(start, stop)
 
 
 def stdlib_dir() -> str:
@@ -151,12 +151,12 @@ def _top_level_starts(source: str, path: str) -> list[int]:
 @lru_cache(maxsize=None)
 def code_corpus(split: str) -> CodeCorpus:
     """The split's source code, one file after another."""
-    files = tuple(code_files(split))
+    files = code_files(split)
     bodies = [read_code_file(path) for path in files]
-    text, starts = join_parts(bodies, _FILE_SEPARATOR)
-    statements = [start + offset for start, body, path in zip(starts, bodies, files)
+    joined = join_corpus(files, bodies, _FILE_SEPARATOR)
+    statements = [start + offset for start, body, path in zip(joined.starts, bodies, files)
                   for offset in _top_level_starts(body, path)]
-    return CodeCorpus(text, files, starts, tuple(statements))
+    return CodeCorpus(joined.text, joined.names, joined.starts, tuple(statements))
 
 
 def make_code(tokenizer: Any, n: int, split: str, seed: int, target_tokens: int) -> list[TextSample]:
