@@ -21,8 +21,8 @@ and code (docs/learned-eviction.md, study 7). Plus 48 RULER tasks of 512 tokens:
 tasks the policy lost a short note buried under repeated filler, which TOVA keeps (study 10). A set with a
 seed other than 0 is another set of that source (``ruler-train-s1``: other samples), so the sets of the
 smaller recipe before it are reused as they are. With ``workers`` the traces, the dialogues' replies and the
-importance stores are made on that many Ray workers: 57.2 minutes from an empty $KVP_GYM_HOME on 2 CPU cores
-(measured before the 512-token set, which adds about 3 minutes). ``smollm2-fast`` is the same without the
+importance stores are made on that many Ray workers: 62.9 minutes from an empty $KVP_GYM_HOME on 2 CPU cores,
+44% of it the model writing the dialogues' replies. ``smollm2-fast`` is the same without the
 normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
 no attention sum, a third of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md,
 study 5). ``smollm2-quick`` is the same at demo size, without dialogues.
