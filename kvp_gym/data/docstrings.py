@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import os
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 from .common import JoinedCorpus, check_request, corpus_windows, join_corpus, keys_in_split, paragraph_starts
 from .pycode import CODE_FILES, stdlib_dir
