@@ -34,6 +34,7 @@ from agents.recipes import RECIPES
 from agents.train import BEST_DIR, train
 from kvp_gym import scorers
 from kvp_gym.checkpoint import FILE_NAME, checkpoint_file, read_header
+from kvp_gym.data.common import render_messages
 from kvp_gym.eval.downstream import prefilled_cache
 from kvp_gym.eval.leaderboard import run_leaderboard
 from kvp_gym.eval.report import ranking_table, write_report
@@ -119,26 +120,27 @@ codes = [("4821", "Thursday")] + [("".join(rng.choice("123456789") for _ in rang
                                  for _ in range(NOTES - 1)]
 
 
-def chat_ids(text: str) -> torch.Tensor:
-    """Token ids [1, n] of ``text`` as the user's message, ready for the assistant's answer."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids if torch.is_tensor(ids) else ids["input_ids"]
+def chat_text(text: str) -> str:
+    """``text`` as the user's message in the chat template, ready for the assistant's answer."""
+    return render_messages(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def token_ids(text: str) -> torch.Tensor:
+    """Token ids [1, n] of already rendered text (the template wrote the special tokens)."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
 def note_prompt(code: str, day: str) -> tuple[torch.Tensor, int]:
     """Token ids [1, n] of a note stated four times and its question, and how many precede the question."""
     note = (f"Here is a note: the locker code is {code} and the meeting moved to {day} at 3 pm in room 12B. "
             "Python's list.sort() is stable; sorted() returns a new list.")
-    ids = chat_ids(f"{note} " * 4 + QUESTION)
-    rendered = tokenizer.decode(ids[0])
-    before = len(tokenizer(rendered[:rendered.rindex(note) + len(note)], add_special_tokens=False)["input_ids"])
-    return ids, before
+    rendered = chat_text(f"{note} " * 4 + QUESTION)
+    return token_ids(rendered), token_ids(rendered[:rendered.rindex(note) + len(note)]).shape[1]
 
 
 def filler_prompt(code: str, day: str) -> torch.Tensor:
     """Token ids [1, n] of a note stated once, 20 repeated filler sentences and the question."""
-    return chat_ids(f"Here is a note: the locker code is {code} and the meeting moved to {day}. {FILLER}{QUESTION}")
+    return token_ids(chat_text(f"Here is a note: the locker code is {code} and the meeting moved to {day}. {FILLER}{QUESTION}"))
 
 
 @torch.inference_mode()
