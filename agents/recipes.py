@@ -55,9 +55,13 @@ class TrainSet(NamedTuple):
     seed: int = 0
     length: int | None = None
 
+    def length_in(self, recipe_length: int) -> int:
+        """The set's length in tokens: its own, else the recipe's."""
+        return self.length or recipe_length
+
     def directory_name(self, recipe_length: int) -> str:
-        length = "" if self.length in (None, recipe_length) else str(self.length)
-        return f"{self.source}{length}-train" + (f"-s{self.seed}" if self.seed else "")
+        length = self.length_in(recipe_length)
+        return f"{self.source}{'' if length == recipe_length else length}-train" + (f"-s{self.seed}" if self.seed else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Recipe:
         ``traces_root(root)``, on ``workers`` Ray workers if > 0 (the same files)."""
         root = self.traces_root(root)
         train = [
-            str(generate_traces(root / spec.directory_name(self.length), spec.source, spec.n, spec.length or self.length,
+            str(generate_traces(root / spec.directory_name(self.length), spec.source, spec.n, spec.length_in(self.length),
                                 split="train", model_name=self.model, seed=spec.seed, show_progress=show_progress,
                                 workers=workers).directory)
             for spec in self.train_sets
