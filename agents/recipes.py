@@ -118,8 +118,12 @@ STUDY7_SETS = (TrainSet("prose", 64), TrainSet("docs", 128), TrainSet("ruler", 4
                TrainSet("dialogue", 24), TrainSet("dialogue", 24, seed=1))
 SMOLLM2 = Recipe("smollm2", train_sets=(*STUDY7_SETS, TrainSet("ruler", 48, seed=2, length=512)), val_set=("prose", 4),
                  steps=3000, agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question,answer")))
+LONG_SETS = (TrainSet("prose", 24, length=2048), TrainSet("docs", 24, length=2048), TrainSet("prose", 12, length=4096),
+             TrainSet("docs", 12, length=4096))
 RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
+    "smollm2-long": dataclasses.replace(SMOLLM2, name="smollm2-long", traces_of="smollm2", train_sets=(*SMOLLM2.train_sets, *LONG_SETS),
+                                        agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,1024,1536,2048,3072,question,answer"))),
     # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum (a third of the cost on a CPU)
     "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2", train_sets=STUDY7_SETS,
                                         arch_options=(("width", 112), ("inputs", "kv+window+last")),

@@ -17,8 +17,9 @@ def test_registered_as_a_held_out_source():
     from kvp_gym.eval.suite import SUITES
 
     # only the out-of-domain suites read it, as a perplexity source
-    assert sorted(name for name, suite in SUITES.items() if "code" in suite.sources) == ["headline", "unseen"]
-    assert "code" in SUITES["headline"].ppl_sources and "code" in SUITES["unseen"].ppl_sources
+    readers = sorted(name for name, suite in SUITES.items() if "code" in suite.sources)
+    assert readers == ["headline", "long", "unseen"]
+    assert all("code" in SUITES[name].ppl_sources for name in readers)
 
 
 def test_file_list_is_fixed_clean_and_split_disjoint():

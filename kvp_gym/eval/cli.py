@@ -12,7 +12,7 @@ app = typer.Typer()
 
 @app.command()
 def leaderboard(
-    suite: str = typer.Option("full", help="Benchmark suite: full (v1) | full-v2 (fractional budgets, calibrated RULER) | headline (learned vs heuristics at 10/25% kept, with an out-of-domain source) | unseen (perplexity on the two held-out domains, Python source and Shakespeare, at full-v2's budgets) | quick (smoke checks, the demo) | demo."),
+    suite: str = typer.Option("full", help="Benchmark suite: full (v1) | full-v2 (fractional budgets, calibrated RULER) | headline (learned vs heuristics at 10/25% kept, with an out-of-domain source) | unseen (perplexity on the two held-out domains, Python source and Shakespeare, at full-v2's budgets) | long (4096-token prose and Python source, 3072 compressed, at 10/25% kept) | quick (smoke checks, the demo) | demo."),
     checkpoint: list[Path] = typer.Option([], "--checkpoint", help="A trained scorer checkpoint to include (repeatable)."),
     policies: str | None = typer.Option(None, help="Comma-separated registered scorers (default: the suite's policies; else every ready registered policy and the oracle)."),
     out: Path = typer.Option(Path("leaderboard"), help="Output directory: LEADERBOARD.md, results.json/csv, plots."),

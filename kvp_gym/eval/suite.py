@@ -171,6 +171,14 @@ SUITES: dict[str, Suite] = {
         ppl_sources=("code", "drama"), source_traces=(("code", 24), ("drama", 24)), ranking_traces=4,
         policies=FULL_V2_POLICIES,
     ),
+    # long contexts: 4096-token held-out prose and Python source, the first 3072 tokens compressed once and the
+    # last 1024 scored, at the budgets users run, with full-v2's policies (does a policy trained on 1k-token
+    # contexts, or on longer ones, keep its lead when the context is four times longer?)
+    "long": Suite(
+        name="long", version=1, sources=("prose", "code"), length=4096, ppl_prefix=3072, budgets=(),
+        budget_fractions=(0.1, 0.25), ppl_sources=("prose", "code"), source_traces=(("prose", 8), ("code", 8)),
+        ranking_traces=2, policies=FULL_V2_POLICIES,
+    ),
     # v1 of quick (kept to reproduce its numbers): 4 texts per perplexity source, 12 RULER samples, both placements
     "quick-v1": Suite(
         name="quick", version=1, sources=IN_DOMAIN_SOURCES, budgets=(), budget_fractions=(0.1, 0.25), prefix_fractions=(0.5,),
