@@ -85,18 +85,27 @@ class RankingEvaluator:
 
 
 class SuiteRanking(RankingEvaluator):
-    """Scores policies on the episode grid of one suite's trace set, one trace at a time."""
+    """Scores policies on the episode grid of one suite's trace set, one trace at a time, one layer's episodes
+    per step: the env core holds one layer's tensors at a time (at 4k tokens, a whole trace's ~10 GB)."""
 
     def __init__(self, suite: Suite, source: str, dataset: TraceDataset) -> None:
-        super().__init__(make_core(suite, dataset, len(episode_grid(suite, dataset, 0)["n"])), suite.seed)
+        rows_per_layer = dataset.spec.num_kv_heads * len(suite.prefix_fractions)
+        super().__init__(make_core(suite, dataset, rows_per_layer), suite.seed)
         self.suite, self.source, self.dataset = suite, source, dataset
 
     def evaluate(self, trace: int, policies: Mapping[str, Scorer]) -> list[dict[str, Any]]:
         """One record per policy: per-episode cost ratios and kept fractions, and the mean kept curve."""
         grid = episode_grid(self.suite, self.dataset, trace)
+        rows = self.core.num_rows
+        chunks = [{key: values[start : start + rows] for key, values in grid.items()} for start in range(0, len(grid["n"]), rows)]
+        infos: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in policies}
+        for chunk in chunks:  # grid order is layer-major: one chunk is one layer's (kv_head, n) episodes
+            for name, info in self.step_infos(policies, chunk).items():
+                curve = kept_fraction_at(info["curve"], self.core.ranked, CURVE_FRACTIONS)
+                infos[name].append({**{key: info[key] for key in SUMMARY_KEYS}, "curve": curve})
         records = []
-        for name, info in self.step_infos(policies, grid).items():
-            curve = kept_fraction_at(info["curve"], self.core.ranked, CURVE_FRACTIONS)
+        for name, chunk_infos in infos.items():
+            info = {key: torch.cat([chunk[key] for chunk in chunk_infos]) for key in (*SUMMARY_KEYS, "curve")}
             records.append({
                 "policy": name,
                 "source": self.source,
@@ -106,6 +115,6 @@ class SuiteRanking(RankingEvaluator):
                 "n": grid["n"].tolist(),
                 "cost_ratio": info["cost_ratio"].tolist(),
                 **{f"kept_fraction_{p}": info[f"kept_fraction_{p}"].tolist() for p in (10, 25, 50)},
-                "curve": curve.mean(0).tolist(),
+                "curve": info["curve"].mean(0).tolist(),
             })
         return records
