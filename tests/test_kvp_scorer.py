@@ -310,6 +310,12 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast.traces_root() == RECIPES["smollm2"].traces_root() != RECIPES["smollm2-quick"].traces_root()
     # kvp-fast's sets are study 7's; kvp's add short RULER tasks
     assert RECIPES["smollm2"].train_sets == (*fast.train_sets, recipes.TrainSet("ruler", 48, seed=2, length=512))
+    # the long recipe: kvp's sets plus 2k- and 4k-token prose and docs, prefixes up to 3072 (a 1k trace keeps 256-768)
+    long = RECIPES["smollm2-long"]
+    assert long.traces_root() == RECIPES["smollm2"].traces_root()
+    assert long.train_sets[: len(RECIPES["smollm2"].train_sets)] == RECIPES["smollm2"].train_sets
+    assert {spec.length_in(long.length) for spec in long.train_sets} == {512, 1024, 2048, 4096}
+    assert long.config("/runs/l").agent_options["prefixes"] == "256,512,768,1024,1536,2048,3072,question,answer"
 
 
 def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
