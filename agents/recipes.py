@@ -25,7 +25,9 @@ importance stores are made on that many Ray workers: 62.9 minutes from an empty 
 44% of it the model writing the dialogues' replies. ``smollm2-fast`` is the same without the
 normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
 no attention sum, a third of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md,
-study 5). ``smollm2-quick`` is the same at demo size, without dialogues.
+study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to 3072: on the ``long``
+suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses (docs/learned-eviction.md, round
+13), in about 100 minutes. ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations
