@@ -8,6 +8,7 @@ number is deterministic (seeded random scorer, greedy decoding): rerunning a sui
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -192,7 +193,7 @@ def run_leaderboard(
     own future attention: an upper bound row next to the full cache). ``workers`` / ``address``: compute
     the missing units on Ray workers first (kvp_gym.scale; a local Ray with ``workers`` CPUs, or the
     cluster at ``address``); the records are the serial run's."""
-    from kvp_gym.scale import wants_ray
+    from kvp_gym.scale import ray_session, wants_ray
 
     distributed = wants_ray(workers, address)  # bad --workers / no Ray fails before any work
     from kvp_gym.checkpoint import read_header
@@ -201,10 +202,6 @@ def run_leaderboard(
     checkpoints = list(checkpoints)
     policy_names = list(policy_names or suite.policies or default_policies())
     policies, ids = load_policies(policy_names, checkpoints)  # bad input fails before any work
-    traces = suite.traces(show_progress=show_progress)
-    spec = next(iter(traces.values())).spec
-    for path in checkpoints:
-        spec.check_compatible(read_header(path).model_spec, f"--checkpoint {path}")
     registered = set(policy_names)
 
     def fresh(name: str) -> Scorer:
@@ -213,14 +210,19 @@ def run_leaderboard(
         uninterrupted runs agree. Checkpoints are stateless modules, loaded once."""
         return scorers.get(name) if name in registered else policies[name]
 
-    store = RecordStore(out / "records" / suite.id)
-    remove_temp_files(store.directory)
-    remove_temp_files(out)
-    if distributed:  # the workers compute the missing units, the driver writes them; the loops below read them
-        from kvp_gym.scale.leaderboard import compute_missing_units
+    with ray_session(workers, address) if distributed else contextlib.nullcontext():  # one Ray for traces and units
+        traces = suite.traces(show_progress=show_progress, workers=workers, address=address)
+        spec = next(iter(traces.values())).spec
+        for path in checkpoints:
+            spec.check_compatible(read_header(path).model_spec, f"--checkpoint {path}")
+        store = RecordStore(out / "records" / suite.id)
+        remove_temp_files(store.directory)
+        remove_temp_files(out)
+        if distributed:  # the workers compute the missing units, the driver writes them; the loops below read them
+            from kvp_gym.scale.leaderboard import compute_missing_units
 
-        compute_missing_units(suite, store, traces, policies, ids, registered, checkpoints, downstream, oracle,
-                              workers, address, show_progress)
+            compute_missing_units(suite, store, traces, policies, ids, registered, checkpoints, downstream, oracle,
+                                  workers, address, show_progress)
 
     ranking = []
     total = sum(min(len(dataset), suite.ranking_traces or len(dataset)) for dataset in traces.values())

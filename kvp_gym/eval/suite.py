@@ -97,8 +97,10 @@ class Suite:
     def directory(self) -> Path:
         return home_dir() / "suites" / self.id
 
-    def traces(self, show_progress: bool = True) -> dict[str, TraceDataset]:
-        """The suite's test trace sets by source, generated on first use and reused afterwards."""
+    def traces(self, show_progress: bool = True, workers: int | None = None, address: str | None = None
+               ) -> dict[str, TraceDataset]:
+        """The suite's test trace sets by source, generated on first use and reused afterwards (on ``workers``
+        Ray workers, or the cluster at ``address``, if given: the same files)."""
         return {
             key: generate_traces(
                 self.directory() / key,
@@ -110,6 +112,8 @@ class Suite:
                 seed=self.seed,
                 show_progress=show_progress,
                 tasks=self.ruler_tasks if source == "ruler" else None,
+                workers=workers,
+                address=address,
             )
             for key, source, n, length in self.trace_sets()
         }
