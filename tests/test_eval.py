@@ -54,6 +54,8 @@ def test_an_added_policy_computes_only_its_own_units(tiny_suite, tmp_path, monke
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in records.items())
     assert {("ruler", "snapkv", 48), ("ruler", "knorm", 48), ("ruler", "full cache", None)} <= {
         (r["kind"], r["policy"], r["budget"]) for r in results["downstream"]}
+    alone = run_leaderboard(tiny_suite, tmp_path / "alone", ["snapkv"], downstream=False, show_progress=False)
+    assert alone["ranking"] == [r for r in results["ranking"] if r["policy"] == "snapkv"]  # one grid pass, any company
 
 
 def test_unknown_suite_and_policy(tiny_suite, tmp_path):

@@ -230,10 +230,11 @@ def run_leaderboard(
         for source, dataset in traces.items():
             evaluator = SuiteRanking(suite, source, dataset)
             for trace in range(min(len(dataset), suite.ranking_traces or len(dataset))):
-                for name in policies:
-                    ranking.append(store.get_or_compute(
-                        ("ranking", ids[name], source, trace), lambda: evaluator.evaluate(trace, {name: fresh(name)})[0]
-                    ))
+                names = list(policies)
+                ranking += store.get_or_compute_missing(  # one call per trace: the grid's importance is built once
+                    [("ranking", ids[name], source, trace) for name in names],
+                    lambda missing: evaluator.evaluate(trace, {names[i]: fresh(names[i]) for i in missing}),
+                )
                 bar.advance(1)
 
     results: list[dict[str, Any]] = []

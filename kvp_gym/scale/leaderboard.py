@@ -1,4 +1,4 @@
-"""The leaderboard's missing units on Ray actors: ranking (one trace x policy) and downstream (the
+"""The leaderboard's missing units on Ray actors: ranking (one trace's missing policies) and downstream (the
 batches of one prompt that miss records, sharing its prefill; see ``unit_batches``). Workers compute;
 the driver writes each record, keyed as the serial path keys it, so ``run_leaderboard``'s loops then
 only read them back: identical records."""
@@ -35,20 +35,23 @@ class LeaderboardWorker:
         return scorers.get(name) if name in self.registered else self.policies[name]
 
     def run(self, job: tuple[str, list]) -> list[tuple[tuple, Any]]:
-        """One ranking unit [(key, unit)], or the missing units of one prompt's batches [[(key, unit)]] (they
-        share its prefill): [(record key, record)]."""
+        """One trace's missing ranking units [(key, unit)], or the missing units of one prompt's batches
+        [[(key, unit)]] (they share its prefill): [(record key, record)]."""
         kind, work = job
         crash_once("leaderboard")
         if kind == "ranking":
-            return [(key, self._ranking(*unit)) for key, unit in work]
+            return self._ranking(work)
         return [pair for batch in work for pair in zip([key for key, _ in batch], self.downstream([unit for _, unit in batch]))]
 
-    def _ranking(self, name: str, source: str, trace: int) -> dict[str, Any]:
+    def _ranking(self, work: list[tuple[tuple, tuple[str, str, int]]]) -> list[tuple[tuple, Any]]:
+        """The ranking records of one trace's missing policies [(key, (name, source, trace))], in one grid pass."""
         from kvp_gym.eval.ranking import SuiteRanking
 
+        _, source, trace = work[0][1]
         if source not in self.rankers:
             self.rankers[source] = SuiteRanking(self.suite, source, self.traces[source])
-        return self.rankers[source].evaluate(trace, {name: self.fresh(name)})[0]
+        records = self.rankers[source].evaluate(trace, {name: self.fresh(name) for _, (name, _, _) in work})
+        return [(key, record) for (key, _), record in zip(work, records)]
 
 
 def compute_missing_units(
@@ -64,10 +67,10 @@ def compute_missing_units(
     jobs = []
     for source, dataset in traces.items():
         for trace in range(min(len(dataset), suite.ranking_traces or len(dataset))):
-            for name in policies:
-                key = ("ranking", ids[name], source, trace)
-                if not store.path(key).exists():
-                    jobs.append(("ranking", [(key, (name, source, trace))]))
+            keys = [(("ranking", ids[name], source, trace), (name, source, trace)) for name in policies]
+            missing = [(key, unit) for key, unit in keys if not store.path(key).exists()]
+            if missing:  # one job per trace: its grid's importance is built once for all its policies
+                jobs.append(("ranking", missing))
     if downstream:
         all_ids = {**ids, ORACLE: oracle_id()}
         by_prompt: dict[tuple, list] = {}
