@@ -286,6 +286,30 @@ def test_dialogue_turns_continue_the_cache_with_the_fresh_prefills_replies(tiny_
     assert fresh.text == continued.text and fresh.meta == continued.meta
 
 
+def test_a_dialogue_group_answers_each_dialogue_as_if_alone(tiny_llama, smol_tokenizer):
+    """The batched replies are left-padded: each row's greedy reply is the one it gets alone, and a group's
+    dialogues follow their own indices' topic orders within the token budget, the same on every run."""
+    from kvp_gym.data import make_dialogue_group
+    from kvp_gym.data.dialogue import ConversationCache, _generate, _generate_batch
+
+    prompts = [smol_tokenizer("A short prompt")["input_ids"], smol_tokenizer("A much longer prompt, with more words in it")["input_ids"]]
+    greedy = {"do_sample": False}
+    together = _generate_batch(tiny_llama, smol_tokenizer, prompts, [8, 5], greedy)
+    alone = [_generate(tiny_llama, smol_tokenizer, ids, limit, greedy, ConversationCache()) for ids, limit in zip(prompts, [8, 5])]
+    assert together == alone and all(together)
+
+    target = 200
+    group = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, [0, 1, 2], target, max_new_tokens=12)
+    for index, sample in zip([0, 1, 2], group):
+        (alone,) = make_samples("dialogue", smol_tokenizer, n=index + 1, split="test", seed=0, target_tokens=target,
+                                model=tiny_llama, max_new_tokens=12)[index:]
+        assert sample.meta["index"] == index and sample.meta["topics"][0] == alone.meta["topics"][0]
+        assert count_tokens(smol_tokenizer, sample.text) <= target and sample.meta["turns"] >= 2
+        assert sample.text.count("<|im_start|>assistant\n") == sample.meta["turns"]
+    again = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, [0, 1, 2], target, max_new_tokens=12)
+    assert [sample.text for sample in again] == [sample.text for sample in group]
+
+
 @pytest.mark.slow
 def test_dialogue_one_turn_with_smollm2(smol_tokenizer, smol_gguf):
     from transformers import AutoModelForCausalLM

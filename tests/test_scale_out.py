@@ -128,20 +128,24 @@ def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp
     same_set()
 
 
-def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_model_dir, tmp_path) -> None:
-    """The model's dialogue replies (the slow part of a dialogue set) made on workers, one worker killed once
-    and one dialogue already made by an interrupted run: the serial path's samples and sequence files."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_model_dir, tmp_path, batch) -> None:
+    """The model's dialogue replies (the slow part of a dialogue set) made on workers, one at a time or in
+    groups, one worker killed once and one dialogue already made by an interrupted run: the serial path's
+    samples and sequence files."""
     from kvp_gym.traces.generate import PARTIAL_SAMPLES, generate_traces
 
     serial, distributed = tmp_path / "serial", tmp_path / "ray"
     with one_torch_thread():
-        generate_traces(serial, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False)
+        generate_traces(serial, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False,
+                        dialogue_batch=batch)
     samples = json.loads((serial / "samples.json").read_text())
     partial = distributed / PARTIAL_SAMPLES
     partial.mkdir(parents=True)
     (partial / "00001.json").write_text(json.dumps(samples["samples"][1]))
     fired = arm(ray_cluster, "dialogue")
-    generate_traces(distributed, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2)
+    generate_traces(distributed, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2,
+                    dialogue_batch=batch)
     assert fired.exists(), "the crash hook never killed a worker"
     assert (serial / "samples.json").read_bytes() == (distributed / "samples.json").read_bytes()
     assert not partial.exists()

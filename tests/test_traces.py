@@ -110,6 +110,46 @@ def test_dialogue_samples_resume_one_dialogue_at_a_time(tmp_path, tiny_model_dir
     assert (tmp_path / "resumed" / "samples.json").read_bytes() == (tmp_path / "whole" / "samples.json").read_bytes()
 
 
+def test_batched_dialogues_resume_a_group_at_a_time(tmp_path, tiny_model_dir, monkeypatch):
+    """With --dialogue-batch the model writes the dialogues in fixed groups: an interrupted set keeps its finished
+    groups, the rerun makes only the rest and gives the uninterrupted set's samples; the batch is a setting."""
+    from kvp_gym.traces import generate as generate_module
+
+    def dialogue_set(directory, batch=2):
+        return generate_traces(directory, "dialogue", n=3, length=96, split="test", model_name=str(tiny_model_dir),
+                               show_progress=False, dialogue_batch=batch)
+
+    original = generate_module.make_dialogue_group
+    made = []
+
+    def make_then_die(*args):
+        made.append(args[4])
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(generate_module, "make_dialogue_group", make_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dialogue_set(tmp_path / "resumed")
+    assert made == [[0, 1], [2]]
+    assert sorted(path.name for path in (tmp_path / "resumed" / "samples.partial").iterdir()) == [
+        "00000.json", "00001.json", "params.json"]
+    made.clear()
+    monkeypatch.setattr(generate_module, "make_dialogue_group", lambda *args: made.append(args[4]) or original(*args))
+    dialogue_set(tmp_path / "resumed")
+    assert made == [[2]]
+    monkeypatch.setattr(generate_module, "make_dialogue_group", original)
+    dialogue_set(tmp_path / "whole")
+    assert (tmp_path / "resumed" / "samples.json").read_bytes() == (tmp_path / "whole" / "samples.json").read_bytes()
+    assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["params"]["dialogue_batch"] == 2
+    with pytest.raises(ValueError, match="other settings"):
+        dialogue_set(tmp_path / "whole", batch=3)
+    with pytest.raises(ValueError, match="--dialogue-batch must be a positive integer"):
+        dialogue_set(tmp_path / "bad", batch=0)
+    with pytest.raises(ValueError, match="but source is 'prose'"):
+        generate_traces(tmp_path / "prose", "prose", n=1, length=96, model_name=str(tiny_model_dir), dialogue_batch=2)
+
+
 def test_mixing_parameters_is_refused(tmp_path, prose_set, tiny_model_dir):
     prose_set(tmp_path / "set", n=1)
     with pytest.raises(TraceError, match="refusing to mix"):

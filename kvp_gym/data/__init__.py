@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import SPLITS, count_tokens, split_of
-from .dialogue import dialogue_topics, make_dialogue, make_dialogues
+from .dialogue import dialogue_topics, make_dialogue, make_dialogue_group, make_dialogues
 from .docstrings import docs_modules, make_docs
 from .drama import drama_plays, make_drama
 from .prose import make_prose, prose_topics
@@ -52,6 +52,7 @@ __all__ = [
     "encode_sample",
     "make_code",
     "make_dialogue",
+    "make_dialogue_group",
     "make_dialogues",
     "make_docs",
     "make_drama",

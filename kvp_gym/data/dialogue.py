@@ -58,45 +58,113 @@ def make_dialogue(
 ) -> TextSample:
     """Dialogue number ``index`` of ``make_dialogues`` (each is seeded by its index alone: a set can be made
     one dialogue at a time, and resumed)."""
-    check_request(index + 1, split, target_tokens)
+    dialogue = Dialogue(tokenizer, split, seed, index, target_tokens)
     if model is None:
         raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    messages: list[Message] = []
-    titles: list[str] = []
     conversation = ConversationCache()
-    for turn, (title, prompt) in enumerate(_user_turns(split, seed, index)):
-        asked = messages + [{"role": "user", "content": prompt}]
-        prompt_ids = tokenizer(
-            render_messages(tokenizer, asked, add_generation_prompt=True), add_special_tokens=False
+    while (prompt_ids := dialogue.next_prompt()) is not None:
+        torch.manual_seed(torch_seed("dialogue", split, seed, index, dialogue.turn))
+        limit = min(max_new_tokens, dialogue.room(prompt_ids))
+        dialogue.add_reply(_generate(model, tokenizer, prompt_ids, limit, sampling, conversation))
+    return dialogue.sample()
+
+
+def make_dialogue_group(
+    model: Any,
+    tokenizer: Any,
+    split: str,
+    seed: int,
+    indices: list[int],
+    target_tokens: int,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> list[TextSample]:
+    """The dialogues ``indices`` written together: each turn, the model answers all of them as one batch
+    (decoding on a CPU is bound by reading the weights, which a batch of 16 reads once for 16 tokens: about
+    5x faster per reply). Seeded by the group: the same group gives the same dialogues, but they differ from
+    ``make_dialogue``'s at the same indices (another random stream, and batched arithmetic)."""
+    dialogues = [Dialogue(tokenizer, split, seed, index, target_tokens) for index in indices]
+    if model is None:
+        raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    prompts = [dialogue.next_prompt() for dialogue in dialogues]
+    turn = 0
+    while active := [i for i, prompt_ids in enumerate(prompts) if prompt_ids is not None]:
+        torch.manual_seed(torch_seed("dialogue group", split, seed, *indices, turn))
+        limits = [min(max_new_tokens, dialogues[i].room(prompts[i])) for i in active]
+        replies = _generate_batch(model, tokenizer, [prompts[i] for i in active], limits, sampling)
+        for i, reply in zip(active, replies):
+            dialogues[i].add_reply(reply)
+            prompts[i] = dialogues[i].next_prompt()
+        turn += 1
+    return [dialogue.sample() for dialogue in dialogues]
+
+
+class Dialogue:
+    """One dialogue being written: its user turns in a seeded topic order, the messages so far.
+    ``next_prompt`` asks the next user turn; the caller's model answers it through ``add_reply``."""
+
+    def __init__(self, tokenizer: Any, split: str, seed: int, index: int, target_tokens: int) -> None:
+        check_request(index + 1, split, target_tokens)
+        self.tokenizer, self.split, self.seed, self.index, self.target_tokens = tokenizer, split, seed, index, target_tokens
+        self.user_turns: Iterator[tuple[str, str]] = _user_turns(split, seed, index)
+        self.messages: list[Message] = []
+        self.titles: list[str] = []
+        self.turn = 0  # replies so far
+        self.asked: tuple[str, list[Message]] | None = None  # (topic title, messages with the open user turn)
+
+    def next_prompt(self) -> list[int] | None:
+        """The conversation with the next user turn, rendered for the reply (token ids), or None when the
+        turns are over or the next reply would get fewer than MIN_REPLY_TOKENS."""
+        title, prompt = next(self.user_turns, (None, None))
+        if title is None:
+            return None
+        asked = self.messages + [{"role": "user", "content": prompt}]
+        prompt_ids = self.tokenizer(
+            render_messages(self.tokenizer, asked, add_generation_prompt=True), add_special_tokens=False
         )["input_ids"]
-        room = target_tokens - len(prompt_ids)
-        if room < MIN_REPLY_TOKENS:
-            break
-        torch.manual_seed(torch_seed("dialogue", split, seed, index, turn))
-        reply = _generate(model, tokenizer, prompt_ids, min(max_new_tokens, room), sampling, conversation)
-        messages = asked + [{"role": "assistant", "content": reply}]
-        if title not in titles:
-            titles.append(title)
-    if not messages:
-        raise ValueError(
-            f"target_tokens={target_tokens} is too small for source 'dialogue': "
-            f"the first user turn leaves no room for a reply of {MIN_REPLY_TOKENS} tokens"
-        )
-    full = render_messages(tokenizer, messages)
-    starts = content_starts(full, messages)
-    text = truncate_to_tokens(tokenizer, full, target_tokens)
-    meta = {
-        "seed": seed,
-        "index": index,
-        "target_tokens": target_tokens,
-        "n_tokens": count_tokens(tokenizer, text),
-        "topics": titles,
-        "turns": len(messages) // 2,
-        "message_starts": [[m["role"], s] for m, s in zip(messages, starts) if s <= len(text)],
-    }
-    question_start, answer_start = (min(start, len(text)) for start in starts[-2:])
-    return TextSample(text, "dialogue", "dialogue", split, [], question_start, answer_start, meta)
+        if self.room(prompt_ids) < MIN_REPLY_TOKENS:
+            self.user_turns = iter(())  # over: a later, shorter turn must not slip in
+            return None
+        self.asked = (title, asked)
+        return prompt_ids
+
+    def room(self, prompt_ids: list[int]) -> int:
+        """Tokens left for the reply to ``prompt_ids``."""
+        return self.target_tokens - len(prompt_ids)
+
+    def add_reply(self, reply: str) -> None:
+        """The assistant's reply to the open user turn."""
+        assert self.asked is not None, "add_reply without an open user turn (call next_prompt first)"
+        title, asked = self.asked
+        self.messages, self.asked = asked + [{"role": "assistant", "content": reply}], None
+        if title not in self.titles:
+            self.titles.append(title)
+        self.turn += 1
+
+    def sample(self) -> TextSample:
+        """The finished dialogue, rendered and cut to ``target_tokens``."""
+        if not self.messages:
+            raise ValueError(
+                f"target_tokens={self.target_tokens} is too small for source 'dialogue': "
+                f"the first user turn leaves no room for a reply of {MIN_REPLY_TOKENS} tokens"
+            )
+        full = render_messages(self.tokenizer, self.messages)
+        starts = content_starts(full, self.messages)
+        text = truncate_to_tokens(self.tokenizer, full, self.target_tokens)
+        meta = {
+            "seed": self.seed,
+            "index": self.index,
+            "target_tokens": self.target_tokens,
+            "n_tokens": count_tokens(self.tokenizer, text),
+            "topics": self.titles,
+            "turns": len(self.messages) // 2,
+            "message_starts": [[m["role"], s] for m, s in zip(self.messages, starts) if s <= len(text)],
+        }
+        question_start, answer_start = (min(start, len(text)) for start in starts[-2:])
+        return TextSample(text, "dialogue", "dialogue", self.split, [], question_start, answer_start, meta)
 
 
 def _user_turns(split: str, seed: int, index: int) -> Iterator[tuple[str, str]]:
@@ -150,3 +218,20 @@ def _generate(
     )
     conversation.ids = output[0].tolist()
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: list[int], sampling: dict[str, Any]
+) -> list[str]:
+    """Sampled replies to several rendered conversations ``prompts``, left-padded into one batch; reply i
+    is cut to ``max_new_tokens[i]`` tokens."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    width = max(len(prompt_ids) for prompt_ids in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(prompt_ids)) + prompt_ids for prompt_ids in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(prompt_ids)) + [1] * len(prompt_ids) for prompt_ids in prompts],
+                                  device=model.device)
+    output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max(max_new_tokens),
+                            eos_token_id=eos, pad_token_id=pad, **sampling)
+    return [tokenizer.decode(row[width : width + limit], skip_special_tokens=True).strip()
+            for row, limit in zip(output, max_new_tokens)]

@@ -33,7 +33,7 @@ class TraceWorker:
 
 
 class DialogueWorker:
-    """One Ray actor: the model and tokenizer, loaded once; ``dialogue`` makes one dialogue sample."""
+    """One Ray actor: the model and tokenizer, loaded once; ``dialogues`` makes one group of dialogue samples."""
 
     def __init__(self, model_name: str, params: dict[str, Any]) -> None:
         from kvp_gym.models import load_model
@@ -42,11 +42,11 @@ class DialogueWorker:
         self.model, self.tokenizer = load_model(model_name)
         self.params = params
 
-    def dialogue(self, index: int) -> tuple[int, dict[str, Any]]:
-        from kvp_gym.traces.generate import dialogue_record
+    def dialogues(self, indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        from kvp_gym.traces.generate import dialogue_records
 
         crash_once("dialogue")
-        return index, dialogue_record(self.model, self.tokenizer, self.params, index)
+        return list(zip(indices, dialogue_records(self.model, self.tokenizer, self.params, indices)))
 
 
 def trace_on_workers(
@@ -59,10 +59,10 @@ def trace_on_workers(
 
 
 def dialogues_on_workers(
-    model_name: str, params: dict[str, Any], indices: list[int],
-    on_sample: Callable[[tuple[int, dict[str, Any]]], None], workers: int | None, address: str | None,
+    model_name: str, params: dict[str, Any], groups: list[list[int]],
+    on_samples: Callable[[list[tuple[int, dict[str, Any]]]], None], workers: int | None, address: str | None,
 ) -> None:
-    """Make the dialogue samples ``indices`` of a set with ``params`` on Ray actors; ``on_sample`` gets
-    each (index, sample record) as it finishes."""
+    """Make the dialogue samples of ``groups`` (lists of indices into a set with ``params``) on Ray actors;
+    ``on_samples`` gets each group's [(index, sample record)] as it finishes."""
     with ray_session(workers, address) as count:
-        run_unordered(DialogueWorker, (model_name, params), count, indices, "dialogue", on_sample)
+        run_unordered(DialogueWorker, (model_name, params), count, groups, "dialogues", on_samples)

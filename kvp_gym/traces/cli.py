@@ -46,12 +46,15 @@ def generate(
     seed: int | None = typer.Option(None, help="Seed (default: 0 for train, 1 for test)."),
     workers: int = typer.Option(0, help="Trace on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),
     address: str | None = typer.Option(None, help="Join this Ray cluster instead (e.g. auto); uses its CPUs unless --workers."),
+    dialogue_batch: int = typer.Option(1, help="Dialogue only: the model writes this many dialogues at once "
+                                               "(16: about 5x faster on a CPU; other dialogues than 1)."),
 ) -> None:
     """Run the model once per sequence and store Q/K/V of every layer (fp16, safetensors)."""
     from kvp_gym.traces.generate import generate_traces
 
     with one_line_errors():
-        dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed, workers=workers, address=address)
+        dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed, workers=workers, address=address,
+                                  dialogue_batch=dialogue_batch)
     print_summary(dataset)
 
 
