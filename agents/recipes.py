@@ -50,12 +50,14 @@ DISTILL_OPTIONS = (("loss", "listnet"), ("target", "imp_vnorm"))
 class TrainSet(NamedTuple):
     """A training trace set: ``n`` sequences of ``source`` drawn with ``seed``, of ``length`` tokens (None: the
     recipe's). A seed other than 0 is another set of that source (``ruler-train-s1``: other samples); another
-    length names it too (``ruler512-train-s2``)."""
+    length names it too (``ruler512-train-s2``), and so does a dialogue set's ``batch`` (``dialogue-train-b12``:
+    the model writes that many dialogues at once, other dialogues than one at a time)."""
 
     source: str
     n: int
     seed: int = 0
     length: int | None = None
+    batch: int = 1
 
     def length_in(self, recipe_length: int) -> int:
         """The set's length in tokens: its own, else the recipe's."""
@@ -63,7 +65,8 @@ class TrainSet(NamedTuple):
 
     def directory_name(self, recipe_length: int) -> str:
         length = self.length_in(recipe_length)
-        return f"{self.source}{'' if length == recipe_length else length}-train" + (f"-s{self.seed}" if self.seed else "")
+        return (f"{self.source}{'' if length == recipe_length else length}-train" + (f"-s{self.seed}" if self.seed else "")
+                + (f"-b{self.batch}" if self.batch > 1 else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +96,7 @@ class Recipe:
         train = [
             str(generate_traces(root / spec.directory_name(self.length), spec.source, spec.n, spec.length_in(self.length),
                                 split="train", model_name=self.model, seed=spec.seed, show_progress=show_progress,
-                                workers=workers).directory)
+                                workers=workers, dialogue_batch=spec.batch).directory)
             for spec in self.train_sets
         ]
         source, n = self.val_set
