@@ -202,8 +202,9 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
         write_json_atomic(settings, params)
     paths = [partial / f"{index:05d}.json" for index in range(params["n"])]
     missing = [group for group in dialogue_groups(params) if not all(paths[index].exists() for index in group)]
-    with progress_bar(params["n"], f"dialogue samples ({params['split']}), the model writing every reply",
-                      enabled=show_progress) as bar:
+    batch = params.get("dialogue_batch", 1)
+    with progress_bar(params["n"], f"dialogue samples ({params['split']}), the model writing every reply"
+                      + (f", {batch} dialogues at once" if batch > 1 else ""), enabled=show_progress) as bar:
         bar.advance(params["n"] - sum(len(group) for group in missing))
 
         def keep(made: list[tuple[int, dict[str, Any]]]) -> None:
