@@ -149,6 +149,11 @@ def test_trace_statistics_match_their_definitions(tiny_traces) -> None:
     torch.testing.assert_close(stats["h2o.40"][1, head], h2o / (n - torch.arange(n)), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats["window.40"][1, head], window, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats["last.40"][1, head], last, rtol=1e-4, atol=1e-6)
+    # queries a few at a time, chunk boundaries inside the prefixes and the window: the same sums
+    for chunk in (7, 16, 40):
+        chunked = trace_statistics(trace, (40, 64), window=8, chunk=chunk)
+        for name, value in stats.items():
+            torch.testing.assert_close(chunked[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"chunk {chunk} {name}: {m}")
 
 
 def test_store_is_built_once_and_keeps_each_traces_fitting_prefixes(tiny_traces) -> None:

@@ -27,10 +27,11 @@ def _check_agg(agg: str) -> None:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, pad: bool = True) -> torch.Tensor:
     """Causal softmax attention of queries start..stop-1 over all keys.
 
-    q [Hq, T, d], k [Hkv, T, d] -> A [Hq, stop - start, T] (zeros above the diagonal), fp32.
+    q [Hq, T, d], k [Hkv, T, d] -> A [Hq, stop - start, T] (zeros above the diagonal), fp32; with
+    ``pad=False`` only the keys the queries can see: [Hq, stop - start, stop].
     Only the keys a query can see (positions < stop) are multiplied.
     """
     num_heads, length, dim = q.shape
@@ -39,7 +40,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> 
     scores = torch.matmul(q[:, start:stop], keys.transpose(1, 2)).div_(math.sqrt(dim))
     future_key = torch.arange(stop)[None, :] > torch.arange(start, stop)[:, None]
     probs = torch.softmax(scores.masked_fill_(future_key, float("-inf")), dim=-1)  # in place: T^2 floats per head
-    return probs if stop == length else torch.nn.functional.pad(probs, (0, length - stop))
+    return probs if stop == length or not pad else torch.nn.functional.pad(probs, (0, length - stop))
 
 
 def _group_aggregate(probs: torch.Tensor, num_kv_heads: int, agg: str) -> torch.Tensor:
