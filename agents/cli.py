@@ -34,7 +34,7 @@ def train_command(
     agent: Annotated[str | None, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, ppo, a2c, trpo, ars, recurrent-ppo")] = None,
     traces: Annotated[list[Path] | None, typer.Option(help="training trace set directory (repeatable)")] = None,
     steps: Annotated[int | None, typer.Option(help="gradient updates (one batch of episodes each)")] = None,
-    recipe: Annotated[str | None, typer.Option(help="train the recipe's policy (smollm2, smollm2-fast, smollm2-quick): makes its traces and sets every option")] = None,
+    recipe: Annotated[str | None, typer.Option(help="train the recipe's policy (smollm2-long: the shipped kvp; smollm2: 1k texts only; smollm2-fast, smollm2-quick): makes its traces and sets every option")] = None,
     layer: Annotated[int | None, typer.Option(help="train the KV heads of this layer (with --kv-head: one head)")] = None,
     kv_head: Annotated[int | None, typer.Option(help="train this KV head of --layer")] = None,
     all_heads: Annotated[bool, typer.Option("--all-heads", help="train every (layer, KV head) at once")] = False,

@@ -6,8 +6,8 @@
 It is KVP's per-head network for SmolLM2-135M-Instruct reading keys, values, positions and the
 attention statistics of the cache, the last query's and the window's vote pooled over neighbours
 included (``agents.kvp_scorer``, ``inputs="kv+attention+last+pool"``), distilled from the future-attention
-oracle (``agents.distill``) by ``kvp-gym train --recipe smollm2``; its checkpoint header records how it was
-trained.
+oracle (``agents.distill``) by ``kvp-gym train --recipe smollm2-long`` (since round 14: texts of 512 to 4096
+tokens; the best checkpoint of seed 0); its checkpoint header records how it was trained.
 """
 
 from __future__ import annotations
