@@ -138,7 +138,8 @@ class Dialogue:
 
     def add_reply(self, reply: str) -> None:
         """The assistant's reply to the open user turn."""
-        assert self.asked is not None, "add_reply without an open user turn (call next_prompt first)"
+        if self.asked is None:
+            raise RuntimeError("add_reply without an open user turn: call next_prompt first")
         title, asked = self.asked
         self.messages, self.asked = asked + [{"role": "assistant", "content": reply}], None
         if title not in self.titles:
