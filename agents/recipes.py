@@ -28,7 +28,8 @@ no attention sum, a third of the scoring cost on a CPU, for a little perplexity 
 study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to 3072: on the ``long``
 suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses (docs/learned-eviction.md, round
 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint is the shipped ``kvp``. About 100
-minutes from an empty home in round 13, before the importance stores got about 1.8x faster. ``smollm2-quick`` is the same at demo size, without dialogues.
+minutes from an empty home in round 13, before the importance stores got about 1.8x faster. ``smollm2-quick``
+is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations

@@ -47,7 +47,10 @@ class OracleBut:
     def score(self, view: ScoringView) -> torch.Tensor:
         """[B, H, N] scores: the policy's on the rows of ``layer``, the oracle's elsewhere."""
         mine = (view.layer == self.layer)[:, None, None]
-        return torch.where(mine, self.policy.score(view).float(), self.oracle.score(view))
+        oracle = self.oracle.score(view)
+        if not bool(mine.any()):  # a view of other layers only: the policy need not score it
+            return oracle
+        return torch.where(mine, self.policy.score(view).float(), oracle)
 
 
 def main() -> None:

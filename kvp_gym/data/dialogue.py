@@ -59,9 +59,7 @@ def make_dialogue(
     """Dialogue number ``index`` of ``make_dialogues`` (each is seeded by its index alone: a set can be made
     one dialogue at a time, and resumed)."""
     dialogue = Dialogue(tokenizer, split, seed, index, target_tokens)
-    if model is None:
-        raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    sampling = _sampling(model, temperature, top_p)
     conversation = ConversationCache()
     while (prompt_ids := dialogue.next_prompt()) is not None:
         torch.manual_seed(torch_seed("dialogue", split, seed, index, dialogue.turn))
@@ -87,9 +85,7 @@ def make_dialogue_group(
     ``benchmarks/dialogue_batch.py``). Seeded by the group: the same group gives the same dialogues, but they
     differ from ``make_dialogue``'s at the same indices (another random stream, and batched arithmetic)."""
     dialogues = [Dialogue(tokenizer, split, seed, index, target_tokens) for index in indices]
-    if model is None:
-        raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    sampling = _sampling(model, temperature, top_p)
     prompts = [dialogue.next_prompt() for dialogue in dialogues]
     turn = 0
     while active := [i for i, prompt_ids in enumerate(prompts) if prompt_ids is not None]:
@@ -101,6 +97,13 @@ def make_dialogue_group(
             prompts[i] = dialogues[i].next_prompt()
         turn += 1
     return [dialogue.sample() for dialogue in dialogues]
+
+
+def _sampling(model: Any, temperature: float, top_p: float) -> dict[str, Any]:
+    """``generate``'s sampling settings for the replies; the model must be given (it writes them)."""
+    if model is None:
+        raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
 
 class Dialogue:

@@ -49,14 +49,16 @@ def _group_aggregate(probs: torch.Tensor, num_kv_heads: int, agg: str) -> torch.
     return grouped.amax(dim=1) if agg == "max" else grouped.mean(dim=1)
 
 
-def _attention_chunks(trace: Trace, layer: int, chunk: int, reverse: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (start, stop, A [Hq, stop - start, T]) over query chunks of one layer."""
+def _attention_chunks(trace: Trace, layer: int, chunk: int, reverse: bool = False,
+                      pad: bool = True) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (start, stop, A [Hq, stop - start, T]) over query chunks of one layer (``pad=False``: only the
+    keys the chunk sees, A [Hq, stop - start, stop])."""
     q, k = trace.q(layer), trace.k(layer)
     length = q.shape[1]
     starts = list(range(0, length, chunk))
     for start in reversed(starts) if reverse else starts:
         stop = min(start + chunk, length)
-        yield start, stop, attention_probs(q, k, start, stop)
+        yield start, stop, attention_probs(q, k, start, stop, pad)
 
 
 def importance_table(trace: Trace, layer: int, agg: str = "max", chunk: int = 256) -> torch.Tensor:
