@@ -4,12 +4,15 @@
     python benchmarks/dialogue_batch.py --batch 16 --alone 2
 
 Dialogue sets are the slow part of a recipe: the model answers every user turn, and decoding one token on a
-CPU reads all the weights once (memory-bound). ``--dialogue-batch`` answers a group of dialogues together, so
-each read serves the whole group. This prints the seconds per dialogue both ways (this process's CPU time,
-so other jobs on the box do not count; one torch thread, as a Ray worker runs) and their ratio, measured in
-the same run on the train split's dialogues. Measured on the idle 2-core machine (round 14): 69.4 s alone, 37.8 s
-at 12 together, 1.8x. The batch decodes until its longest reply ends and each turn prefills the conversation
-again, and a step of 12 rows costs about 3x a step of one on a CPU thread (no longer memory-bound): that caps it.
+CPU reads all the weights once (memory-bound). ``--dialogue-batch`` writes a group of dialogues as one streaming
+batch: every step feeds each dialogue one token (of its prompt, or of its sampled reply), so each read of the
+weights serves the whole group, no turn prefills its conversation again and no dialogue waits for another's
+reply to end. This prints the seconds per dialogue both ways (this process's CPU time, one torch thread, as a
+Ray worker runs) and their ratio, measured in the same run on the train split's dialogues. Round 15, with two
+leaderboard workers busy on the 2-core machine: 75.4 s alone, 30.0 s at 12 together, 2.5x (round 14's
+left-padded batches, which decoded to the longest reply and prefilled every turn again: 1.8x, idle machine).
+What is left is the model: a 12-row step costs about 3x a one-row step at short contexts and grows with the
+cache (the sdpa path copies the cache to append a token and repeats the grouped keys for every query head).
 """
 
 from __future__ import annotations

@@ -286,27 +286,34 @@ def test_dialogue_turns_continue_the_cache_with_the_fresh_prefills_replies(tiny_
     assert fresh.text == continued.text and fresh.meta == continued.meta
 
 
-def test_a_dialogue_group_answers_each_dialogue_as_if_alone(tiny_llama, smol_tokenizer):
-    """The batched replies are left-padded: each row's greedy reply is the one it gets alone, and a group's
-    dialogues follow their own indices' topic orders within the token budget, the same on every run."""
-    from kvp_gym.data import make_dialogue_group
-    from kvp_gym.data.dialogue import ConversationCache, _generate, _generate_batch
+def test_a_dialogue_group_writes_each_dialogue_as_if_alone(tiny_llama, smol_tokenizer, monkeypatch):
+    """Greedy, the streaming batch writes every dialogue of the group exactly as it is written alone, though
+    its rows drop re-tokenized slots and leave the batch at different steps; sampled, a group is the same on
+    every run and follows its own indices' topic orders within the token budget."""
+    from transformers import DynamicCache
 
-    prompts = [smol_tokenizer("A short prompt")["input_ids"], smol_tokenizer("A much longer prompt, with more words in it")["input_ids"]]
-    greedy = {"do_sample": False}
-    together = _generate_batch(tiny_llama, smol_tokenizer, prompts, [8, 5], greedy)
-    alone = [_generate(tiny_llama, smol_tokenizer, ids, limit, greedy, ConversationCache()) for ids, limit in zip(prompts, [8, 5])]
-    assert together == alone and all(together)
+    from kvp_gym.data import dialogue, make_dialogue, make_dialogue_group
 
-    target = 200
-    group = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, [0, 1, 2], target, max_new_tokens=12)
-    for index, sample in zip([0, 1, 2], group):
-        (alone,) = make_samples("dialogue", smol_tokenizer, n=index + 1, split="test", seed=0, target_tokens=target,
-                                model=tiny_llama, max_new_tokens=12)[index:]
-        assert sample.meta["index"] == index and sample.meta["topics"][0] == alone.meta["topics"][0]
+    target, indices = 200, [0, 1, 2]
+    dropped, left = [], []
+    ask, select = dialogue._Row.ask, DynamicCache.batch_select_indices
+    monkeypatch.setattr(dialogue._Row, "ask", lambda self: ask(self) and (dropped.append(len(self.dropped)) or True))
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, kept: left.append(len(kept)) or select(self, kept))
+    greedy = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, indices, target, max_new_tokens=12, temperature=0)
+    alone = [make_dialogue(tiny_llama, smol_tokenizer, "test", 0, index, target, max_new_tokens=12, temperature=0)
+             for index in indices]
+    assert [sample.text for sample in greedy] == [sample.text for sample in alone]
+    assert [sample.meta for sample in greedy] == [sample.meta for sample in alone]
+    assert any(dropped), "no prompt re-tokenized a reply differently: the slot-dropping path went untested"
+    assert left[:2] == [2, 1], "the rows should leave the batch one at a time"
+
+    group = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, indices, target, max_new_tokens=12)
+    for index, sample in zip(indices, group):
+        assert sample.meta["index"] == index and sample.meta["topics"][0] == alone[index].meta["topics"][0]
         assert count_tokens(smol_tokenizer, sample.text) <= target and sample.meta["turns"] >= 2
         assert sample.text.count("<|im_start|>assistant\n") == sample.meta["turns"]
-    again = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, [0, 1, 2], target, max_new_tokens=12)
+    assert [sample.text for sample in group] != [sample.text for sample in greedy]
+    again = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, indices, target, max_new_tokens=12)
     assert [sample.text for sample in again] == [sample.text for sample in group]
 
 

@@ -144,6 +144,12 @@ def test_batched_dialogues_resume_a_group_at_a_time(tmp_path, tiny_model_dir, mo
     assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["params"]["dialogue_batch"] == 2
     with pytest.raises(ValueError, match="other settings"):
         dialogue_set(tmp_path / "whole", batch=3)
+    params = json.loads((tmp_path / "whole" / "manifest.json").read_text())["params"]
+    settings = tmp_path / "old" / "samples.partial" / "params.json"  # a set begun by round 14's writer is not resumed
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({key: value for key, value in params.items() if key != "dialogue_writer"}))
+    with pytest.raises(ValueError, match="dialogue_writer=None"):
+        dialogue_set(tmp_path / "old")
     with pytest.raises(ValueError, match="--dialogue-batch must be a positive integer"):
         dialogue_set(tmp_path / "bad", batch=0)
     with pytest.raises(ValueError, match="but source is 'prose'"):

@@ -79,31 +79,29 @@ def make_dialogue_group(
     temperature: float = 0.7,
     top_p: float = 0.9,
 ) -> list[TextSample]:
-    """The dialogues ``indices`` written together: each turn, the model answers all of them as one batch
-    (one decoding step reads the weights once for the whole batch; each turn prefills the whole conversation
-    again, and a batch decodes until its longest reply ends: 1.8x faster per dialogue at 12 on one CPU thread,
-    ``benchmarks/dialogue_batch.py``). Seeded by the group: the same group gives the same dialogues, but they
-    differ from ``make_dialogue``'s at the same indices (another random stream, and batched arithmetic)."""
+    """The dialogues ``indices`` written together, as one batch that streams: each step feeds every unfinished
+    dialogue one token, the next of its open prompt or of its sampled reply (``_write_together``). So one weight
+    read serves the whole group at every step, no turn prefills the conversation again and no dialogue waits for
+    another's reply to end (``benchmarks/dialogue_batch.py``). Seeded by the group: the same group gives the same
+    dialogues; sampled ones differ from ``make_dialogue``'s at the same indices (another random stream), greedy
+    ones (``temperature=0``) are the same."""
     dialogues = [Dialogue(tokenizer, split, seed, index, target_tokens) for index in indices]
     sampling = _sampling(model, temperature, top_p)
-    prompts = [dialogue.next_prompt() for dialogue in dialogues]
-    turn = 0
-    while active := [i for i, prompt_ids in enumerate(prompts) if prompt_ids is not None]:
-        torch.manual_seed(torch_seed("dialogue group", split, seed, *indices, turn))
-        limits = [min(max_new_tokens, dialogues[i].room(prompts[i])) for i in active]
-        replies = _generate_batch(model, tokenizer, [prompts[i] for i in active], limits, sampling)
-        for i, reply in zip(active, replies):
-            dialogues[i].add_reply(reply)
-            prompts[i] = dialogues[i].next_prompt()
-        turn += 1
+    generator = torch.Generator().manual_seed(torch_seed("dialogue group", split, seed, *indices))
+    _write_together(model, tokenizer, dialogues, max_new_tokens, sampling, generator)
     return [dialogue.sample() for dialogue in dialogues]
 
 
 def _sampling(model: Any, temperature: float, top_p: float) -> dict[str, Any]:
-    """``generate``'s sampling settings for the replies; the model must be given (it writes them)."""
+    """``generate``'s settings for the replies (top-k 50 is its default); ``temperature=0`` is greedy. The
+    model must be given (it writes them)."""
     if model is None:
         raise ValueError("model is required for source 'dialogue' (it writes the assistant turns)")
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got temperature={temperature}, top_p={top_p}")
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": 50, "top_p": top_p}
 
 
 class Dialogue:
@@ -194,12 +192,7 @@ class ConversationCache:
 
     def for_prompt(self, prompt_ids: list[int]) -> Any:
         """The cache, cut back to the longest prefix of ``prompt_ids`` it holds (leaving at least one token to prefill)."""
-        shared = 0
-        for held, wanted in zip(self.ids, prompt_ids[:-1]):
-            if held != wanted:
-                break
-            shared += 1
-        surplus = self.cache.get_seq_length() - shared
+        surplus = self.cache.get_seq_length() - _shared_prefix(self.ids, prompt_ids[:-1])
         if surplus > 0:
             self.cache.crop(-surplus)
         return self.cache
@@ -225,18 +218,102 @@ def _generate(
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: list[int], sampling: dict[str, Any]
-) -> list[str]:
-    """Sampled replies to several rendered conversations ``prompts``, left-padded into one batch; reply i
-    is cut to ``max_new_tokens[i]`` tokens."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    width = max(len(prompt_ids) for prompt_ids in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(prompt_ids)) + prompt_ids for prompt_ids in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(prompt_ids)) + [1] * len(prompt_ids) for prompt_ids in prompts],
-                                  device=model.device)
-    output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max(max_new_tokens),
-                            eos_token_id=eos, pad_token_id=pad, **sampling)
-    return [tokenizer.decode(row[width : width + limit], skip_special_tokens=True).strip()
-            for row, limit in zip(output, max_new_tokens)]
+def _write_together(
+    model: Any, tokenizer: Any, dialogues: list[Dialogue], max_new_tokens: int, sampling: dict[str, Any],
+    generator: torch.Generator,
+) -> None:
+    """Writes every reply of ``dialogues`` in one streaming batch. Each step, every open row feeds one token at
+    the next position of its own sequence: a prompt token (forced) or the reply token sampled from its last step.
+    A finished reply goes to its dialogue, whose next prompt re-renders the conversation: the row keeps the
+    cache slots that prompt shares with what it holds and masks the rest out (re-tokenizing a reply may differ
+    from the sampled ids). A finished dialogue leaves the batch."""
+    from transformers import DynamicCache
+
+    rows = [row for row in (_Row(dialogue, tokenizer, max_new_tokens) for dialogue in dialogues) if row.ask()]
+    tokens = [row.pending.pop(0) for row in rows]
+    cache = DynamicCache()
+    mask = torch.zeros(len(rows), 0, dtype=torch.long, device=model.device)
+    while rows:
+        column = mask.shape[1]
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=model.device)], dim=1)
+        positions = torch.tensor([[len(row.held)] for row in rows], device=model.device)
+        for row, token in zip(rows, tokens):
+            row.held.append(token)
+            row.columns.append(column)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(tokens, device=model.device)[:, None], attention_mask=mask,
+                           position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        sampled = _sample(logits[:, -1].float(), sampling, generator).tolist()
+        tokens, kept = [], []
+        for i, row in enumerate(rows):
+            token = row.next_token(sampled[i])
+            if token is not None:
+                mask[i, row.dropped] = 0
+                tokens.append(token)
+                kept.append(i)
+        if len(kept) < len(rows):
+            rows = [rows[i] for i in kept]
+            mask = mask[kept]
+            if rows:
+                cache.batch_select_indices(torch.tensor(kept, device=model.device))
+
+
+class _Row:
+    """One dialogue in a streaming batch: the token ids its live cache slots hold and their columns, the prompt
+    tokens still to feed, and the reply being sampled."""
+
+    def __init__(self, dialogue: Dialogue, tokenizer: Any, max_new_tokens: int) -> None:
+        self.dialogue, self.tokenizer, self.max_new_tokens = dialogue, tokenizer, max_new_tokens
+        self.held: list[int] = []
+        self.columns: list[int] = []
+        self.dropped: list[int] = []  # columns masked out by the last prompt
+        self.pending: list[int] = []
+        self.reply: list[int] = []
+        self.limit = 0
+
+    def ask(self) -> bool:
+        """Opens the dialogue's next turn (False when it is over): keeps the slots the new prompt shares with
+        what the row holds (at least one prompt token is left to feed), drops the rest."""
+        prompt_ids = self.dialogue.next_prompt()
+        if prompt_ids is None:
+            return False
+        shared = _shared_prefix(self.held, prompt_ids[:-1])
+        self.dropped = self.columns[shared:]
+        del self.held[shared:], self.columns[shared:]
+        self.pending, self.reply = prompt_ids[shared:], []
+        self.limit = min(self.max_new_tokens, self.dialogue.room(prompt_ids))
+        return True
+
+    def next_token(self, sampled: int) -> int | None:
+        """The token to feed next, given the one sampled after the last fed; None when the dialogue is over."""
+        self.dropped = []
+        if self.pending:
+            return self.pending.pop(0)
+        if sampled != self.tokenizer.eos_token_id:
+            self.reply.append(sampled)
+            if len(self.reply) < self.limit:
+                return sampled
+        self.dialogue.add_reply(self.tokenizer.decode(self.reply, skip_special_tokens=True).strip())
+        return self.pending.pop(0) if self.ask() else None
+
+
+def _sample(logits: torch.Tensor, sampling: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] as ``generate`` samples it: temperature, then top-k, then top-p
+    (the smallest set of the most likely tokens whose probability reaches top_p); argmax when greedy. -> [B]"""
+    if not sampling["do_sample"]:
+        return logits.argmax(dim=-1)
+    top = (logits / sampling["temperature"]).topk(min(sampling["top_k"], logits.shape[-1]), dim=-1)
+    probs = top.values.softmax(dim=-1)
+    outside = probs.cumsum(dim=-1) - probs >= sampling["top_p"]
+    probs = probs.masked_fill(outside, 0)
+    return top.indices.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+
+
+def _shared_prefix(held: list[int], wanted: list[int]) -> int:
+    """How many leading ids ``held`` and ``wanted`` have in common."""
+    shared = 0
+    for a, b in zip(held, wanted):
+        if a != b:
+            break
+        shared += 1
+    return shared

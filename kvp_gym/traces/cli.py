@@ -47,7 +47,7 @@ def generate(
     workers: int = typer.Option(0, help="Trace on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),
     address: str | None = typer.Option(None, help="Join this Ray cluster instead (e.g. auto); uses its CPUs unless --workers."),
     dialogue_batch: int = typer.Option(1, help="Dialogue only: the model writes this many dialogues at once "
-                                               "(12: 1.8x faster on a CPU thread; other dialogues than 1)."),
+                                               "(12: 2.5x faster on a CPU thread; other dialogues than 1)."),
 ) -> None:
     """Run the model once per sequence and store Q/K/V of every layer (fp16, safetensors)."""
     from kvp_gym.traces.generate import generate_traces

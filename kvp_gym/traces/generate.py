@@ -248,8 +248,8 @@ def generate_traces(
     """Generate (or resume) a trace set of ``n`` sequences of ``length`` tokens at ``out``.
 
     ``tasks``: the RULER tasks the samples cycle through (``source="ruler"`` only; default all).
-    ``dialogue_batch``: the model writes that many dialogues at once (``source="dialogue"`` only; 1.8x
-    faster at 12 on a CPU thread; other dialogues than one at a time, see ``make_dialogue_group``).
+    ``dialogue_batch``: the model writes that many dialogues at once (``source="dialogue"`` only; other
+    dialogues than one at a time, see ``make_dialogue_group``; ``benchmarks/dialogue_batch.py`` for the speed).
     ``workers`` / ``address``: trace the sequences on Ray actors (a local Ray with ``workers`` CPUs, or the
     cluster at ``address``; kvp_gym.scale), and the dialogue samples too; the files are the same."""
     _check_arguments(source, split, n, length)
@@ -275,6 +275,7 @@ def generate_traces(
         if source != "dialogue":
             raise ValueError(f"--dialogue-batch batches the model's dialogue replies, but source is {source!r}")
         params["dialogue_batch"] = dialogue_batch
+        params["dialogue_writer"] = "stream"  # round 15's writer: a set begun by the earlier one must not resume with it
     model, tokenizer = load_model(model_name)
     writer = TraceWriter(directory, params, ModelSpec.from_config(model.config, model_name))
     if len(writer.done()) == n:  # finished: nothing to generate, no samples to read
