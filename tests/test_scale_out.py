@@ -129,10 +129,12 @@ def test_traces_on_workers_are_the_serial_files(ray_cluster, tiny_model_dir, tmp
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_model_dir, tmp_path, batch) -> None:
+def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_model_dir, tmp_path, batch, monkeypatch,
+                                                            capsys) -> None:
     """The model's dialogue replies (the slow part of a dialogue set) made on workers, one at a time or in
     groups, one worker killed once and one dialogue already made by an interrupted run: the serial path's
-    samples and sequence files."""
+    samples and sequence files. A group's tokens reach the driver's log before the group's samples."""
+    from kvp_gym import progress
     from kvp_gym.traces.generate import PARTIAL_SAMPLES, generate_traces
 
     serial, distributed = tmp_path / "serial", tmp_path / "ray"
@@ -144,9 +146,17 @@ def test_dialogue_samples_on_workers_are_the_serial_samples(ray_cluster, tiny_mo
     partial.mkdir(parents=True)
     (partial / "00001.json").write_text(json.dumps(samples["samples"][1]))
     fired = arm(ray_cluster, "dialogue")
-    generate_traces(distributed, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=False, workers=2,
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    capsys.readouterr()
+    generate_traces(distributed, "dialogue", 3, 96, split="test", model_name=str(tiny_model_dir), show_progress=True, workers=2,
                     dialogue_batch=batch)
     assert fired.exists(), "the crash hook never killed a worker"
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("dialogue samples")]
+    if batch > 1:  # counted in tokens: a partial count is a worker's report from a group in progress
+        assert counts[-1] == 3 * 96 and any(count % 96 for count in counts), counts
+    else:
+        assert counts[-1] == 3, counts
     assert (serial / "samples.json").read_bytes() == (distributed / "samples.json").read_bytes()
     assert not partial.exists()
     for path in serial.glob("seq_*.safetensors"):

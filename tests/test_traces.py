@@ -101,7 +101,7 @@ def test_dialogue_samples_resume_one_dialogue_at_a_time(tmp_path, tiny_model_dir
     assert sorted(path.name for path in (tmp_path / "resumed" / "samples.partial").iterdir()) == [
         "00000.json", "00001.json", "params.json"]
     made.clear()
-    monkeypatch.setattr(generate_module, "make_dialogue", lambda *args: made.append(args[4]) or original(*args))
+    monkeypatch.setattr(generate_module, "make_dialogue", lambda *args, **kwargs: made.append(args[4]) or original(*args, **kwargs))
     dialogue_set(tmp_path / "resumed")
     assert made == [2]
     assert not (tmp_path / "resumed" / "samples.partial").exists()
@@ -122,11 +122,11 @@ def test_batched_dialogues_resume_a_group_at_a_time(tmp_path, tiny_model_dir, mo
     original = generate_module.make_dialogue_group
     made = []
 
-    def make_then_die(*args):
+    def make_then_die(*args, **kwargs):
         made.append(args[4])
         if len(made) == 2:
             raise KeyboardInterrupt
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(generate_module, "make_dialogue_group", make_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -135,7 +135,7 @@ def test_batched_dialogues_resume_a_group_at_a_time(tmp_path, tiny_model_dir, mo
     assert sorted(path.name for path in (tmp_path / "resumed" / "samples.partial").iterdir()) == [
         "00000.json", "00001.json", "params.json"]
     made.clear()
-    monkeypatch.setattr(generate_module, "make_dialogue_group", lambda *args: made.append(args[4]) or original(*args))
+    monkeypatch.setattr(generate_module, "make_dialogue_group", lambda *args, **kwargs: made.append(args[4]) or original(*args, **kwargs))
     dialogue_set(tmp_path / "resumed")
     assert made == [[2]]
     monkeypatch.setattr(generate_module, "make_dialogue_group", original)
@@ -154,6 +154,20 @@ def test_batched_dialogues_resume_a_group_at_a_time(tmp_path, tiny_model_dir, mo
         dialogue_set(tmp_path / "bad", batch=0)
     with pytest.raises(ValueError, match="but source is 'prose'"):
         generate_traces(tmp_path / "prose", "prose", n=1, length=96, model_name=str(tiny_model_dir), dialogue_batch=2)
+
+
+def test_batched_dialogue_progress_counts_tokens_as_they_are_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A batched set's log shows the tokens the model writes while a group is in progress (a group of 12 takes
+    minutes), and ends at n x length."""
+    from kvp_gym import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    generate_traces(tmp_path / "set", "dialogue", n=3, length=96, split="test", model_name=str(tiny_model_dir),
+                    dialogue_batch=2)
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("dialogue samples (test), the model writing every reply, 2 dialogues at once (tokens)")]
+    assert counts[-1] == 3 * 96
+    assert len([count for count in counts if 0 < count < 2 * 96]) > 10  # step by step through the first group
 
 
 def test_mixing_parameters_is_refused(tmp_path, prose_set, tiny_model_dir):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,17 +78,19 @@ def make_dialogue_group(
     max_new_tokens: int = 256,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[TextSample]:
     """The dialogues ``indices`` written together, as one batch that streams: each step feeds every unfinished
     dialogue one token, the next of its open prompt or of its sampled reply (``_write_together``). So one weight
     read serves the whole group at every step, no turn prefills the conversation again and no dialogue waits for
     another's reply to end (``benchmarks/dialogue_batch.py``). Seeded by the group: the same group gives the same
     dialogues; sampled ones differ from ``make_dialogue``'s at the same indices (another random stream), greedy
-    ones (``temperature=0``) are the same."""
+    ones (``temperature=0``) are the same. ``on_tokens`` gets the tokens fed at every step (progress: the group
+    feeds about ``len(indices) * target_tokens``)."""
     dialogues = [Dialogue(tokenizer, split, seed, index, target_tokens) for index in indices]
     sampling = _sampling(model, temperature, top_p)
     generator = torch.Generator().manual_seed(torch_seed("dialogue group", split, seed, *indices))
-    _write_together(model, tokenizer, dialogues, max_new_tokens, sampling, generator)
+    _write_together(model, tokenizer, dialogues, max_new_tokens, sampling, generator, on_tokens)
     return [dialogue.sample() for dialogue in dialogues]
 
 
@@ -220,7 +222,7 @@ def _generate(
 
 def _write_together(
     model: Any, tokenizer: Any, dialogues: list[Dialogue], max_new_tokens: int, sampling: dict[str, Any],
-    generator: torch.Generator,
+    generator: torch.Generator, on_tokens: Callable[[int], None] | None = None,
 ) -> None:
     """Writes every reply of ``dialogues`` in one streaming batch. Each step, every open row feeds one token at
     the next position of its own sequence: a prompt token (forced) or the reply token sampled from its last step.
@@ -244,6 +246,8 @@ def _write_together(
             logits = model(input_ids=torch.tensor(tokens, device=model.device)[:, None], attention_mask=mask,
                            position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
         sampled = _sample(logits[:, -1].float(), sampling, generator).tolist()
+        if on_tokens is not None:
+            on_tokens(len(rows))
         tokens, kept = [], []
         for i, row in enumerate(rows):
             token = row.next_token(sampled[i])

@@ -17,6 +17,7 @@ RAY_MISSING = (
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 CRASH_DIR_ENV = "KVP_SCALE_CRASH_DIR"  # tests: a worker dies once per armed marker file (see crash_once)
 RETRIES = 3  # a unit whose worker dies is retried (actor restart + task retry) this many times
+WAIT_POLL_S = 5.0  # run_unordered calls on_wait this often while no unit finishes
 
 
 def ray_available() -> bool:
@@ -79,10 +80,13 @@ def crash_once(kind: str) -> None:
 
 
 def run_unordered(
-    actor_class: type, actor_args: tuple, count: int, items: Iterable[Any], method: str, on_result: Callable[[Any], None]
+    actor_class: type, actor_args: tuple, count: int, items: Iterable[Any], method: str, on_result: Callable[[Any], None],
+    on_wait: Callable[[], None] | None = None,
 ) -> None:
     """Run ``actor.<method>(item)`` for every item on ``count`` actors of ``actor_class`` (each built once
-    with ``actor_args``: e.g. a loaded model), calling ``on_result`` in the driver as each finishes.
+    with ``actor_args``: e.g. a loaded model), calling ``on_result`` in the driver as each finishes, and
+    ``on_wait`` every ``WAIT_POLL_S`` seconds while none does (and before each result: e.g. to show what the
+    workers report of units in progress).
 
     A worker that dies is restarted and its unit retried (``RETRIES``); Ctrl-C or any error kills the
     actors (no unit is half-recorded: workers only write whole files atomically) and re-raises."""
@@ -95,7 +99,17 @@ def run_unordered(
     remote = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(actor_class)
     actors = [remote.remote(*actor_args) for _ in range(min(count, len(items)))]
     try:
-        for result in ActorPool(actors).map_unordered(lambda actor, item: getattr(actor, method).remote(item), items):
+        pool = ActorPool(actors)
+        for item in items:
+            pool.submit(lambda actor, item: getattr(actor, method).remote(item), item)
+        while pool.has_next():
+            try:
+                result = pool.get_next_unordered(timeout=WAIT_POLL_S if on_wait else None)
+            except TimeoutError:
+                on_wait()
+                continue
+            if on_wait:
+                on_wait()
             on_result(result)
     finally:
         for actor in actors:

@@ -6,12 +6,15 @@ resuming works as serially)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvp_gym.scale.runtime import crash_once, ray_session, run_unordered, worker_setup
+
+PROGRESS_EVERY_S = 10.0
 
 
 class TraceWorker:
@@ -33,20 +36,34 @@ class TraceWorker:
 
 
 class DialogueWorker:
-    """One Ray actor: the model and tokenizer, loaded once; ``dialogues`` makes one group of dialogue samples."""
+    """One Ray actor: the model and tokenizer, loaded once; ``dialogues`` makes one group of dialogue samples,
+    putting (first index, tokens written) into ``progress`` (a Ray queue) every ``PROGRESS_EVERY_S`` seconds
+    and at the end, if given."""
 
-    def __init__(self, model_name: str, params: dict[str, Any]) -> None:
+    def __init__(self, model_name: str, params: dict[str, Any], progress: Any = None) -> None:
         from kvp_gym.models import load_model
 
         worker_setup()
         self.model, self.tokenizer = load_model(model_name)
-        self.params = params
+        self.params, self.progress = params, progress
 
     def dialogues(self, indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
         from kvp_gym.traces.generate import dialogue_records
 
         crash_once("dialogue")
-        return list(zip(indices, dialogue_records(self.model, self.tokenizer, self.params, indices)))
+        unsent, sent_at = 0, time.monotonic()
+
+        def wrote(tokens: int) -> None:
+            nonlocal unsent, sent_at
+            unsent += tokens
+            if time.monotonic() - sent_at >= PROGRESS_EVERY_S:
+                self.progress.put((indices[0], unsent))
+                unsent, sent_at = 0, time.monotonic()
+
+        records = dialogue_records(self.model, self.tokenizer, self.params, indices, wrote if self.progress is not None else None)
+        if self.progress is not None and unsent:
+            self.progress.put((indices[0], unsent))
+        return list(zip(indices, records))
 
 
 def trace_on_workers(
@@ -61,8 +78,22 @@ def trace_on_workers(
 def dialogues_on_workers(
     model_name: str, params: dict[str, Any], groups: list[list[int]],
     on_samples: Callable[[list[tuple[int, dict[str, Any]]]], None], workers: int | None, address: str | None,
+    on_tokens: Callable[[int, int], None] | None = None,
 ) -> None:
     """Make the dialogue samples of ``groups`` (lists of indices into a set with ``params``) on Ray actors;
-    ``on_samples`` gets each group's [(index, sample record)] as it finishes."""
+    ``on_samples`` gets each group's [(index, sample record)] as it finishes, ``on_tokens`` (first index of a
+    group, tokens) what the workers report of the groups they are writing (batched sets), before their samples."""
     with ray_session(workers, address) as count:
-        run_unordered(DialogueWorker, (model_name, params), count, groups, "dialogues", on_samples)
+        if on_tokens is None:
+            run_unordered(DialogueWorker, (model_name, params), count, groups, "dialogues", on_samples)
+            return
+        from ray.util.queue import Queue
+
+        progress = Queue(actor_options={"num_cpus": 0})
+
+        def show_progress() -> None:
+            for first, tokens in progress.get_nowait_batch(progress.qsize()):
+                on_tokens(first, tokens)
+
+        run_unordered(DialogueWorker, (model_name, params, progress), count, groups, "dialogues", on_samples,
+                      on_wait=show_progress)

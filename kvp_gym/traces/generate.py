@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +178,15 @@ def dialogue_groups(params: dict[str, Any]) -> list[list[int]]:
     return [list(range(start, min(start + batch, count))) for start in range(0, count, batch)]
 
 
-def dialogue_records(model: Any, tokenizer: Any, params: dict[str, Any], indices: list[int]) -> list[dict[str, Any]]:
+def dialogue_records(model: Any, tokenizer: Any, params: dict[str, Any], indices: list[int],
+                     on_tokens: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """The dialogues ``indices`` (one of ``dialogue_groups``' groups) of a set with ``params`` (split, seed,
-    length, dialogue_batch), as sample records."""
+    length, dialogue_batch), as sample records; a batched group tells ``on_tokens`` the tokens it writes."""
     if "dialogue_batch" not in params:
         return [make_dialogue(model, tokenizer, params["split"], params["seed"], index, params["length"]).to_dict()
                 for index in indices]
-    group = make_dialogue_group(model, tokenizer, params["split"], params["seed"], indices, params["length"])
+    group = make_dialogue_group(model, tokenizer, params["split"], params["seed"], indices, params["length"],
+                                on_tokens=on_tokens)
     return [sample.to_dict() for sample in group]
 
 
@@ -192,7 +195,8 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
     """The dialogue samples (the model writes every reply: about a minute each on a CPU core, unless batched),
     each kept in ``partial`` as its group is made, so an interrupted set resumes with the groups it lacks. One
     group at a time here, or on the Ray of ``ray`` = (workers, address) (each group is seeded by its indices
-    alone: the same samples)."""
+    alone: the same samples). A batched set's progress counts tokens as the model writes them (a group takes
+    minutes), each group's count set to its dialogues' full length when it is kept."""
     partial.mkdir(parents=True, exist_ok=True)
     remove_temp_files(partial)
     settings = partial / "params.json"
@@ -203,22 +207,31 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
     paths = [partial / f"{index:05d}.json" for index in range(params["n"])]
     missing = [group for group in dialogue_groups(params) if not all(paths[index].exists() for index in group)]
     batch = params.get("dialogue_batch", 1)
-    with progress_bar(params["n"], f"dialogue samples ({params['split']}), the model writing every reply"
-                      + (f", {batch} dialogues at once" if batch > 1 else ""), enabled=show_progress) as bar:
-        bar.advance(params["n"] - sum(len(group) for group in missing))
+    unit = params["length"] if batch > 1 else 1  # a batched set counts tokens
+    description = (f"dialogue samples ({params['split']}), the model writing every reply"
+                   + (f", {batch} dialogues at once (tokens)" if batch > 1 else ""))
+    with progress_bar(params["n"] * unit, description, enabled=show_progress) as bar:
+        bar.advance(unit * (params["n"] - sum(len(group) for group in missing)))
+        written: dict[int, int] = {}  # first index of a group in progress -> tokens counted so far
+
+        def wrote(first: int, tokens: int) -> None:
+            written[first] = written.get(first, 0) + tokens
+            bar.advance(tokens)
 
         def keep(made: list[tuple[int, dict[str, Any]]]) -> None:
             for index, record in made:
                 write_json_atomic(paths[index], record)
-            bar.advance(len(made))
+            bar.advance(unit * len(made) - written.pop(made[0][0], 0))
 
+        live = wrote if batch > 1 else None
         if ray is not None:
             from kvp_gym.scale.traces import dialogues_on_workers
 
-            dialogues_on_workers(params["model"], params, missing, keep, *ray)
+            dialogues_on_workers(params["model"], params, missing, keep, *ray, on_tokens=live)
         else:
             for group in missing:
-                keep(list(zip(group, dialogue_records(model, tokenizer, params, group))))
+                on_tokens = (lambda tokens, first=group[0]: wrote(first, tokens)) if live else None
+                keep(list(zip(group, dialogue_records(model, tokenizer, params, group, on_tokens))))
     return [json.loads(path.read_text()) for path in paths]
 
 
