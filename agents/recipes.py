@@ -122,7 +122,7 @@ class Recipe:
 
 
 STUDY7_SETS = (TrainSet("prose", 64), TrainSet("docs", 128), TrainSet("ruler", 48), TrainSet("ruler", 48, seed=1),
-               TrainSet("dialogue", 24), TrainSet("dialogue", 24, seed=1))
+               TrainSet("dialogue", 24, batch=12), TrainSet("dialogue", 24, seed=1, batch=12))
 SMOLLM2 = Recipe("smollm2", train_sets=(*STUDY7_SETS, TrainSet("ruler", 48, seed=2, length=512)), val_set=("prose", 4),
                  steps=3000, agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question,answer")))
 LONG_SETS = (TrainSet("prose", 24, length=2048), TrainSet("docs", 24, length=2048), TrainSet("prose", 12, length=4096),

@@ -290,15 +290,15 @@ def test_a_dialogue_group_writes_each_dialogue_as_if_alone(tiny_llama, smol_toke
     """Greedy, the streaming batch writes every dialogue of the group exactly as it is written alone, though
     its rows drop re-tokenized slots and leave the batch at different steps; sampled, a group is the same on
     every run and follows its own indices' topic orders within the token budget."""
-    from transformers import DynamicCache
+    from transformers import Cache
 
     from kvp_gym.data import dialogue, make_dialogue, make_dialogue_group
 
     target, indices = 200, [0, 1, 2]
     dropped, left = [], []
-    ask, select = dialogue._Row.ask, DynamicCache.batch_select_indices
+    ask, select = dialogue._Row.ask, Cache.batch_select_indices
     monkeypatch.setattr(dialogue._Row, "ask", lambda self: ask(self) and (dropped.append(len(self.dropped)) or True))
-    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, kept: left.append(len(kept)) or select(self, kept))
+    monkeypatch.setattr(Cache, "batch_select_indices", lambda self, kept: left.append(len(kept)) or select(self, kept))
     greedy = make_dialogue_group(tiny_llama, smol_tokenizer, "test", 0, indices, target, max_new_tokens=12, temperature=0)
     alone = [make_dialogue(tiny_llama, smol_tokenizer, "test", 0, index, target, max_new_tokens=12, temperature=0)
              for index in indices]

@@ -16,6 +16,7 @@ import py_compile
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,12 @@ def test_shell_blocks_run_as_written(tiny_home, where, code):
             line = line.replace(documented, smaller)
         result = CliRunner().invoke(app, shlex.split(line)[1:])
         assert result.exit_code == 0, f"{line}\n{result.output}\n{result.exception!r}"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "examples"])
+def test_scripts_of_a_folder_can_load_the_model_stack(folder):
+    """``python <folder>/x.py`` puts <folder> first on sys.path, so a script named like a module that transformers
+    probes for (``kernels.py`` did) breaks every script of that folder at its first import."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT / folder)!r}); import transformers.modeling_utils, kvp_gym.models"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import DynamicCache
 
 from kvp_gym.models import ModelSpec, capture_qkv, load_model
@@ -97,3 +98,31 @@ def test_spec_mismatch_names_the_difference():
     with pytest.raises(ValueError, match="num_layers: 2 != 30"):
         mine.check_compatible(other, "trace set x")
     assert json.loads(json.dumps(mine.to_dict())) == mine.to_dict()
+
+
+def test_growing_cache_decodes_as_the_stock_cache_through_growth_row_selection_and_crop():
+    """Appending in place (buffers that double) gives the stock cache's logits bit for bit: a batch decoded past
+    several growths, a row dropped, the last entries cropped; the layers' capacity did grow."""
+    from kvp_gym.models.growing_cache import GrowingLayer, growing_cache
+
+    model = tiny_llama()
+    ids = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    caches = [DynamicCache(), growing_cache()]
+
+    def step(tokens, position):
+        with torch.no_grad():
+            return [model(input_ids=tokens, position_ids=torch.arange(position, position + tokens.shape[1]).expand(len(tokens), -1),
+                          cache=cache, use_cache=True).logits for cache in caches]
+
+    stock, growing = step(ids[:, :5], 0)
+    assert torch.equal(stock, growing)
+    for position in range(5, 30):
+        stock, growing = step(ids[:, position : position + 1], position)
+        assert torch.equal(stock, growing), position
+    for cache in caches:
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        cache.crop(-4)
+    stock, growing = step(ids[[0, 2], 26:36], 26)
+    assert torch.equal(stock, growing)
+    layer = caches[1].layers[0]
+    assert isinstance(layer, GrowingLayer) and layer.keys.shape[-2] == 36 and layer.key_buffer.shape[-2] > 36

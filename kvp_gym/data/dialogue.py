@@ -229,11 +229,11 @@ def _write_together(
     A finished reply goes to its dialogue, whose next prompt re-renders the conversation: the row keeps the
     cache slots that prompt shares with what it holds and masks the rest out (re-tokenizing a reply may differ
     from the sampled ids). A finished dialogue leaves the batch."""
-    from transformers import DynamicCache
+    from kvp_gym.models.growing_cache import growing_cache
 
     rows = [row for row in (_Row(dialogue, tokenizer, max_new_tokens) for dialogue in dialogues) if row.ask()]
     tokens = [row.pending.pop(0) for row in rows]
-    cache = DynamicCache()
+    cache = growing_cache()
     mask = torch.zeros(len(rows), 0, dtype=torch.long, device=model.device)
     while rows:
         column = mask.shape[1]

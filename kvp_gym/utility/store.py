@@ -61,13 +61,19 @@ def trace_statistics(trace: Trace, prefixes: Sequence[int], window: int = 64, ch
             probs = probs[:, :, :seen]
             group_max = _group_aggregate(probs, spec.num_kv_heads, "max")  # [Hkv, chunk, seen]
             group_mean = _group_aggregate(probs, spec.num_kv_heads, "mean")
+            max_total, mean_total = group_max.sum(1), group_mean.sum(1)  # the whole chunk's, shared by many prefixes
             for n in prefixes:
                 cols = min(n, seen)
                 future, past, recent = max(start, n) - start, min(stop, n) - start, max(start, n - window) - start
-                if future < stop - start:  # queries j >= n
+                if future == 0:  # queries j >= n: all the chunk's, or some
+                    out[f"imp.{n}"][layer, :, :cols] += max_total[:, :cols]
+                    out[f"imp_mean.{n}"][layer, :, :cols] += mean_total[:, :cols]
+                elif future < stop - start:
                     out[f"imp.{n}"][layer, :, :cols] += group_max[:, future:, :cols].sum(1)
                     out[f"imp_mean.{n}"][layer, :, :cols] += group_mean[:, future:, :cols].sum(1)
-                if past > 0:  # queries j < n
+                if past == stop - start:  # queries j < n: all the chunk's, or some
+                    out[f"h2o.{n}"][layer, :, :cols] += mean_total[:, :cols]
+                elif past > 0:
                     out[f"h2o.{n}"][layer, :, :cols] += group_mean[:, :past, :cols].sum(1)
                 if recent < past:  # queries n - window <= j < n
                     out[f"window.{n}"][layer, :, :cols] += group_mean[:, recent:past, :cols].sum(1)

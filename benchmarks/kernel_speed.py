@@ -1,6 +1,6 @@
 """Kernel timings: the per-head scoring MLP and the top-budget K/V compaction, torch vs Triton.
 
-    python benchmarks/kernels.py            # on CUDA: torch and Triton; on CPU: the torch path only
+    python benchmarks/kernel_speed.py            # on CUDA: torch and Triton; on CPU: the torch path only
 
 Shapes follow the agents' per-head MLP (F = 2 * head_dim + 7 features, 64 hidden units, GELU) on
 SmolLM2-135M (3 KV heads, head dim 64) and on a larger GQA model (8 KV heads, head dim 128).
