@@ -170,6 +170,26 @@ def test_batched_dialogue_progress_counts_tokens_as_they_are_written(tmp_path, t
     assert len([count for count in counts if 0 < count < 2 * 96]) > 10  # step by step through the first group
 
 
+def test_batched_dialogue_progress_counts_a_group_up_to_its_share(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A group feeds a few tokens more than n x length when a reply re-tokenizes differently in the next prompt;
+    the log counts it up to its share, so the count never passes the total nor goes back when the group ends."""
+    from kvp_gym import progress
+    from kvp_gym.traces import generate
+
+    def overfeeding(model, tokenizer, params, group, on_tokens):
+        on_tokens(10 * len(group) * params["length"])
+        return real(model, tokenizer, params, group, on_tokens)
+
+    real = generate.dialogue_records
+    monkeypatch.setattr(generate, "dialogue_records", overfeeding)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    generate_traces(tmp_path / "set", "dialogue", n=3, length=96, split="test", model_name=str(tiny_model_dir),
+                    dialogue_batch=2)
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("dialogue samples (test)")]
+    assert counts == sorted(counts) and counts[-1] == 3 * 96
+
+
 def test_mixing_parameters_is_refused(tmp_path, prose_set, tiny_model_dir):
     prose_set(tmp_path / "set", n=1)
     with pytest.raises(TraceError, match="refusing to mix"):

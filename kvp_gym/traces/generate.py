@@ -213,10 +213,13 @@ def _dialogue_records(partial: Path, params: dict[str, Any], tokenizer: Any, mod
     with progress_bar(params["n"] * unit, description, enabled=show_progress) as bar:
         bar.advance(unit * (params["n"] - sum(len(group) for group in missing)))
         written: dict[int, int] = {}  # first index of a group in progress -> tokens counted so far
+        sizes = {group[0]: len(group) for group in missing}
 
         def wrote(first: int, tokens: int) -> None:
-            written[first] = written.get(first, 0) + tokens
-            bar.advance(tokens)
+            # a group feeds a few tokens more than its share (a reply re-tokenized in the next prompt): count up to it
+            counted = min(written.get(first, 0) + tokens, unit * sizes[first])
+            bar.advance(counted - written.get(first, 0))
+            written[first] = counted
 
         def keep(made: list[tuple[int, dict[str, Any]]]) -> None:
             for index, record in made:

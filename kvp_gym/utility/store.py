@@ -47,7 +47,9 @@ def trace_statistics(trace: Trace, prefixes: Sequence[int], window: int = 64, ch
     Needs window <= n < trace.length for every n (a prefix with a future and a full window). Queries go
     ``chunk`` at a time, each over the keys it can see, so the causal half of the attention matrix is never
     computed (1.8x faster than the whole [T, T] matrix per layer at 4k tokens, the same sums to float
-    round-off) and memory stays O(H * chunk * T).
+    round-off) and memory stays O(H * chunk * T). Only a chunk's diagonal block is masked, and a chunk's column
+    sums are taken once for every prefix it lies wholly after (or before): 20.7 instead of 23.5 s for a 4k trace
+    at the long recipe's seven prefixes, one thread, bit for bit the same statistics (round 16).
     """
     spec = trace.spec
     for n in prefixes:
