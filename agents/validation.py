@@ -4,7 +4,9 @@ Every ``val_every`` steps the training loop asks a ``DownstreamValidator`` for t
 validation traces' continuations after compressing their prefix to each budget (fractions of the
 prefix), through the real model and ``EvictingCache``, and keeps the checkpoint whose mean ratio to
 the full cache is lowest (``best/`` in the run directory). The env's ranking cost and downstream
-perplexity can disagree; this keeps the one users feel.
+perplexity can disagree; this keeps the one users feel. Each prefix is run once, into a recording cache
+that every validation forks per budget (``EvictingCache.fork``: the entries a fresh prefill would evict),
+so a validation runs only the continuations: 3x fewer tokens through the model at the recipes' settings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 import torch
 
-from kvp_gym.eval.downstream import continuation_nll
+from kvp_gym.cache import EvictingCache
+from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
+from kvp_gym.eval.downstream import continuation_nll, record_prefill
 from kvp_gym.models import load_model
 from kvp_gym.ranking import Protected
 from kvp_gym.traces import TraceDataset
@@ -44,14 +48,24 @@ class DownstreamValidator:
         self.traces = [traces[i] for i in range(texts)]
         self.protected, self.fractions = protected, tuple(fractions)
         self.prefixes = [int(prefix_fraction * trace.length) for trace in self.traces]
+        self.prefills: list[EvictingCache] = []
         self.full = self._nll(None, None)
+
+    def _recorded(self, scorer: Any) -> list[EvictingCache]:
+        """Every trace's prefix, run once into a recording cache that keeps at least ``scorer``'s query window."""
+        window = max(DEFAULT_QUERY_WINDOW, getattr(scorer, "window_size", 0))
+        if not self.prefills or self.prefills[0].settings.query_window < window:
+            self.prefills = [record_prefill(self.model, trace.tokens[None, :prefix], window)
+                             for trace, prefix in zip(self.traces, self.prefixes)]
+        return self.prefills
 
     def _nll(self, scorer: Any, fraction: float | None) -> float:
         """Mean NLL per token over the validation continuations."""
         total, count = 0.0, 0
-        for trace, prefix in zip(self.traces, self.prefixes):
+        for trace, prefix, prefill in zip(self.traces, self.prefixes, self._recorded(scorer)):
             budget = None if fraction is None else max(self.protected.sink + self.protected.recent, int(fraction * prefix))
-            nll, tokens = continuation_nll(self.model, trace, prefix, scorer, budget, self.protected.sink, self.protected.recent)
+            nll, tokens = continuation_nll(self.model, trace, prefix, scorer, budget, self.protected.sink,
+                                           self.protected.recent, prefill)
             total, count = total + nll, count + tokens
         return total / count
 

@@ -286,6 +286,31 @@ def test_train_distill_validates_downstream_and_keeps_the_best(tiny_traces, tmp_
                           all_heads=True, arch="knorm", progress=False))
 
 
+@pytest.mark.parametrize("name, options", [("h2o-norm", {}), ("snapkv", {"window_size": 80})])
+def test_validation_forks_one_prefill_into_what_fresh_prefills_give(tiny_traces, name, options) -> None:
+    """The validator runs each prefix once and forks it per budget and validation: its ratios are those of a fresh
+    prefill per budget, for a scorer reading attention sums and for one whose query window outgrows the recording's."""
+    from agents.validation import DownstreamValidator
+    from kvp_gym.eval.downstream import continuation_nll
+    from kvp_gym.models import load_model
+    from kvp_gym.ranking import Protected
+
+    protected = Protected(sink=2, recent=4)
+    validator = DownstreamValidator(tiny_traces, protected, fractions=(0.25, 0.5), texts=2)
+    scorer = scorers.get(name, **options)
+    model, _ = load_model(tiny_traces.manifest["params"]["model"])
+
+    def fresh(scorer, fraction):
+        sums = [continuation_nll(model, trace, prefix, scorer, None if fraction is None else max(6, int(fraction * prefix)), 2, 4)
+                for trace, prefix in zip(validator.traces, validator.prefixes)]
+        return sum(nll for nll, _ in sums) / sum(count for _, count in sums)
+
+    ratios = validator(scorer)
+    for fraction in (0.25, 0.5):
+        assert ratios[f"val/ppl_ratio@{fraction:g}"] == pytest.approx(math.exp(fresh(scorer, fraction) - fresh(None, None)), rel=1e-5)
+    assert validator(scorer) == ratios
+
+
 def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     import agents.recipes as recipes
     from agents.recipes import RECIPES, Recipe, get_recipe
