@@ -6,7 +6,8 @@ prefix), through the real model and ``EvictingCache``, and keeps the checkpoint 
 the full cache is lowest (``best/`` in the run directory). The env's ranking cost and downstream
 perplexity can disagree; this keeps the one users feel. Each prefix is run once, into a recording cache
 that every validation forks per budget (``EvictingCache.fork``: the entries a fresh prefill would evict),
-so a validation runs only the continuations: 3x fewer tokens through the model at the recipes' settings.
+so a validation runs only the continuations: 4x fewer tokens through the model at the recipes' settings (11
+instead of 38 CPU seconds a validation, round 16).
 """
 
 from __future__ import annotations
