@@ -30,8 +30,7 @@ suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses
 (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped ``kvp``; with the streamed
 dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in 62.2 minutes from an
 empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 16; about 59.6 since validation forks one
-prefill per text, README). ``smollm2-quick`` is the same at demo
-size, without dialogues.
+prefill per text, README). ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations

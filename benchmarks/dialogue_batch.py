@@ -10,28 +10,29 @@ batch: every step feeds each dialogue one token (of its prompt, or of its sample
 weights serves the whole group, no turn prefills its conversation again and no dialogue waits for another's
 reply to end. This prints the seconds per dialogue both ways (this process's CPU time, one torch thread, as a
 Ray worker runs), the group written twice, appending to its cache in place (``kvp_gym/models/growing_cache.py``)
-and with transformers' stock cache, which copies itself to append a token (the same dialogues, checked). Round 16,
-idle machine: 15.6 s per dialogue together in place, 17.4 s with the stock cache (1.12x); in another run, 77.0 s
-one at a time against 17.9 s together (4.3x). Round 15, with the stock cache and two leaderboard workers busy on the 2-core machine: 75.4 s
-alone, 30.0 s together (round 14's left-padded batches, which decoded to the longest reply and prefilled every
-turn again: 1.8x, idle machine).
+and with transformers' stock cache, which copies itself to append a token (the same dialogues, checked). Round
+16, idle machine: 15.6 s per dialogue together in place, 17.4 s with the stock cache (1.12x); in another run,
+77.0 s one at a time against 17.9 s together (4.3x). Round 15, with the stock cache and two leaderboard workers
+busy on the 2-core machine: 75.4 s alone, 30.0 s together (round 14's left-padded batches, which decoded to the
+longest reply and prefilled every turn again: 1.8x, idle machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import torch
 from transformers import DynamicCache
 
 from kvp_gym.data import make_dialogue, make_dialogue_group
-from kvp_gym.models import DEFAULT_MODEL, load_model
-from kvp_gym.models import growing_cache
+from kvp_gym.models import DEFAULT_MODEL, growing_cache, load_model
 
 
-def seconds_per_dialogue(write, count: int):
+def seconds_per_dialogue(write: Callable[[], Any], count: int) -> tuple[float, Any]:
     """(CPU seconds per dialogue, what ``write()`` returned)."""
     started = time.process_time()
     written = write()
