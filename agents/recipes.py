@@ -94,17 +94,20 @@ class Recipe:
 
     def trace_sets(self, show_progress: bool = True, root: str | Path | None = None, workers: int = 0) -> tuple[list[str], str]:
         """(training trace set directories, validation set directory), generated on first use under
-        ``traces_root(root)``, on ``workers`` Ray workers if > 0 (the same files)."""
+        ``traces_root(root)``. With ``workers`` > 0 the dialogue sets are made on that many Ray workers; the
+        other sets are prefilled here, with every torch thread: one process prefills a trace 15-25% sooner
+        than two one-thread workers together (docs/learned-eviction.md, round 17). Workers write one thread's
+        files; more threads sum in another order, so a trace can differ from those in the last bits."""
         root = self.traces_root(root)
         train = [
             str(generate_traces(root / spec.directory_name(self.length), spec.source, spec.n, spec.length_in(self.length),
                                 split="train", model_name=self.model, seed=spec.seed, show_progress=show_progress,
-                                workers=workers, dialogue_batch=spec.batch).directory)
+                                workers=workers if spec.source == "dialogue" else 0, dialogue_batch=spec.batch).directory)
             for spec in self.train_sets
         ]
         source, n = self.val_set
         val = generate_traces(root / f"{source}-val", source, n, self.length, split="train", model_name=self.model,
-                              seed=self.val_seed, show_progress=show_progress, workers=workers)
+                              seed=self.val_seed, show_progress=show_progress)
         return train, str(val.directory)
 
     def config(self, out: str, seed: int = 0, progress: bool = True, traces_root: str | Path | None = None,

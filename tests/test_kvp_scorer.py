@@ -351,11 +351,12 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     import agents.recipes as recipes
 
-    made = []
+    made, on_workers = [], []
 
     def fake_generate(directory, source, n, length, split, model_name, seed=None, show_progress=True, workers=0,
                       dialogue_batch=1):
         made.append((directory.name, source, n, length, seed, split) + ((dialogue_batch,) if dialogue_batch > 1 else ()))
+        on_workers.append(workers)
         return type("Made", (), {"directory": directory})()
 
     monkeypatch.setattr(recipes, "generate_traces", fake_generate)
@@ -363,7 +364,7 @@ def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatc
                                              recipes.TrainSet("docs", 2), recipes.TrainSet("ruler", 3, seed=2, length=512),
                                              recipes.TrainSet("prose", 1, length=1024),
                                              recipes.TrainSet("dialogue", 4, seed=1, batch=2)), val_set=("prose", 2), steps=1)
-    train, val = recipe.trace_sets(show_progress=False, root=tmp_path)
+    train, val = recipe.trace_sets(show_progress=False, root=tmp_path, workers=2)
     names = ("ruler-train", "ruler-train-s1", "docs-train", "ruler512-train-s2", "prose-train", "dialogue-train-s1-b2")
     assert train == [str(tmp_path / name) for name in names]
     assert made == [("ruler-train", "ruler", 8, 1024, 0, "train"), ("ruler-train-s1", "ruler", 4, 1024, 1, "train"),
@@ -371,6 +372,8 @@ def test_recipe_sets_of_one_source_differ_by_seed(monkeypatch: pytest.MonkeyPatc
                     ("prose-train", "prose", 1, 1024, 0, "train"), ("dialogue-train-s1-b2", "dialogue", 4, 1024, 1, "train", 2),
                     ("prose-val", "prose", 2, 1024, 7, "train")]
     assert val == str(tmp_path / "prose-val")
+    # the model writes dialogues on the workers; every other set is prefilled in this process, on all its threads
+    assert on_workers == [0, 0, 0, 0, 0, 2, 0]
 
 
 @pytest.mark.slow

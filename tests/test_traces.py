@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -50,6 +51,28 @@ def test_text_source_traces_and_info(tmp_path, prose_set):
     result = CliRunner().invoke(app, ["traces", "info", str(tmp_path / "prose")])
     assert result.exit_code == 0, result.output
     assert "sequences" in result.output and "192" in result.output
+
+
+def test_traces_written_here_are_not_read_again_to_check_them(tmp_path, prose_set, monkeypatch):
+    """A recipe trains in the process that wrote its traces: their sha256s were taken as they were written.
+    A file changed since (another mtime) is checked again, and a corrupt one is still caught."""
+    import kvp_gym.traces.dataset as dataset_module
+
+    dataset = prose_set(tmp_path / "prose")
+    hashed = []
+    real_sha256_of = dataset_module.sha256_of
+    monkeypatch.setattr(dataset_module, "sha256_of", lambda path: hashed.append(path.name) or real_sha256_of(path))
+    assert TraceDataset(dataset.directory)[0].k(0).shape[1] == 64 and hashed == []
+    path = dataset.directory / "seq_00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    written = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))
+    if path.stat().st_mtime_ns == written:  # within the file system's clock tick: as the next tick would stamp it
+        os.utime(path, ns=(written, written + 1_000_000))
+    with pytest.raises(TraceError, match="checksum mismatch"):
+        TraceDataset(dataset.directory)[1]
+    assert hashed == ["seq_00001.safetensors"]
 
 
 def test_resume_after_kill_leaves_no_partial_file(tmp_path, prose_set, monkeypatch):

@@ -45,6 +45,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def written_file_sha256(path: Path) -> str:
+    """The sha256 of a file this process has just written, remembered as checked: opening it later in this
+    process (a recipe training on the traces it made) does not read it all again while its size and mtime hold."""
+    digest, stat = sha256_of(path), path.stat()
+    _verified_files.add((str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest))
+    return digest
+
+
 def generate_command(directory: Path, params: Any) -> str | None:
     """The `kvp-gym traces generate` command that made (and resumes) the set, or None if params cannot say."""
     if not isinstance(params, dict) or params.get("source") not in SOURCES:

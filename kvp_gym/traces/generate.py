@@ -21,7 +21,8 @@ from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_dialog
 from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
-from kvp_gym.traces.dataset import FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, read_manifest, sha256_of
+from kvp_gym.traces.dataset import (FORMAT, FORMAT_VERSION, MANIFEST, TraceDataset, TraceError, read_manifest, sha256_of,
+                                    written_file_sha256)
 
 DEFAULT_SEEDS = {"train": 0, "test": 1}
 SAMPLES_FILE = "samples.json"
@@ -132,7 +133,8 @@ def write_sequence(directory: Path, name: str, model: Any, ids: torch.Tensor, me
     path = directory / name
     _require_finite(tensors, path)
     write_atomic(path, lambda tmp: save_file(tensors, tmp))
-    return {"file": name, "length": int(ids.shape[0]), "bytes": path.stat().st_size, "sha256": sha256_of(path), "meta": meta}
+    return {"file": name, "length": int(ids.shape[0]), "bytes": path.stat().st_size, "sha256": written_file_sha256(path),
+            "meta": meta}
 
 
 def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
