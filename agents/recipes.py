@@ -20,17 +20,17 @@ policy lost less perplexity on dialogue and on prose of the training topics, and
 and code (docs/learned-eviction.md, study 7). Plus 48 RULER tasks of 512 tokens: with only 1k-token
 tasks the policy lost a short note buried under repeated filler, which TOVA keeps (study 10). A set with a
 seed other than 0 is another set of that source (``ruler-train-s1``: other samples), so the sets of the
-smaller recipe before it are reused as they are. With ``workers`` the traces, the dialogues' replies and the
-importance stores are made on that many Ray workers. ``smollm2-fast`` is the same without the
-normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
+smaller recipe before it are reused as they are. With ``workers`` the dialogues and the importance stores are
+made on that many Ray workers (the other trace sets in this process, on all its threads). ``smollm2-fast`` is
+the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
 no attention sum, a third of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md,
 study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to 3072: on the ``long``
 suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses (docs/learned-eviction.md, round
 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on dialogues written one at a time
 (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped ``kvp``; with the streamed
-dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in 62.2 minutes from an
-empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 16; about 59.6 since validation forks one
-prefill per text, README). ``smollm2-quick`` is the same at demo size, without dialogues.
+dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in 49.6 minutes from an
+empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 17, README). ``smollm2-quick`` is the same
+at demo size, without dialogues.
 """
 
 from __future__ import annotations

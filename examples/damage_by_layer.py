@@ -68,7 +68,7 @@ def main() -> None:
     suite = get_suite(args.suite)
     policies: dict[str, Scorer] = {name: scorers.get(name) for name in args.policies.split(",") if name}
     policies |= {Path(path).name: load_scorer(path).eval() for path in args.checkpoint}
-    dataset = suite.traces()[args.source]
+    dataset = suite.traces(only=(args.source,))[args.source]
     model, _ = load_model(suite.model)
     budget_setting = args.budget if args.budget.endswith("%") else int(args.budget)
     prefix = suite.ppl_prefix

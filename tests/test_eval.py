@@ -66,6 +66,14 @@ def test_unknown_suite_and_policy(tiny_suite, tmp_path):
                         show_progress=False)
 
 
+def test_suite_makes_only_the_trace_sets_asked_for(tiny_suite):
+    prose = tiny_suite.traces(show_progress=False, only=("prose",))
+    assert list(prose) == ["prose"] and len(prose["prose"]) == 1
+    assert not (tiny_suite.directory() / "ruler").exists()
+    with pytest.raises(ValueError, match="suite 'tiny' has no trace set 'code'; its sets: ruler, prose"):
+        tiny_suite.traces(show_progress=False, only=("code",))
+
+
 def test_ruler_prompt_ends_with_the_answer_prefix(tiny_suite, tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -97,10 +97,14 @@ class Suite:
     def directory(self) -> Path:
         return home_dir() / "suites" / self.id
 
-    def traces(self, show_progress: bool = True, workers: int | None = None, address: str | None = None
-               ) -> dict[str, TraceDataset]:
-        """The suite's test trace sets by source, generated on first use and reused afterwards (on ``workers``
-        Ray workers, or the cluster at ``address``, if given: the same files)."""
+    def traces(self, show_progress: bool = True, workers: int | None = None, address: str | None = None,
+               only: tuple[str, ...] | None = None) -> dict[str, TraceDataset]:
+        """The suite's test trace sets by source (those keyed in ``only``, if given), generated on first use and
+        reused afterwards (on ``workers`` Ray workers, or the cluster at ``address``, if given: the same files)."""
+        keys = [key for key, *_ in self.trace_sets()]
+        unknown = sorted(set(only or ()) - set(keys))
+        if unknown:
+            raise ValueError(f"suite {self.name!r} has no trace set {', '.join(map(repr, unknown))}; its sets: {', '.join(keys)}")
         return {
             key: generate_traces(
                 self.directory() / key,
@@ -116,6 +120,7 @@ class Suite:
                 address=address,
             )
             for key, source, n, length in self.trace_sets()
+            if only is None or key in only
         }
 
 
