@@ -1,36 +1,34 @@
 """Recipes: one name for everything a good policy needs, ``kvp-gym train --recipe smollm2 --out DIR``.
 
-A recipe makes its training and validation trace sets (once, into $KVP_GYM_HOME/recipes/<name>/,
-resumable) and returns the TrainConfig that trains on them. ``smollm2`` distils the future-attention
-oracle into KVP's per-head network reading keys, values, positions and the attention statistics the
-cache already has, the window's vote pooled over neighbours included (``--agent distill --arch kvp-net
---arch-opt inputs=kv+attention+last+pool``), validating downstream perplexity every ``val_every`` steps
-and keeping the best checkpoint in ``DIR/best``. The loss is ListNet on the future attention times the
-value norm (``I_i * ||v_i||``), width 112, 3000 steps: of the losses, targets, widths and lengths compared
-in docs/learned-eviction.md, on texts of topics no training text has, the one whose policy lost least
-perplexity and fits the 10 MB shipping budget (float16). The prefixes drawn are 256, 512 and 768 tokens
-and, on RULER tasks and dialogues, the question's first token: compressed where a server compresses before
-a question, the target is what the question and its answer attend to, and that (with the last query's
-attention as an input) is what taught the policy to keep the needle. They also include the answer's first
-token, where a server compressing the whole prompt compresses the question with its context, which taught
-it to keep the needle then too (study 8). The training traces are 64 prose texts, 128 windows of the
-standard library's docstrings, 96 RULER tasks and 48 dialogues (the model answers every dialogue turn by
-turn, writing 12 dialogues at once as one streaming batch, ``TrainSet(batch=12)``): twice study 4's data, whose
-policy lost less perplexity on dialogue and on prose of the training topics, and as much on unseen topics
-and code (docs/learned-eviction.md, study 7). Plus 48 RULER tasks of 512 tokens: with only 1k-token
-tasks the policy lost a short note buried under repeated filler, which TOVA keeps (study 10). A set with a
-seed other than 0 is another set of that source (``ruler-train-s1``: other samples), so the sets of the
-smaller recipe before it are reused as they are. With ``workers`` the dialogues and the importance stores are
-made on that many Ray workers (the other trace sets in this process, on all its threads). ``smollm2-fast`` is
-the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's trace sets: the cache then needs
-no attention sum, a third of the scoring cost on a CPU, for a little perplexity (docs/learned-eviction.md,
-study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to 3072: on the ``long``
-suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses (docs/learned-eviction.md, round
-13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on dialogues written one at a time
-(``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped ``kvp``; with the streamed
-dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in 49.6 minutes from an
-empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 17, README). ``smollm2-quick`` is the same
-at demo size, without dialogues.
+A recipe makes its training and validation trace sets (once, into $KVP_GYM_HOME/recipes/<name>/, resumable) and
+returns the TrainConfig that trains on them. ``smollm2`` distils the future-attention oracle into KVP's per-head
+network reading keys, values, positions and the attention statistics the cache already has, the window's vote pooled
+over neighbours included (``--agent distill --arch kvp-net --arch-opt inputs=kv+attention+last+pool``), validating
+downstream perplexity every ``val_every`` steps and keeping the best checkpoint in ``DIR/best``. The loss is ListNet
+on the future attention times the value norm (``I_i * ||v_i||``), width 112, 3000 steps: of the losses, targets,
+widths and lengths compared in docs/learned-eviction.md, on texts of topics no training text has, the one whose
+policy lost least perplexity and fits the 10 MB shipping budget (float16). The prefixes drawn are 256, 512 and 768
+tokens and, on RULER tasks and dialogues, the question's first token: compressed where a server compresses before a
+question, the target is what the question and its answer attend to, and that (with the last query's attention as an
+input) is what taught the policy to keep the needle. They also include the answer's first token, where a server
+compressing the whole prompt compresses the question with its context, which taught it to keep the needle then too
+(study 8). The training traces are 64 prose texts, 128 windows of the standard library's docstrings, 96 RULER tasks
+and 48 dialogues (the model answers every dialogue turn by turn, writing 12 dialogues at once as one streaming
+batch, ``TrainSet(batch=12)``): twice study 4's data, whose policy lost less perplexity on dialogue and on prose of
+the training topics, and as much on unseen topics and code (docs/learned-eviction.md, study 7). Plus 48 RULER tasks
+of 512 tokens: with only 1k-token tasks the policy lost a short note buried under repeated filler, which TOVA keeps
+(study 10). A set with a seed other than 0 is another set of that source (``ruler-train-s1``: other samples), so the
+sets of the smaller recipe before it are reused as they are. With ``workers`` the dialogues and the importance
+stores are made on that many Ray workers (the other trace sets in this process, on all its threads).
+``smollm2-fast`` is the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's
+trace sets: the cache then needs no attention sum, a third of the scoring cost on a CPU, for a little perplexity
+(docs/learned-eviction.md, study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
+3072: on the ``long`` suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses
+(docs/learned-eviction.md, round 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on
+dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped
+``kvp``; with the streamed dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in
+49.6 minutes from an empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 17, README).
+``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations
@@ -95,8 +93,8 @@ class Recipe:
     def trace_sets(self, show_progress: bool = True, root: str | Path | None = None, workers: int = 0) -> tuple[list[str], str]:
         """(training trace set directories, validation set directory), generated on first use under
         ``traces_root(root)``. With ``workers`` > 0 the dialogue sets are made on that many Ray workers; the
-        other sets are prefilled here, with every torch thread: one process prefills a trace 15-25% sooner
-        than two one-thread workers together (docs/learned-eviction.md, round 17). Workers write one thread's
+        other sets are prefilled here, with every torch thread: one two-thread process made the recipe's sets 11%
+        sooner than two one-thread workers (17% on 2k-4k-token traces; docs/learned-eviction.md, round 17). Workers write one thread's
         files; more threads sum in another order, so a trace can differ from those in the last bits."""
         root = self.traces_root(root)
         train = [
