@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -29,28 +28,7 @@ from kvp_gym.eval.leaderboard import recording_window
 from kvp_gym.eval.oracle import TraceOracle, trace_importance
 from kvp_gym.eval.suite import get_suite, resolve_budget
 from kvp_gym.models import load_model
-from kvp_gym.scorers import Scorer, ScoringView
-
-
-class OracleBut:
-    """The oracle's scores in every layer but ``layer``, where ``policy`` scores (rankings are per row and head,
-    so the two scales never meet)."""
-
-    upper_bound: ClassVar[bool] = True  # reads the future
-
-    def __init__(self, oracle: TraceOracle, policy: Scorer, layer: int) -> None:
-        self.oracle, self.policy, self.layer = oracle, policy, layer
-        self.needs = policy.needs
-        if hasattr(policy, "window_size"):  # the queries the cache keeps for it
-            self.window_size = policy.window_size
-
-    def score(self, view: ScoringView) -> torch.Tensor:
-        """[B, H, N] scores: the policy's on the rows of ``layer``, the oracle's elsewhere."""
-        mine = (view.layer == self.layer)[:, None, None]
-        oracle = self.oracle.score(view)
-        if not bool(mine.any()):  # a view of other layers only: the policy need not score it
-            return oracle
-        return torch.where(mine, self.policy.score(view).float(), oracle)
+from kvp_gym.scorers import LayerMix, Scorer
 
 
 def main() -> None:
@@ -88,7 +66,7 @@ def main() -> None:
         full, all_oracle = nll(None, None), nll(oracle)
         text = {"full": full, "oracle": all_oracle, "policies": {}}
         for name, policy in policies.items():
-            text["policies"][name] = {"alone": nll(policy), "by_layer": [nll(OracleBut(oracle, policy, layer)) for layer in range(layers)]}
+            text["policies"][name] = {"alone": nll(policy), "by_layer": [nll(LayerMix(oracle, policy, [layer])) for layer in range(layers)]}
         texts.append(text)
         print(f"text {index + 1}/{min(args.texts, len(dataset))} done", flush=True)
 

@@ -11,7 +11,7 @@ or at run time with ``register(name, factory)``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -161,6 +161,30 @@ def score_view(scorer: Scorer, view: ScoringView) -> torch.Tensor:
 def score_one_head(scorer: Scorer, view: ScoringView) -> torch.Tensor:
     """Scores [B, N] of a view with one KV head (H = 1), as the envs take them (through ``declared_view``)."""
     return score_view(scorer, view)[:, 0]
+
+
+class LayerMix:
+    """``other``'s scores in ``layers``, ``base``'s in every other layer. Rankings are per row and head, so the
+    two scales never meet: a policy with a heuristic's ranking in the layers where validation texts prefer it,
+    or the oracle in every layer but one, to see what that layer's mistakes cost. Each part is handed only
+    the inputs it declares; the mix declares both parts' and reads the wider query window."""
+
+    def __init__(self, base: Scorer, other: Scorer, layers: Iterable[int]) -> None:
+        self.base, self.other = base, other
+        self.layers = torch.tensor(sorted(set(layers)), dtype=torch.long)
+        self.needs = frozenset(base.needs | other.needs)
+        windows = [part.window_size for part in (base, other) if hasattr(part, "window_size")]
+        if windows:
+            self.window_size = max(windows)
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        """Scores [B, H, N]: ``other``'s on the rows whose ``view.layer`` is in ``layers``, ``base``'s elsewhere."""
+        theirs = torch.isin(view.layer, self.layers.to(view.layer.device))
+        if not bool(theirs.any()):  # a part that has no row here is not called
+            return score_view(self.base, view).float()
+        if bool(theirs.all()):
+            return score_view(self.other, view).float()
+        return torch.where(theirs[:, None, None], score_view(self.other, view).float(), score_view(self.base, view).float())
 
 
 _registry: dict[str, Callable[..., Scorer]] = {}

@@ -3,6 +3,8 @@ scorer exactly the optional inputs it declares in ``needs``, and nothing more.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from kvp_gym.envs.adapters import ScorerPolicy, obs_to_view
 from kvp_gym.envs.kv_evict import KVEvictEnv
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.suite import Suite
-from kvp_gym.scorers import OPTIONAL_INPUTS, declared_view
+from kvp_gym.scorers import OPTIONAL_INPUTS, LayerMix, declared_view
 from kvp_gym.traces import TraceDataset
 
 from conftest import tiny_llama
@@ -96,3 +98,29 @@ def test_cache_hands_only_declared_inputs(declared):
 def test_cache_refuses_a_future_scorer():
     with pytest.raises(ValueError, match="future"):
         EvictingCache(Cheater(frozenset({"future_importance"})), 24, config=tiny_llama().config)
+
+
+def test_layer_mix_takes_each_part_in_its_layers_and_gates_both(tiny_traces):
+    """Rows of a view stacked over two layers: the mix scores layer 1 as ``other`` and layer 0 as ``base``, each
+    part seeing only what it declares; a view of one part's layers alone never calls the other."""
+    env = KVEvictEnv(str(tiny_traces.directory), max_tokens=64, obs_queries=4, obs_attention=True, obs_future=True)
+    obs, _ = env.reset(seed=2)
+    view = obs_to_view(obs, env.model_spec)
+    stacked = dataclasses.replace(
+        view, **{name: torch.cat([getattr(view, name)] * 2) for name in ("keys", "values", "positions", "mask", "kv_heads",
+                                                                          "queries", "query_positions", "attention",
+                                                                          "future_importance")},
+        layer=torch.tensor([0, 1]))
+    base, other = Cheater(frozenset({"attention"})), Cheater(frozenset({"queries"}))
+    other.window_size = 8
+    mix = LayerMix(base, other, layers=[1])
+    assert mix.needs == {"attention", "queries"} and mix.window_size == 8
+    scores = mix.score(stacked)
+    expected = stacked.keys.float().norm(dim=-1)
+    assert torch.equal(scores, expected)
+    assert_saw_exactly(base, {"attention"}) and assert_saw_exactly(other, {"queries"})
+    other.score = lambda view: torch.zeros(view.shape)  # now distinguishable: layer 1's rows come from it
+    assert torch.equal(mix.score(stacked)[1], torch.zeros_like(expected[1])) and torch.equal(mix.score(stacked)[0], expected[0])
+    calls = len(base.seen)
+    only_other = dataclasses.replace(stacked, layer=torch.tensor([1, 1]))
+    assert torch.equal(mix.score(only_other), torch.zeros_like(expected)) and len(base.seen) == calls
