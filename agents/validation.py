@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from kvp_gym.cache import EvictingCache
-from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
-from kvp_gym.eval.downstream import continuation_nll, record_prefill
+from kvp_gym.eval.downstream import continuation_nll, record_prefill, recording_window
 from kvp_gym.models import load_model
 from kvp_gym.ranking import Protected
 from kvp_gym.traces import TraceDataset
@@ -54,7 +53,7 @@ class DownstreamValidator:
 
     def _recorded(self, scorer: Any) -> list[EvictingCache]:
         """Every trace's prefix, run once into a recording cache that keeps at least ``scorer``'s query window."""
-        window = max(DEFAULT_QUERY_WINDOW, getattr(scorer, "window_size", 0))
+        window = recording_window([scorer])
         if not self.prefills or self.prefills[0].settings.query_window < window:
             self.prefills = [record_prefill(self.model, trace.tokens[None, :prefix], window)
                              for trace, prefix in zip(self.traces, self.prefixes)]

@@ -29,7 +29,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from kvp_gym import scorers
-    from kvp_gym.eval.leaderboard import DownstreamRunner, downstream_units, recording_window, unit_batches
+    from kvp_gym.eval.downstream import recording_window
+    from kvp_gym.eval.leaderboard import DownstreamRunner, downstream_units, unit_batches
     from kvp_gym.eval.suite import get_suite, is_ruler
 
     suite = get_suite(args.suite)

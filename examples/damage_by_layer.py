@@ -23,8 +23,7 @@ import torch
 
 from kvp_gym import scorers
 from kvp_gym.checkpoint import load_scorer
-from kvp_gym.eval.downstream import continuation_nll, record_prefill
-from kvp_gym.eval.leaderboard import recording_window
+from kvp_gym.eval.downstream import continuation_nll, record_prefill, recording_window
 from kvp_gym.eval.oracle import TraceOracle, trace_importance
 from kvp_gym.eval.suite import get_suite, resolve_budget
 from kvp_gym.models import load_model

@@ -20,8 +20,7 @@ import math
 import torch
 
 from kvp_gym import scorers
-from kvp_gym.eval.downstream import continuation_nll, record_prefill
-from kvp_gym.eval.leaderboard import recording_window
+from kvp_gym.eval.downstream import continuation_nll, record_prefill, recording_window
 from kvp_gym.eval.oracle import TraceOracle, trace_importance
 from kvp_gym.eval.stats import probability_of_improvement
 from kvp_gym.eval.suite import get_suite, resolve_budget

@@ -23,8 +23,7 @@ import torch
 
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
-from kvp_gym.eval.downstream import record_prefill
-from kvp_gym.eval.leaderboard import recording_window
+from kvp_gym.eval.downstream import record_prefill, recording_window
 from kvp_gym.eval.oracle import TraceOracle, trace_importance
 from kvp_gym.eval.suite import get_suite, resolve_budget
 from kvp_gym.models import load_model
@@ -74,8 +73,9 @@ def main() -> None:
                                for scorer in (TraceOracle(importance), *policies.values()))
         caches = dict(zip(policies, compressed))
         for layer in layers:
+            oracle_kept = kept_positions(oracle, layer)
             for name, cache in caches.items():
-                for head, (best, mine) in enumerate(zip(kept_positions(oracle, layer), kept_positions(cache, layer))):
+                for head, (best, mine) in enumerate(zip(oracle_kept, kept_positions(cache, layer))):
                     mass = importance[layer, head]
                     groups = {"missed": sorted(best - mine), "kept wrongly": sorted(mine - best),
                               "oracle-kept": sorted(best), "all": list(range(prefix))}

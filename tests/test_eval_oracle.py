@@ -179,7 +179,8 @@ def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(ti
     """A DownstreamRunner forks one prefill per prompt for every policy and budget and answers a RULER
     batch as one batch of rows; a fresh runner per unit prefills and answers for that unit alone. The
     records are identical."""
-    from kvp_gym.eval.leaderboard import DownstreamRunner, recording_window, unit_batches
+    from kvp_gym.eval.downstream import recording_window
+    from kvp_gym.eval.leaderboard import DownstreamRunner, unit_batches
 
     traces = tiny_suite.traces(show_progress=False)
     policies = {name: get(name) for name in ("snapkv", "h2o-norm", "streamingllm")}

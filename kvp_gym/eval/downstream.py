@@ -14,11 +14,13 @@ forward pass of the model over held-out test traces' tokens:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvp_gym.cache import EvictingCache
+from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
 from kvp_gym.data import score_answer
 from kvp_gym.scorers import Scorer
 from kvp_gym.traces import Trace
@@ -42,6 +44,11 @@ def prefilled_cache(
         scorer, budget, config=model.config, sink=sink, recent=recent)
     model(prompt, cache=cache, use_cache=True)
     return cache
+
+
+def recording_window(policies: Iterable[Scorer]) -> int:
+    """Queries a shared prefill records: the widest query window any of the policies reads."""
+    return max([DEFAULT_QUERY_WINDOW, *(getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW) for scorer in policies)])
 
 
 @torch.inference_mode()

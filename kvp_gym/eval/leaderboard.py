@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from kvp_gym import scorers
-from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
-from kvp_gym.eval.downstream import compressed_length, continuation_nll, record_prefill, ruler_answers, ruler_prompt
+from kvp_gym.eval.downstream import (compressed_length, continuation_nll, record_prefill, recording_window, ruler_answers,
+                                     ruler_prompt)
 from kvp_gym.eval.ranking import SuiteRanking
 from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
@@ -272,10 +272,6 @@ def oracle_id() -> str:
     """The future oracle's record id."""
     return f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
 
-
-def recording_window(policies: Iterable[Scorer]) -> int:
-    """Queries a shared prefill records: the widest query window any of the policies reads."""
-    return max([DEFAULT_QUERY_WINDOW, *(getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW) for scorer in policies)])
 
 
 def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:

@@ -17,7 +17,8 @@ class LeaderboardWorker:
     the first downstream unit)."""
 
     def __init__(self, suite: Any, trace_dirs: dict[str, str], names: list[str], checkpoints: list[str], registered: list[str]) -> None:
-        from kvp_gym.eval.leaderboard import DownstreamRunner, load_policies, recording_window
+        from kvp_gym.eval.downstream import recording_window
+        from kvp_gym.eval.leaderboard import DownstreamRunner, load_policies
         from kvp_gym.traces import TraceDataset
 
         worker_setup()
