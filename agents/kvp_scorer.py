@@ -32,6 +32,11 @@ in position order (kernel 5, SnapKV's pooling, which keeps whole spans such as a
 so the cache skips the attention sum over every query (a second attention pass on a CPU:
 benchmarks/cache_overhead.py); untrained, it ranks by the window's vote.
 ``inputs="kv"`` is KVP's own agent (no optional input).
+
+``h2o_layers`` lists layers whose agents ``score`` does not use: there the score is the first attention feature
+alone, 5 a_i = log(normalised H2O + 1e-6), which ranks exactly as ``h2o-norm``. Training still fits every agent
+(it calls ``network``). The shipped policy defers in layer 0, where its own ranking cost more perplexity on
+validation texts than any heuristic's, even a random one (round 18, docs/learned-eviction.md).
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class PerHeadKVPScorer(PerHeadModule):
         window: int = 64,
         heads: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
+        h2o_layers: Sequence[int] = (),
     ) -> None:
         super().__init__(num_layers, num_kv_heads, head_dim, heads)
         if width < 1 or window < 1:
@@ -118,6 +124,12 @@ class PerHeadKVPScorer(PerHeadModule):
         self.width, self.inputs, self.window, self.seed = width, inputs, window, seed
         self.statistics = ATTENTION_STATISTICS[inputs]
         self.features = len(self.statistics)
+        self.h2o_layers = sorted(set(int(layer) for layer in h2o_layers))
+        if self.h2o_layers and self.statistics[:1] != ("h2o",):
+            reading = [name for name, statistics in ATTENTION_STATISTICS.items() if statistics[:1] == ("h2o",)]
+            raise ValueError(f"h2o_layers needs inputs that read normalised H2O first ({', '.join(reading)}), got {inputs!r}")
+        if any(not 0 <= layer < num_layers for layer in self.h2o_layers):
+            raise ValueError(f"h2o_layers must be layers of the model (0..{num_layers - 1}), got {list(h2o_layers)}")
         needs = {"queries"} if self.statistics else set()  # the window's and the last query's votes
         self.needs = frozenset(needs | {"attention"} if "h2o" in self.statistics else needs)
         slots, generator = len(self.heads), torch.Generator().manual_seed(seed)
@@ -142,7 +154,8 @@ class PerHeadKVPScorer(PerHeadModule):
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``PerHeadKVPScorer(**scorer.config())`` rebuilds it."""
-        return {**self.head_config(), "width": self.width, "inputs": self.inputs, "window": self.window, "seed": self.seed}
+        return {**self.head_config(), "width": self.width, "inputs": self.inputs, "window": self.window, "seed": self.seed,
+                "h2o_layers": self.h2o_layers}
 
     def score(self, view: ScoringView) -> torch.Tensor:
         """Scores [B, H, N] (float32)."""
@@ -162,8 +175,11 @@ class PerHeadKVPScorer(PerHeadModule):
             (newest - positions)[:, None].expand(b, h, n).reshape(b * h, n),
             positions[:, None].expand(b, h, n).reshape(b * h, n),
             extra,
-        )
-        return scores.view(b, h, n)
+        ).view(b, h, n)
+        if self.h2o_layers:
+            deferred = torch.isin(view.layer, torch.tensor(self.h2o_layers, device=view.layer.device))
+            scores = torch.where(deferred[:, None, None], 5.0 * extra[..., 0].view(b, h, n), scores)
+        return scores
 
     def forward(self, view: ScoringView) -> torch.Tensor:
         return self.score(view)

@@ -7,7 +7,9 @@ It is KVP's per-head network for SmolLM2-135M-Instruct reading keys, values, pos
 attention statistics of the cache, the last query's and the window's vote pooled over neighbours
 included (``agents.kvp_scorer``, ``inputs="kv+attention+last+pool"``), distilled from the future-attention
 oracle (``agents.distill``) by ``kvp-gym train --recipe smollm2-long`` (since round 14: texts of 512 to 4096
-tokens; the best checkpoint of seed 0); its checkpoint header records how it was trained.
+tokens; the best checkpoint of seed 0); its checkpoint header records how it was trained. Since round 18 it
+ranks layer 0 by normalised H2O instead of its agents there (``h2o_layers=[0]`` in its config, chosen on
+validation texts: ``examples/layer_fallback.py``); the weights are round 14's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kvp_gym import scorers
 from kvp_gym.checkpoint import load_scorer, read_header, save_scorer
 from kvp_gym.scorers import Scorer
 
@@ -28,16 +31,22 @@ def shipped_kvp() -> Scorer:
     return load_scorer(POLICY_FILE).eval()
 
 
-def ship(run: str | Path, out: str | Path = POLICY_FILE) -> Path:
+def ship(run: str | Path, out: str | Path = POLICY_FILE, h2o_layers: list[int] | None = None) -> Path:
     """Write the trained scorer of ``run`` (a run directory or checkpoint file) as the shipped policy: the
-    same header, the weights in float16 (half the size; they load back as float32)."""
+    same header, the weights in float16 (half the size; they load back as float32). ``h2o_layers`` (a
+    ``kvp-net`` config field) replaces the layers where it ranks by normalised H2O instead of its agents."""
     header = read_header(run)
-    return save_scorer(load_scorer(run), out, registry_name=header.registry_name, config=header.config,
-                       model_spec=header.model_spec, protected=header.protected, training=header.training,
-                       env=header.env, weights_dtype=torch.float16)
+    config = header.config if h2o_layers is None else {**header.config, "h2o_layers": h2o_layers}
+    scorer = scorers.get(header.registry_name, **config)
+    scorer.load_state_dict(load_scorer(run).state_dict())
+    return save_scorer(scorer, out, registry_name=header.registry_name, config=config, model_spec=header.model_spec,
+                       protected=header.protected, training=header.training, env=header.env, weights_dtype=torch.float16)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Ship a trained run as the registered `kvp` policy (float16 weights).")
     parser.add_argument("run", type=Path, help="run directory (or its best/) or checkpoint file")
-    print(f"wrote {ship(parser.parse_args().run)}")
+    parser.add_argument("--h2o-layers", type=int, nargs="*", default=None,
+                        help="layers ranked by normalised H2O instead of the agents (default: as the run's config)")
+    args = parser.parse_args()
+    print(f"wrote {ship(args.run, h2o_layers=args.h2o_layers)}")

@@ -26,12 +26,23 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; never leaves a partial file."""
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; never leaves a partial file.
+    The file gets the permissions ``open`` would give it (mkstemp's are owner-only)."""
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

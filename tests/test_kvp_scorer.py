@@ -110,6 +110,31 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert scorers.is_trainable("kvp-net")
 
 
+def test_h2o_layers_rank_as_normalised_h2o_there_and_ship_in_the_config(tmp_path: Path) -> None:
+    from agents.shipped import ship
+
+    torch.manual_seed(0)
+    scorer = PerHeadKVPScorer(3, 2, 16, width=32, inputs="kv+attention+last+pool", window=8, seed=1)
+    views = [view_of(torch.randn(1, 2, 40, 16), layer, attention=True) for layer in (1, 2)]
+    both = ScoringView(**{name: torch.cat([getattr(view, name) for view in views]) for name in
+                          ("keys", "values", "positions", "mask", "layer", "kv_heads", "attention", "queries", "query_positions")},
+                       num_layers=3, num_kv_heads=2)
+    save_scorer(scorer, tmp_path / "run", registry_name=scorer.registry_name, config=scorer.config(),
+                model_spec=ModelSpec(name="toy", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4),
+                protected={"sink": 4, "recent": 16}, training={})
+    deferring = load_scorer(ship(tmp_path / "run", tmp_path / "shipped.safetensors", h2o_layers=[1]))
+    assert deferring.h2o_layers == [1] and read_header(tmp_path / "shipped.safetensors").config["h2o_layers"] == [1]
+    scores, own = deferring.score(both), scorer.score(both)
+    h2o = scorers.get("h2o-norm").score(both)
+    torch.testing.assert_close(scores[0], torch.log(h2o[0] + 1e-6))  # layer 1: normalised H2O's ranking
+    torch.testing.assert_close(scores[1], own[1], atol=1e-2, rtol=1e-2)  # layer 2: its agents (float16 weights)
+    assert not torch.allclose(own[0], torch.log(h2o[0] + 1e-6), atol=1e-2)
+    with pytest.raises(ValueError, match="h2o_layers needs inputs that read normalised H2O"):
+        PerHeadKVPScorer(3, 2, 16, inputs="kv+window+last", h2o_layers=[0])
+    with pytest.raises(ValueError, match=r"h2o_layers must be layers of the model \(0..2\)"):
+        PerHeadKVPScorer(3, 2, 16, inputs="kv+attention", h2o_layers=[3])
+
+
 def test_drives_the_evicting_cache(tiny_model_dir: Path) -> None:
     from kvp_gym.models import load_model
 

@@ -53,6 +53,14 @@ def test_text_source_traces_and_info(tmp_path, prose_set):
     assert "sequences" in result.output and "192" in result.output
 
 
+def test_written_files_get_the_permissions_open_gives(tmp_path, prose_set):
+    from kvp_gym.io import UMASK
+
+    dataset = prose_set(tmp_path / "prose")
+    written = sorted(path for path in dataset.directory.iterdir() if path.is_file())
+    assert written and {path.stat().st_mode & 0o777 for path in written} == {0o666 & ~UMASK}
+
+
 def test_traces_written_here_are_not_read_again_to_check_them(tmp_path, prose_set, monkeypatch):
     """A recipe trains in the process that wrote its traces: their sha256s were taken as they were written.
     A file changed since (another mtime) is checked again, and a corrupt one is still caught."""
