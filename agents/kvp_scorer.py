@@ -157,6 +157,12 @@ class PerHeadKVPScorer(PerHeadModule):
         return {**self.head_config(), "width": self.width, "inputs": self.inputs, "window": self.window, "seed": self.seed,
                 "h2o_layers": self.h2o_layers}
 
+    def with_h2o_layers(self, layers: Sequence[int]) -> PerHeadKVPScorer:
+        """A copy with these weights that ranks ``layers`` by normalised H2O (``[]``: by its agents in every layer)."""
+        copy = PerHeadKVPScorer(**{**self.config(), "h2o_layers": layers})
+        copy.load_state_dict(self.state_dict())
+        return copy.train(self.training)
+
     def score(self, view: ScoringView) -> torch.Tensor:
         """Scores [B, H, N] (float32)."""
         b, h, n, d = view.keys.shape

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kvp_gym import scorers
+from agents.kvp_scorer import PerHeadKVPScorer
 from kvp_gym.checkpoint import load_scorer, read_header, save_scorer
 from kvp_gym.scorers import Scorer
 
@@ -33,12 +33,15 @@ def shipped_kvp() -> Scorer:
 
 def ship(run: str | Path, out: str | Path = POLICY_FILE, h2o_layers: list[int] | None = None) -> Path:
     """Write the trained scorer of ``run`` (a run directory or checkpoint file) as the shipped policy: the
-    same header, the weights in float16 (half the size; they load back as float32). ``h2o_layers`` (a
-    ``kvp-net`` config field) replaces the layers where it ranks by normalised H2O instead of its agents."""
-    header = read_header(run)
-    config = header.config if h2o_layers is None else {**header.config, "h2o_layers": h2o_layers}
-    scorer = scorers.get(header.registry_name, **config)
-    scorer.load_state_dict(load_scorer(run).state_dict())
+    same header, the weights in float16 (half the size; they load back as float32). ``h2o_layers``, if given,
+    sets the layers a ``kvp-net`` ranks by normalised H2O instead of its agents (``PerHeadKVPScorer.with_h2o_layers``)."""
+    header, scorer = read_header(run), load_scorer(run)
+    config = header.config
+    if h2o_layers is not None:
+        if not isinstance(scorer, PerHeadKVPScorer):
+            raise ValueError(f"h2o_layers needs a kvp-net run; {run} holds {header.registry_name!r}")
+        scorer = scorer.with_h2o_layers(h2o_layers)
+        config = scorer.config()
     return save_scorer(scorer, out, registry_name=header.registry_name, config=config, model_spec=header.model_spec,
                        protected=header.protected, training=header.training, env=header.env, weights_dtype=torch.float16)
 

@@ -1,6 +1,6 @@
 """A policy with a heuristic's ranking in some layers: does it lose less perplexity than the policy alone?
 
-    python examples/layer_fallback.py                                   # kvp with h2o-norm in layer 0, 16 validation texts
+    python examples/layer_fallback.py                                   # kvp's agents with h2o-norm in layer 0, 16 validation texts
     python examples/layer_fallback.py --layers 0 0,18 0,17,18           # several layer sets at once
     python examples/layer_fallback.py --source prose --suite full-v2    # the held-out test texts (after choosing!)
 
@@ -9,7 +9,9 @@ uses (``--seed``, default 11), made once under $KVP_GYM_HOME/validation/. Choose
 the choice once on a suite's test texts. Each text's first ``ppl_prefix`` tokens are compressed once, the rest
 scored, as in the leaderboard. Prints, per budget, the mean per-text perplexity ratio - 1 of the future oracle,
 the policy, the heuristic and each mix (``kvp_gym.scorers.LayerMix``), and the paired bootstrap probability
-that the mix beats the policy alone (``kvp_gym.eval.stats.probability_of_improvement``).
+that the mix beats the policy alone (``kvp_gym.eval.stats.probability_of_improvement``). A ``kvp-net`` policy is
+compared by its own agents in every layer: the shipped ``kvp`` already ranks layer 0 by normalised H2O (this
+example chose that; ``h2o_layers`` in its config).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 import torch
 
+from agents.kvp_scorer import PerHeadKVPScorer
 from kvp_gym import scorers
 from kvp_gym.eval.downstream import continuation_nll, record_prefill, recording_window
 from kvp_gym.eval.oracle import TraceOracle, trace_importance
@@ -48,6 +51,8 @@ def main() -> None:
         home_dir() / "validation" / f"{args.source}-s{args.seed}-n{args.texts}", args.source, n=args.texts, length=suite.length,
         split="train", model_name=suite.model, seed=args.seed))
     policy, fallback = scorers.get(args.policy), scorers.get(args.fallback)
+    if isinstance(policy, PerHeadKVPScorer):
+        policy = policy.with_h2o_layers([])
     policies: dict[str, Scorer] = {args.policy: policy, args.fallback: fallback}
     policies |= {f"{args.policy} + {args.fallback} in {layers}": LayerMix(policy, fallback, map(int, layers.split(",")))
                  for layers in args.layers}

@@ -129,6 +129,13 @@ def test_h2o_layers_rank_as_normalised_h2o_there_and_ship_in_the_config(tmp_path
     torch.testing.assert_close(scores[0], torch.log(h2o[0] + 1e-6))  # layer 1: normalised H2O's ranking
     torch.testing.assert_close(scores[1], own[1], atol=1e-2, rtol=1e-2)  # layer 2: its agents (float16 weights)
     assert not torch.allclose(own[0], torch.log(h2o[0] + 1e-6), atol=1e-2)
+    agents_only = deferring.with_h2o_layers([])  # the same weights, its agents in every layer
+    torch.testing.assert_close(agents_only.score(both)[0], own[0], atol=1e-2, rtol=1e-2)
+    mlp = scorers.get("mlp", num_layers=3, num_kv_heads=2, head_dim=16)
+    save_scorer(mlp, tmp_path / "mlp", registry_name="mlp", config=mlp.config(), model_spec=read_header(tmp_path / "run").model_spec,
+                protected={"sink": 4, "recent": 16}, training={})
+    with pytest.raises(ValueError, match="h2o_layers needs a kvp-net run"):
+        ship(tmp_path / "mlp", tmp_path / "other.safetensors", h2o_layers=[0])
     with pytest.raises(ValueError, match="h2o_layers needs inputs that read normalised H2O"):
         PerHeadKVPScorer(3, 2, 16, inputs="kv+window+last", h2o_layers=[0])
     with pytest.raises(ValueError, match=r"h2o_layers must be layers of the model \(0..2\)"):
