@@ -51,5 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("run", type=Path, help="run directory (or its best/) or checkpoint file")
     parser.add_argument("--h2o-layers", type=int, nargs="*", default=None,
                         help="layers ranked by normalised H2O instead of the agents (default: as the run's config)")
+    parser.add_argument("--out", type=Path, default=POLICY_FILE, help="where to write it (default: the shipped `kvp`)")
     args = parser.parse_args()
-    print(f"wrote {ship(args.run, h2o_layers=args.h2o_layers)}")
+    print(f"wrote {ship(args.run, args.out, h2o_layers=args.h2o_layers)}")
