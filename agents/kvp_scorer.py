@@ -174,6 +174,9 @@ class PerHeadKVPScorer(PerHeadModule):
         extra = None
         if self.features:
             extra = view_attention_features(view, self.window, self.statistics).reshape(b * h, n, self.features)
+        deferred = torch.isin(view.layer, torch.tensor(self.h2o_layers, dtype=torch.long, device=view.layer.device))
+        if self.h2o_layers and bool(deferred.all()):  # the cache scores one layer at a time: no agent runs in a deferred layer
+            return 5.0 * extra[..., 0].view(b, h, n)
         scores = self.network(
             slots,
             view.keys.reshape(b * h, n, d).float(),
@@ -182,8 +185,7 @@ class PerHeadKVPScorer(PerHeadModule):
             positions[:, None].expand(b, h, n).reshape(b * h, n),
             extra,
         ).view(b, h, n)
-        if self.h2o_layers:
-            deferred = torch.isin(view.layer, torch.tensor(self.h2o_layers, device=view.layer.device))
+        if bool(deferred.any()):
             scores = torch.where(deferred[:, None, None], 5.0 * extra[..., 0].view(b, h, n), scores)
         return scores
 

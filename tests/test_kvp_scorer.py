@@ -110,7 +110,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert scorers.is_trainable("kvp-net")
 
 
-def test_h2o_layers_rank_as_normalised_h2o_there_and_ship_in_the_config(tmp_path: Path) -> None:
+def test_h2o_layers_rank_as_normalised_h2o_there_and_ship_in_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agents.shipped import ship
 
     torch.manual_seed(0)
@@ -129,6 +129,9 @@ def test_h2o_layers_rank_as_normalised_h2o_there_and_ship_in_the_config(tmp_path
     torch.testing.assert_close(scores[0], torch.log(h2o[0] + 1e-6))  # layer 1: normalised H2O's ranking
     torch.testing.assert_close(scores[1], own[1], atol=1e-2, rtol=1e-2)  # layer 2: its agents (float16 weights)
     assert not torch.allclose(own[0], torch.log(h2o[0] + 1e-6), atol=1e-2)
+    with monkeypatch.context() as patch:  # a view of a deferred layer alone (as the cache scores) runs no agent
+        patch.setattr(deferring, "network", None)
+        torch.testing.assert_close(deferring.score(views[0]), scores[:1])
     agents_only = deferring.with_h2o_layers([])  # the same weights, its agents in every layer
     torch.testing.assert_close(agents_only.score(both)[0], own[0], atol=1e-2, rtol=1e-2)
     mlp = scorers.get("mlp", num_layers=3, num_kv_heads=2, head_dim=16)

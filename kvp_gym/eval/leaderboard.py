@@ -273,7 +273,6 @@ def oracle_id() -> str:
     return f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
 
 
-
 def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:
     """How many tokens a downstream unit prefills and compresses (a fractional budget is a share of it)."""
     return suite.ppl_prefix if kind == "ppl" else compressed_length(trace, placement)
