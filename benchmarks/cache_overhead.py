@@ -4,12 +4,14 @@
     python benchmarks/cache_overhead.py --tiny           # a tiny random GQA Llama (e.g. on a GPU box)
     python benchmarks/cache_overhead.py --kvp-widths 112 64 32 --policies h2o-norm kvp   # cost by network width
     python benchmarks/cache_overhead.py --policies kvp runs/kvp                         # a trained run too
+    python benchmarks/cache_overhead.py --policies h2o-norm kvp kvp-fast                 # with and without the H2O input
 
-For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the time the evicting
-prefill spends in the ``kvp_evict`` hand-off (``EvictingLayer.observe``: positions and padding, plus
-the query window for SnapKV/TOVA and the attention accumulation for H2O); the scoring + compaction of
-all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA); their sum relative to
-the stock prefill (goal <= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
+For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the hand-off, what the
+evicting prefill takes beyond it (the ``kvp_evict`` attention: positions and padding, the query window
+for SnapKV/TOVA, and for H2O-style inputs the attention each entry receives, by default in one pass with
+the attention's output; path ``torch/2p``: sdpa plus a second pass for the sums, as before round 19); the
+scoring + compaction of all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA);
+their sum relative to the stock prefill (goal <= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
 shipped policy's inputs (``kvp-wW``), and the network's share of the prefill's FLOPs next to it: what the
 scoring costs at best, and how much of the measured time is the implementation. Then decode tokens/s with
 the full cache and with 25% and 10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
@@ -19,10 +21,9 @@ time on CUDA, this process's CPU time on CPU (so that other jobs on a shared box
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvp_gym import scorers
 from kvp_gym.cache import EvictingCache
-from kvp_gym.cache.layer import EvictingLayer
 from kvp_gym.checkpoint import load_scorer
 
 
@@ -68,6 +68,8 @@ def make_scorer(name: str, model: LlamaForCausalLM):
     shape = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
     if name.startswith("kvp-w"):  # an untrained kvp-net of that width, reading what the shipped policy reads
         return scorers.get("kvp-net", **shape, width=int(name[len("kvp-w"):]), inputs=scorers.get("kvp").inputs).to(model.device)
+    if name == "kvp-fast":  # `--recipe smollm2-fast`'s network, untrained (the same cost): no normalised-H2O input
+        return scorers.get("kvp-net", **shape, width=scorers.get("kvp").width, inputs="kv+window+last").to(model.device)
     if name == "mlp":  # the per-head MLP agent, untrained weights: same cost as a trained one
         return scorers.get("mlp", **shape).to(model.device)
     if name == "kvp":  # the shipped policy; on another model, an untrained network of its shape (the same cost)
@@ -94,23 +96,6 @@ def flop_share(scorer, model: LlamaForCausalLM, length: int) -> str:
     return f"{network / (linear + attention):>10.2%}"
 
 
-@contextlib.contextmanager
-def hand_off_timer(device: torch.device) -> Iterator[list[float]]:
-    """While active, adds the time spent in ``EvictingLayer.observe`` (the kvp_evict hand-off) to ``spent[0]``."""
-    now, original, spent = clock(device), EvictingLayer.observe, [0.0]
-
-    def observe(self, *args, **kwargs) -> None:
-        start = now()
-        original(self, *args, **kwargs)
-        spent[0] += now() - start
-
-    EvictingLayer.observe = observe
-    try:
-        yield spent
-    finally:
-        EvictingLayer.observe = original
-
-
 def stock_prefill(model, ids, repeats) -> float:
     """Median time of a prefill on transformers' own sdpa attention and DynamicCache, after a warm-up."""
     now = clock(ids.device)
@@ -123,19 +108,19 @@ def stock_prefill(model, ids, repeats) -> float:
     return statistics.median(times[1:])
 
 
-def compression_cost(model, ids, scorer, budget, use_triton, repeats) -> tuple[float, float]:
-    """Medians (time in the prefill's hand-off, scoring + compaction of all layers), after a warm-up."""
+def compression_cost(model, ids, scorer, budget, use_triton, one_pass, repeats) -> tuple[float, float]:
+    """Medians (the evicting prefill, scoring + compaction of all layers), after a warm-up."""
     now = clock(ids.device)
-    hand_offs, flushes = [], []
+    prefills, flushes = [], []
     for _ in range(repeats + 1):
-        cache = EvictingCache(scorer, budget, config=model.config, use_triton=use_triton)
-        with hand_off_timer(ids.device) as spent:
-            model(ids, cache=cache)
+        cache = EvictingCache(scorer, budget, config=model.config, use_triton=use_triton, one_pass_attention=one_pass)
+        start = now()
+        model(ids, cache=cache)
+        prefills.append(now() - start)
         start = now()
         cache.flush()
         flushes.append(now() - start)
-        hand_offs.append(spent[0])
-    return statistics.median(hand_offs[1:]), statistics.median(flushes[1:])
+    return statistics.median(prefills[1:]), statistics.median(flushes[1:])
 
 
 def decode_speed(model, ids, make_cache: Callable[[], object], steps: int) -> tuple[float, object]:
@@ -176,14 +161,18 @@ def main() -> None:
         budget = length // 4
         stock = stock_prefill(model, ids, args.repeats)
         print(f"\n== prompt {length} tokens: stock prefill {stock * 1e3:.0f} ms; budget {budget} (25%) ==")
-        print(f"{'policy':<14}{'path':<8}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}{'net FLOPs':>10}")
+        print(f"{'policy':<14}{'path':<10}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}{'net FLOPs':>10}")
         for name in [*args.policies, *(f"kvp-w{width}" for width in args.kvp_widths)]:
             scorer = make_scorer(name, model)
+            passes = [True, False] if "attention" in scorer.needs else [True]  # one-pass attention, and sdpa + sums
             for use_triton in paths:
-                hand_off, flush = compression_cost(model, ids, scorer, budget, use_triton, args.repeats)
-                label = Path(name).name if Path(name).exists() else name
-                print(f"{label:<14}{'triton' if use_triton else 'torch':<8}{hand_off * 1e3:>8.1f}ms"
-                      f"{flush * 1e3:>13.1f}ms{(hand_off + flush) / stock:>10.2%}{flop_share(scorer, model, length)}")
+                for one_pass in passes:
+                    prefill, flush = compression_cost(model, ids, scorer, budget, use_triton, one_pass, args.repeats)
+                    label = Path(name).name if Path(name).exists() else name
+                    path = ("triton" if use_triton else "torch") + ("" if one_pass else "/2p")
+                    hand_off = prefill - stock
+                    print(f"{label:<14}{path:<10}{hand_off * 1e3:>8.1f}ms{flush * 1e3:>13.1f}ms"
+                          f"{(hand_off + flush) / stock:>10.2%}{flop_share(scorer, model, length)}")
         model.set_attn_implementation("sdpa")
         full_speed, full_cache = decode_speed(model, ids, lambda: DynamicCache(config=model.config), args.decode_steps)
         full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)

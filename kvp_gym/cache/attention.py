@@ -6,7 +6,8 @@ nothing that links the two (``generate`` rejects extra keyword arguments). So an
 leaves itself in a thread-local slot at ``update`` and this function picks it up, checks that it
 belongs to the same layer, and shows it the queries, the 4D mask (padding) and the true position ids
 of the forward before running the stock sdpa attention (a padded stack of caches also hides its empty
-slots there). Without a pending layer it *is* sdpa:
+slots there), or, for a layer that sums the attention its entries receive, the layer's own one-pass
+attention. Without a pending layer it *is* sdpa:
 outputs are bit-identical to ``attn_implementation="sdpa"`` for any other cache.
 
 The mask function is registered under the same name (transformers builds no causal mask for an
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 ATTN_IMPLEMENTATION = "kvp_evict"
 
 _handoff = threading.local()
+_SDPA_EXTRAS = ("position_bias", "s_aux", "softcap")  # inputs that change sdpa's attention beyond the mask
 
 
 def hand_off(layer: EvictingLayer) -> None:
@@ -45,12 +47,24 @@ def _evicting_attention(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """sdpa attention; first shows query [B, Hq, q, d] and the mask [B, 1, q, kv] to the pending cache layer."""
+    """sdpa attention; first shows query [B, Hq, q, d] and the mask [B, 1, q, kv] to the pending cache layer.
+
+    A layer that sums the attention its entries receive (H2O-style scorers) computes the attention itself
+    and returns it: one pass for the output and the sums (``EvictingLayer.attend``), sdpa's output to float32
+    round-off. With ``one_pass_attention=False`` (recordings), dropout, or inputs that change sdpa's attention
+    beyond the mask (a position bias, sinks), the sums take a pass of their own and the output is sdpa's.
+    """
     layer = getattr(_handoff, "layer", None)
     _handoff.layer = None
     if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None) and layer.holds(key):
-        layer.observe(query, attention_mask, kwargs.get("position_ids"), kwargs.get("scaling") or module.scaling)
+        layer.observe(query, attention_mask, kwargs.get("position_ids"))
         attention_mask = layer.hide_empty_slots(attention_mask, query.shape[-2])
+        if layer.accumulates_attention:
+            one_pass = layer.settings.one_pass_attention and not kwargs.get("dropout") and all(
+                kwargs.get(name) is None for name in _SDPA_EXTRAS)
+            output = layer.attend(query, value, attention_mask, kwargs.get("scaling") or module.scaling, output=one_pass)
+            if output is not None:
+                return output, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -18,7 +18,7 @@ Design (transformers 5.x, Llama-style attention):
   a hand-off, bit-identical outputs; see ``kvp_gym.cache.attention``): it shows each layer the true
   position ids and the padding of new tokens and, when the scorer needs them, the last
   ``query_window`` queries (SnapKV, TOVA) or the attention each entry has received (H2O, computed only
-  then).
+  then, with the attention's output in the same pass: sdpa's to float32 round-off).
 * Padding. Each row is scored on its own real queries (``RealQueriesPerRow``), so a row evicts
   exactly as it would alone. Left-padded entries rank below every real entry. Kept entries stay in
   order, so the padding that must be kept (a row shorter than the budget) sits in the first slots,
@@ -54,7 +54,7 @@ class EvictingCache(Cache):
         scorer: any ``kvp_gym.scorers.Scorer`` (heuristic or trained agent).
         budget: entries kept per (layer, batch row, KV head), protected tokens included.
         config: the model's own config object (``model.config``); its attention is switched to
-            ``kvp_evict`` (sdpa with a hand-off to this cache, identical outputs).
+            ``kvp_evict`` (sdpa with a hand-off to this cache; see ``one_pass_attention``).
         sink, recent: the first/last real tokens that are always kept.
         every: None compresses once, after the first forward (the prefill); L re-compresses back to
             the budget whenever L tokens were appended since (the streaming setting): between forwards
@@ -62,6 +62,9 @@ class EvictingCache(Cache):
         query_window: queries kept for scorers that need them (default: the scorer's ``window_size``
             if it has one, else 64).
         use_triton: the compaction kernel (None: Triton on CUDA, torch otherwise).
+        one_pass_attention: for a scorer that reads the attention entries received (H2O-style), compute the
+            attention in the cache, output and sums in one pass (about sdpa's cost alone: the default), not
+            sdpa plus a second pass for the sums (False: sdpa's outputs bit for bit; recordings use it).
 
     Use: ``model.generate(**inputs, cache=EvictingCache(scorer, 256, config=model.config))``.
     """
@@ -77,6 +80,7 @@ class EvictingCache(Cache):
         every: int | None = None,
         query_window: int | None = None,
         use_triton: bool | None = None,
+        one_pass_attention: bool = True,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
         _check_full_attention(text_config)
@@ -98,6 +102,7 @@ class EvictingCache(Cache):
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             use_triton=use_triton,
             rope_theta=_plain_rope_theta(text_config),
+            one_pass_attention=one_pass_attention,
         )
         super().__init__(layers=[EvictingLayer(i, self.settings) for i in range(self.settings.num_layers)])
         use_evicting_attention(config)
@@ -108,7 +113,8 @@ class EvictingCache(Cache):
     def recording(cls, config: PreTrainedConfig, query_window: int = DEFAULT_QUERY_WINDOW) -> EvictingCache:
         """A cache that never evicts and records what any scorer needs (the last ``query_window`` queries,
         the attention received), to run a prompt's prefill once and ``fork`` it per scorer and budget."""
-        cache = cls(_Recorder(query_window), sys.maxsize, config=config, sink=0, recent=0, query_window=query_window)
+        cache = cls(_Recorder(query_window), sys.maxsize, config=config, sink=0, recent=0, query_window=query_window,
+                    one_pass_attention=False)
         cache.is_recording = True
         return cache
 
@@ -116,8 +122,9 @@ class EvictingCache(Cache):
              recent: int = DEFAULT_PROTECTED.recent, use_triton: bool | None = None) -> EvictingCache:
         """A new cache holding this (``recording``) cache's prefill, to compress with ``scorer`` to ``budget``.
 
-        It evicts exactly the entries a fresh ``EvictingCache(scorer, budget, ...)`` would after running the
-        same prefill itself (one-shot compression), so one prefill serves every policy and budget. A None
+        It evicts exactly the entries a fresh ``EvictingCache(scorer, budget, ..., one_pass_attention=False)``
+        would after running the same prefill itself (one-shot compression; the default one-pass attention of an
+        H2O-style scorer's own prefill gives the same to float32 round-off), so one prefill serves every policy and budget. A None
         ``scorer`` (and budget) keeps every entry: the full cache. This cache is left as it is, to fork again.
         """
         if not self.is_recording:

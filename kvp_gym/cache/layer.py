@@ -20,7 +20,9 @@ from kvp_gym.ranking import Protected
 from kvp_gym.scorers import Scorer, ScoringView, score_view
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
-_ATTENTION_CHUNK = 256  # queries per softmax block when accumulating attention (bounds memory)
+# Queries per softmax block when a layer computes its own attention: bounds memory, and at 64 a block's logits
+# stay in a CPU's cache (a prefill's attention 1.6x faster than blocks of 256; benchmarks/cache_overhead.py).
+_ATTENTION_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class EvictionSettings:
     num_kv_heads: int
     use_triton: bool | None
     rope_theta: float | None = None
+    one_pass_attention: bool = True
 
     @property
     def protected(self) -> Protected:
@@ -208,14 +211,8 @@ class EvictingLayer(DynamicLayer):
         """Whether ``key`` is what this layer just returned from ``update`` (same entry count)."""
         return self.is_initialized and key.shape[-2] == self.keys.shape[-2]
 
-    def observe(
-        self,
-        query: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        scaling: float,
-    ) -> None:
-        """Record true positions and padding of the q new entries, and the queries/attention the scorer needs.
+    def observe(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
+        """Record true positions and padding of the q new entries, and the queries the scorer needs.
 
         query [B, Hq, q, d] post-RoPE; attention_mask [B, 1, q, S] (bool, True = attend) or None (causal,
         no padding); position_ids [B or 1, q] (the RoPE positions).
@@ -230,11 +227,8 @@ class EvictingLayer(DynamicLayer):
                 _require_left_padding(real)
             positions = positions.masked_fill(~real, -1)
         self.positions[:, :, s - q :] = positions[:, None, :]
-        if self._collecting:
-            if self.settings.needs_queries:
-                self._record_queries(query, positions)
-            if self.settings.needs_attention:
-                self._accumulate_attention(query, visible, scaling)
+        if self._collecting and self.settings.needs_queries:
+            self._record_queries(query, positions)
         self.observed = True
 
     def hide_empty_slots(self, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
@@ -342,33 +336,50 @@ class EvictingLayer(DynamicLayer):
         else:
             self.window = self.window.extend(query, positions, size)
 
-    def _accumulate_attention(self, query: torch.Tensor, visible: torch.Tensor | None, scaling: float) -> None:
-        """Add this forward's softmax attention, summed over its queries, to ``attention`` [B, Hq, S].
+    @property
+    def accumulates_attention(self) -> bool:
+        """Whether this forward's attention, summed over its queries, feeds a compression (see ``attend``)."""
+        return self._collecting and self.settings.needs_attention
 
-        Queries go in chunks; a chunk only reaches the slots up to its last query (causality).
+    def attend(self, query: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               output: bool = True) -> torch.Tensor | None:
+        """Add this forward's softmax attention, summed over its queries, to ``attention`` [B, Hq, S]; with
+        ``output``, return the attention's output [B, q, Hq, d] (sdpa's layout, equal to sdpa's to float32
+        round-off), computed in the same pass.
+
+        query [B, Hq, q, d] post-RoPE, value [B, H, S, d] (this layer's values), attention_mask [B, 1, q, S] or
+        None (causal: new token i sits at slot S - q + i). Queries go in blocks; a block only reaches the slots
+        up to its last query. A query that sees no slot (padding) adds nothing and outputs zeros.
         """
         b, hq, q, d = query.shape
         h, s = self.keys.shape[1], self.keys.shape[-2]
-        received = torch.zeros(b, h, hq // h, s, dtype=torch.float32, device=self.device)
+        g = hq // h
+        visible = _as_bool(attention_mask)
+        keys = self.keys.float()
+        values = value.float() if output else None
+        received = torch.zeros(b, h, g, s, dtype=torch.float32, device=self.device)
+        result = torch.empty(b, h, g, q, d, dtype=torch.float32, device=self.device) if output else None
         for start in range(0, q, _ATTENTION_CHUNK):
             stop = min(q, start + _ATTENTION_CHUNK)
-            end = s - q + stop  # new token i sits at slot s - q + i
-            chunk = query[:, :, start:stop].float().reshape(b, h, hq // h, stop - start, d) * scaling
-            logits = torch.einsum("bhgcd,bhsd->bhgcs", chunk, self.keys[:, :, :end].float())
-            if visible is None:
-                slots = torch.arange(end, device=self.device)
-                hidden = slots[None, :] > (s - q + torch.arange(start, stop, device=self.device))[:, None]
+            rows, end = stop - start, s - q + stop
+            block = query[:, :, start:stop].float().reshape(b, h, g * rows, d)
+            logits = torch.matmul(block, keys[:, :, :end].transpose(-1, -2)).mul_(scaling).view(b, h, g, rows, end)
+            if visible is None:  # causal: only the block's own slots hold keys some of its queries must not see
+                ahead = torch.ones(rows, rows, dtype=torch.bool, device=self.device).triu_(1)
+                logits[..., end - rows :].masked_fill_(ahead, -math.inf)
             else:
-                hidden = ~visible[:, :, start:stop, :end].unsqueeze(2)
-            bias = torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, -math.inf)
-            probs = logits.add_(bias).softmax(dim=-1)
+                logits.masked_fill_(~visible[:, :, start:stop, :end].unsqueeze(2), -math.inf)
+            probs = logits.softmax(dim=-1)
             if visible is not None:
-                probs.nan_to_num_(0.0)  # a padding query sees no key: its row adds nothing
+                probs.nan_to_num_(0.0)
             received[..., :end] += probs.sum(dim=-2)
+            if output:
+                result[:, :, :, start:stop] = torch.matmul(probs.view(b, h, g * rows, end), values[:, :, :end]).view(b, h, g, rows, d)
         before = torch.zeros(b, hq, q, dtype=torch.float32, device=self.device)
         if self.attention is not None:
             before = torch.cat([self.attention, before], dim=-1)
         self.attention = before + received.reshape(b, hq, s)
+        return result.view(b, hq, q, d).transpose(1, 2).to(query.dtype).contiguous() if output else None
 
     def _check_observed(self) -> None:
         if not self.observed:
