@@ -208,8 +208,9 @@ class PerHeadKVPScorer(PerHeadModule):
         def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             return torch.baddbmm(bias[slots], x, weight[slots])
 
-        def embed(table: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-            return torch.gather(table[slots], 1, log_bucket(distance)[..., None].expand(-1, -1, width))
+        def embed(table: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:  # row r's own table: rows of r's block
+            offsets = torch.arange(len(slots), device=distance.device)[:, None] * POSITION_BUCKETS
+            return F.embedding(log_bucket(distance) + offsets, table[slots].reshape(-1, width))
 
         def norm(x: torch.Tensor) -> torch.Tensor:
             return F.layer_norm(x, (width,))
