@@ -7,11 +7,12 @@
     python benchmarks/cache_overhead.py --policies h2o-norm kvp kvp-fast                 # with and without the H2O input
 
 For each prompt length and policy: the stock prefill (sdpa, DynamicCache); the hand-off, what the
-evicting prefill takes beyond it (the ``kvp_evict`` attention: positions and padding, the query window
-for SnapKV/TOVA, and for H2O-style inputs the attention each entry receives, by default in one pass with
-the attention's output; path ``torch/2p``: sdpa plus a second pass for the sums, as before round 19); the
-scoring + compaction of all layers at a 25% budget (``cache.flush()``, torch path, and Triton on CUDA);
-their sum relative to the stock prefill (goal <= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
+evicting prefill takes beyond a stock prefill run right before it (paired: the machine drifts by several
+percent between runs): positions and padding, the query window for SnapKV/TOVA, and for H2O-style inputs
+the attention each entry receives, by default in one pass with the attention's output (path ``torch/2p``:
+sdpa plus a second pass for the sums, as before round 19); the scoring + compaction of all layers at a 25%
+budget (``cache.flush()``, torch path, and Triton on CUDA); their sum relative to the stock prefill (goal
+<= 2%). ``--kvp-widths`` adds an untrained ``kvp-net`` of each width with the
 shipped policy's inputs (``kvp-wW``), and the network's share of the prefill's FLOPs next to it: what the
 scoring costs at best, and how much of the measured time is the implementation. Then decode tokens/s with
 the full cache and with 25% and 10% budgets, and the K/V bytes kept. Timings are medians over ``--repeats`` runs after a warm-up: wall
@@ -96,31 +97,30 @@ def flop_share(scorer, model: LlamaForCausalLM, length: int) -> str:
     return f"{network / (linear + attention):>10.2%}"
 
 
-def stock_prefill(model, ids, repeats) -> float:
-    """Median time of a prefill on transformers' own sdpa attention and DynamicCache, after a warm-up."""
+def stock_prefill(model, ids) -> float:
+    """One prefill on transformers' own sdpa attention and DynamicCache."""
     now = clock(ids.device)
     model.set_attn_implementation("sdpa")
-    times = []
-    for _ in range(repeats + 1):
-        start = now()
-        model(ids, cache=DynamicCache(config=model.config))
-        times.append(now() - start)
-    return statistics.median(times[1:])
+    start = now()
+    model(ids, cache=DynamicCache(config=model.config))
+    return now() - start
 
 
 def compression_cost(model, ids, scorer, budget, use_triton, one_pass, repeats) -> tuple[float, float]:
-    """Medians (the evicting prefill, scoring + compaction of all layers), after a warm-up."""
+    """Medians (hand-off: the evicting prefill minus a stock prefill run right before it; scoring + compaction
+    of all layers), after a warm-up. Paired, so that the machine's drift between runs cancels."""
     now = clock(ids.device)
-    prefills, flushes = [], []
+    hand_offs, flushes = [], []
     for _ in range(repeats + 1):
+        stock = stock_prefill(model, ids)
         cache = EvictingCache(scorer, budget, config=model.config, use_triton=use_triton, one_pass_attention=one_pass)
         start = now()
         model(ids, cache=cache)
-        prefills.append(now() - start)
+        hand_offs.append(now() - start - stock)
         start = now()
         cache.flush()
         flushes.append(now() - start)
-    return statistics.median(prefills[1:]), statistics.median(flushes[1:])
+    return statistics.median(hand_offs[1:]), statistics.median(flushes[1:])
 
 
 def decode_speed(model, ids, make_cache: Callable[[], object], steps: int) -> tuple[float, object]:
@@ -159,7 +159,7 @@ def main() -> None:
     for length in args.lengths:
         ids = tokens[:, :length].to(device)
         budget = length // 4
-        stock = stock_prefill(model, ids, args.repeats)
+        stock = statistics.median([stock_prefill(model, ids) for _ in range(args.repeats + 1)][1:])
         print(f"\n== prompt {length} tokens: stock prefill {stock * 1e3:.0f} ms; budget {budget} (25%) ==")
         print(f"{'policy':<14}{'path':<10}{'hand-off':>10}{'score+compact':>15}{'overhead':>10}{'net FLOPs':>10}")
         for name in [*args.policies, *(f"kvp-w{width}" for width in args.kvp_widths)]:
@@ -167,10 +167,9 @@ def main() -> None:
             passes = [True, False] if "attention" in scorer.needs else [True]  # one-pass attention, and sdpa + sums
             for use_triton in paths:
                 for one_pass in passes:
-                    prefill, flush = compression_cost(model, ids, scorer, budget, use_triton, one_pass, args.repeats)
+                    hand_off, flush = compression_cost(model, ids, scorer, budget, use_triton, one_pass, args.repeats)
                     label = Path(name).name if Path(name).exists() else name
                     path = ("triton" if use_triton else "torch") + ("" if one_pass else "/2p")
-                    hand_off = prefill - stock
                     print(f"{label:<14}{path:<10}{hand_off * 1e3:>8.1f}ms{flush * 1e3:>13.1f}ms"
                           f"{(hand_off + flush) / stock:>10.2%}{flop_share(scorer, model, length)}")
         model.set_attn_implementation("sdpa")
