@@ -29,8 +29,8 @@ in position order (kernel 5, SnapKV's pooling, which keeps whole spans such as a
     log(avg_pool_5(mean_g sum_{last w queries t} A_g[t, .])(i) + 1e-6) / 5
 
 ``inputs="kv+window+last"`` reads the window's and the last query's votes only: no ``attention`` input,
-so the cache skips the attention sum over every query (a second attention pass on a CPU:
-benchmarks/cache_overhead.py); untrained, it ranks by the window's vote.
+so the cache skips the attention sum over every query (since round 19 summed in the attention's own pass, nearly
+free on a CPU: benchmarks/cache_overhead.py); untrained, it ranks by the window's vote.
 ``inputs="kv"`` is KVP's own agent (no optional input).
 
 ``h2o_layers`` lists layers whose agents ``score`` does not use: there the score is the first attention feature

@@ -21,8 +21,11 @@ of 512 tokens: with only 1k-token tasks the policy lost a short note buried unde
 sets of the smaller recipe before it are reused as they are. With ``workers`` the dialogues and the importance
 stores are made on that many Ray workers (the other trace sets in this process, on all its threads).
 ``smollm2-fast`` is the same without the normalised-H2O and pooled inputs (``inputs=kv+window+last``), on study 7's
-trace sets: the cache then needs no attention sum, a third of the scoring cost on a CPU, for a little perplexity
-(docs/learned-eviction.md, study 5). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
+trace sets: the cache then needs no attention sum, for a little perplexity (docs/learned-eviction.md, study 5); a
+third of the scoring cost on a CPU until the cache summed the attention in the attention's own pass (round 19), about
+the same since. The policies rank layer 0 by normalised H2O instead of by their agents (``h2o_layers``, round 18:
+any ranking there beat the agents' on validation texts), so validation picks the best checkpoint in the form that
+ships; training never runs a network in ``score`` (the agents of layer 0 are trained and unused). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
 3072: on the ``long`` suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses
 (docs/learned-eviction.md, round 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on
 dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped
@@ -80,7 +83,7 @@ class Recipe:
     steps: int
     length: int = 1024
     model: str = "smollm2-135m"
-    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last+pool"))
+    arch_options: tuple[tuple[str, Any], ...] = (("width", 112), ("inputs", "kv+attention+last+pool"), ("h2o_layers", (0,)))
     agent_options: tuple[tuple[str, str], ...] = (*DISTILL_OPTIONS, ("prefixes", "256,512,768,question"))
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
@@ -133,7 +136,7 @@ RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
     "smollm2-long": dataclasses.replace(SMOLLM2, name="smollm2-long", traces_of="smollm2", train_sets=(*SMOLLM2.train_sets, *LONG_SETS),
                                         agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,1024,1536,2048,3072,question,answer"))),
-    # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum (a third of the cost on a CPU)
+    # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum
     "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2", train_sets=STUDY7_SETS,
                                         arch_options=(("width", 112), ("inputs", "kv+window+last")),
                                         agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,question"))),

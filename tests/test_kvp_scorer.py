@@ -361,7 +361,8 @@ def test_recipes_name_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     # the importance stores of the training sets are made with the trace sets, at the agent's prefixes
     assert stores[0][0] == ["/t/prose", "/t/ruler"] and stores[0][1].prefixes == "256,512,768,question,answer"
     assert (config.agent, config.arch, config.all_heads, config.val_traces) == ("distill", "kvp-net", True, "/t/val")
-    assert config.arch_options == {"width": 112, "inputs": "kv+attention+last+pool"} and config.traces == ["/t/prose", "/t/ruler"]
+    assert config.arch_options == {"width": 112, "inputs": "kv+attention+last+pool", "h2o_layers": (0,)}  # as `kvp` ships
+    assert config.traces == ["/t/prose", "/t/ruler"]
     assert config.agent_options["prefixes"] == "256,512,768,question,answer"
     assert config.agent_options["loss"] == "listnet" and config.agent_options["target"] == "imp_vnorm"
     # validation reads every text of the recipe's validation set (the quick one has 2), traces go where asked
