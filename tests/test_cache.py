@@ -130,6 +130,23 @@ def test_full_budget_equals_dynamic_cache(model, scorer_cls, sample, batch, pad)
 
 
 @torch.no_grad()
+def test_attention_dropout_keeps_sdpa_for_the_output(model):
+    """With dropout (a model in training mode), a layer that sums attention leaves the output to sdpa."""
+    dropping = copy.deepcopy(model)
+    dropping.config.attention_dropout = 0.5
+    for layer in dropping.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    dropping.train()
+    ids, _ = prompt(length=30)
+    torch.manual_seed(0)
+    expected = stock_sdpa(dropping)(ids, cache=DynamicCache(config=dropping.config)).logits
+    torch.manual_seed(0)
+    cache = EvictingCache(Received(), 64, config=dropping.config)
+    assert torch.equal(dropping(ids, cache=cache).logits, expected)
+    assert cache.layers[0].attention is not None  # the sums were still taken
+
+
+@torch.no_grad()
 def test_prompt_within_budget_is_never_compressed_in_one_shot_mode(model):
     ids, mask = prompt(length=20)
     expected = generate(stock_sdpa(model), ids, mask, DynamicCache(config=model.config), new=30)
