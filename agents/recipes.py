@@ -25,7 +25,8 @@ trace sets: the cache then needs no attention sum, for a little perplexity (docs
 third of the scoring cost on a CPU until the cache summed the attention in the attention's own pass (round 19), about
 the same since. The policies rank layer 0 by normalised H2O instead of by their agents (``h2o_layers``, round 18:
 any ranking there beat the agents' on validation texts), so validation picks the best checkpoint in the form that
-ships; training never runs a network in ``score`` (the agents of layer 0 are trained and unused). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
+ships; training calls the network directly, never ``score``, so the weights are those without it (layer 0's
+agents are trained and unused). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
 3072: on the ``long`` suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses
 (docs/learned-eviction.md, round 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on
 dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped

@@ -124,8 +124,9 @@ class EvictingCache(Cache):
 
         It evicts exactly the entries a fresh ``EvictingCache(scorer, budget, ..., one_pass_attention=False)``
         would after running the same prefill itself (one-shot compression; the default one-pass attention of an
-        H2O-style scorer's own prefill gives the same to float32 round-off), so one prefill serves every policy and budget. A None
-        ``scorer`` (and budget) keeps every entry: the full cache. This cache is left as it is, to fork again.
+        H2O-style scorer's own prefill gives the same to float32 round-off), so one prefill serves every policy
+        and budget. A None ``scorer`` (and budget) keeps every entry: the full cache. This cache is left as it
+        is, to fork again.
         """
         if not self.is_recording:
             raise ValueError("only a cache made by EvictingCache.recording(...) can be forked")
