@@ -31,7 +31,7 @@ def _pairs(items: list[str], option: str, parse_json: bool) -> dict[str, Any]:
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option(help="run directory: scorer.safetensors, state.safetensors, tb/ (rerun to resume)")],
-    agent: Annotated[str | None, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, ppo, a2c, trpo, ars, recurrent-ppo")] = None,
+    agent: Annotated[str | None, typer.Option(help="kvp, grpo, grpo-stream, pairwise, pairwise-stream, distill, finetune (with --init: the continuation's loss through the model), ppo, a2c, trpo, ars, recurrent-ppo")] = None,
     traces: Annotated[list[Path] | None, typer.Option(help="training trace set directory (repeatable)")] = None,
     steps: Annotated[int | None, typer.Option(help="gradient updates (one batch of episodes each)")] = None,
     recipe: Annotated[str | None, typer.Option(help="train the recipe's policy (smollm2-long: the shipped kvp; smollm2: 1k texts only; smollm2-fast, smollm2-quick): makes its traces and sets every option")] = None,

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from agents.common import ScheduledOptimizer
-from agents.kvp_scorer import POOL_KERNEL, attention_features
+from agents.kvp_scorer import POOL_KERNEL, PerHeadKVPScorer, attention_features
 from agents.pairwise import pairwise_hinge
 from baselines._attention import avg_pool_in_position_order
 from kvp_gym.ranking import DEFAULT_PROTECTED
-from kvp_gym.traces import TraceDataset
+from kvp_gym.traces import Trace, TraceDataset
 from kvp_gym.utility.store import MARKS, ImportanceStore
 
 LOSSES = ("log-mse", "listnet", "pairwise")
@@ -89,6 +89,9 @@ class DistillAgent:
     protected = DEFAULT_PROTECTED
 
     def __init__(self, scorer: Any, traces: list[TraceDataset], env_kwargs: dict[str, Any], config: DistillConfig, total_steps: int) -> None:
+        if not isinstance(scorer, PerHeadKVPScorer):
+            raise ValueError(f"--agent distill / finetune train KVP's network (--arch kvp-net, or --init of a kvp-net run), "
+                             f"not {type(scorer).__name__}")
         if config.loss not in LOSSES:
             raise ValueError(f"--set loss: must be one of {LOSSES}, got {config.loss!r}")
         if config.target not in TARGETS:
@@ -107,17 +110,26 @@ class DistillAgent:
         """Restart the example sampling from ``seed``."""
         self.generator.manual_seed(seed)
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        """One (trace, prefix) for every agent: keys / values [S, M, d], positions [S, M], target,
-        the attention statistics the scorer reads ([S, M] each), on the same M entries of every head."""
+    def draw(self) -> tuple[ImportanceStore, int, Trace, int]:
+        """One example: (store, its row, that row's trace, prefix n), uniform over the rows, then over the row's prefixes."""
         pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
         store_index, position = self.examples[pick]
         store = self.stores[store_index]
-        trace = self.traces[store_index][store.indices[position]]
         prefixes = store.prefixes_of(position)
         n = prefixes[int(torch.randint(len(prefixes), (1,), generator=self.generator))]
+        return store, position, self.traces[store_index][store.indices[position]], n
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """One (trace, prefix) for every agent on ``tokens`` entries drawn from the unprotected prefix (``features``)."""
+        store, position, trace, n = self.draw()
         first, last = self.protected.sink, n - self.protected.recent
         entries = torch.randperm(last - first, generator=self.generator)[: self.config.tokens] + first
+        return self.features(store, position, trace, n, entries)
+
+    def features(self, store: ImportanceStore, position: int, trace: Trace, n: int,
+                 entries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the network reads at prefix n, on the same M ``entries`` [M] of every agent's head: keys / values
+        [S, M, d], positions [S, M], the target and the attention statistics the scorer reads ([S, M] each)."""
         layers, kv_heads = self.heads[:, 0], self.heads[:, 1]
         needed = sorted({int(layer) for layer in layers})  # each layer read once, not once per head
         keys = torch.stack([trace.k(layer)[:, entries] for layer in needed])  # [L', Hkv, M, d]
@@ -146,22 +158,23 @@ class DistillAgent:
             **{name: pick_rows(name) for name in self.scorer.statistics},
         }
 
-    def update(self) -> dict[str, float]:
-        batch = self.sample()
-        slots = torch.arange(len(self.heads))
+    def network_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scorer's network on a ``features`` batch: [S, M], row s agent s's scores."""
         names = self.scorer.statistics
         extra = attention_features(*(batch[name] for name in names)) if names else None
-        scores = self.scorer.network(
-            slots, batch["keys"], batch["values"], batch["n"] - 1 - batch["positions"], batch["positions"], extra
-        )
-        loss = distill_loss(self.config.loss, scores, batch["target"], self.config.margin)
+        return self.scorer.network(torch.arange(len(self.heads)), batch["keys"], batch["values"],
+                                   batch["n"] - 1 - batch["positions"], batch["positions"], extra)
+
+    def update(self) -> dict[str, float]:
+        batch = self.sample()
+        loss = distill_loss(self.config.loss, self.network_scores(batch), batch["target"], self.config.margin)
         grad_norm = self.optimizer.step(loss)
         self.optimizer.advance()
         return {
             "train/distill_loss": loss.item(),
             "train/grad_norm": grad_norm,
             "train/lr": self.optimizer.lr,
-            "env_steps": float(len(slots)),
+            "env_steps": float(len(self.heads)),
         }
 
     def state_dict(self) -> dict[str, Any]:

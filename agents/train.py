@@ -41,6 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.common import seed_for
 from agents.distill import DistillAgent, DistillConfig
+from agents.finetune import FinetuneAgent, FinetuneConfig
 from agents.grpo import GRPOAgent, GRPOConfig
 from agents.kvp import KVPAgent, KVPConfig
 from agents.pairwise import PairwiseAgent, PairwiseConfig
@@ -65,6 +66,7 @@ AGENTS: dict[str, tuple[type, Any]] = {
     "pairwise": (PairwiseAgent, PairwiseConfig()),
     "pairwise-stream": (PairwiseAgent, PairwiseConfig(stream=True)),
     "distill": (DistillAgent, DistillConfig()),
+    "finetune": (FinetuneAgent, FinetuneConfig()),
     "ppo": (SB3Agent, SB3Config(algo="ppo")),
     "a2c": (SB3Agent, SB3Config(algo="a2c")),
     "trpo": (SB3Agent, SB3Config(algo="trpo")),

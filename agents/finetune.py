@@ -1,0 +1,157 @@
+"""Fine-tuning through the model: the continuation's loss with a softly evicted cache, back-propagated to the scores.
+
+Distillation (``agents.distill``) fits the oracle's attention mass; what users feel is the model's loss once the
+cache is compressed, and which entries that loss needs is not always where the attention mass is
+(docs/learned-eviction.md, rounds 14-19). This agent trains on that loss itself, starting from a distilled
+policy (``--init``). Each update draws one (trace, prefix n) as distillation does, a budget fraction f, scores
+every unprotected entry of every head, and turns each head's ranking into a soft keep-mask:
+
+    z_i = (s_i - mean s) / std s            over the head's unprotected entries
+    m_i = sigmoid((z_i - t) / T)             t = (z_(k) + z_(k+1)) / 2, z_(k) the k-th largest z,
+                                             k = budget - sink - recent, budget = f n
+
+Then the frozen model runs the next ``continuation`` tokens with the trace's keys and values of the prefix as its
+cache, every query's attention logit to prefix entry i shifted by log m_i (protected entries: m = 1):
+a hard top-k eviction as T -> 0. The loss is the continuation's mean NLL (the leaderboard's perplexity, tokens
+n + 1 ... n + continuation); its gradient reaches only the scorer. Entries near the head's budget boundary get the
+largest gradients: raising one that the continuation needs lowers the loss. Layers the scorer ranks by normalised
+H2O (``h2o_layers``) get its hard top-k mask, as ``score`` evicts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import sdpa_mask
+
+from agents.distill import DistillAgent, DistillConfig
+from kvp_gym.models import load_model
+from kvp_gym.traces import Trace, TraceDataset
+
+SOFT_EVICTION = "kvp_soft_eviction"
+_prefix_bias = threading.local()  # .bias: [L, Hkv, n] log keep-mask of the prefix entries, read per layer
+
+
+def soft_eviction_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with the pending prefix bias of ``module.layer_idx`` added to the logits of the first n keys.
+
+    query [B, Hq, q, d], key / value [B, Hkv, n + q, d], attention_mask [B, 1, q, n + q] (bool, True = attend)
+    -> (output [B, q, Hq, d], attention [B, Hq, q, n + q]). Every query head of a GQA group gets its KV head's bias.
+    """
+    groups = query.shape[1] // key.shape[1]
+    bias = _prefix_bias.bias[module.layer_idx]  # [Hkv, n]
+    logits = query @ repeat_kv(key, groups).transpose(-1, -2) * (scaling or module.scaling)
+    if attention_mask is not None:
+        logits = logits.masked_fill(~attention_mask, float("-inf"))
+    n = bias.shape[-1]
+    logits = torch.cat([logits[..., :n] + bias.repeat_interleave(groups, 0)[None, :, None], logits[..., n:]], -1)
+    attention = logits.softmax(-1)
+    return (attention @ repeat_kv(value, groups)).transpose(1, 2).contiguous(), attention
+
+
+AttentionInterface.register(SOFT_EVICTION, soft_eviction_attention)
+AttentionMaskInterface.register(SOFT_EVICTION, sdpa_mask)
+
+
+def soft_keep_mask(scores: torch.Tensor, kept: int, temperature: float) -> torch.Tensor:
+    """log m (module docstring): scores [S, M] -> [S, M], the log of each entry's soft keep-mask when ``kept`` of
+    the M are kept (0 < kept < M)."""
+    z = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
+    boundary = z.topk(kept + 1, dim=-1).values[:, -2:].mean(-1, keepdim=True)  # between the last kept and the first dropped
+    return F.logsigmoid((z - boundary) / temperature)
+
+
+def hard_keep_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """0 on each row's ``kept`` highest scores, -inf elsewhere: [S, M] -> [S, M]."""
+    mask = torch.full_like(scores, float("-inf"))
+    return mask.scatter(-1, scores.topk(kept, dim=-1).indices, 0.0)
+
+
+@torch.no_grad()
+def prefix_cache(trace: Trace, n: int, config: Any) -> DynamicCache:
+    """A DynamicCache holding the trace's keys and values of tokens 0..n-1 in every layer (fp32)."""
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        cache.update(trace.k(layer)[None, :, :n].float(), trace.v(layer)[None, :, :n].float(), layer)
+    return cache
+
+
+def continuation_loss(model: Any, trace: Trace, n: int, bias: torch.Tensor, continuation: int) -> torch.Tensor:
+    """Mean NLL of tokens n + 1 .. n + c (c = ``continuation``, or fewer at the trace's end) with the prefix cache
+    softly evicted by ``bias`` [L, Hkv, n] (log keep-masks; ``model`` uses the ``SOFT_EVICTION`` attention)."""
+    tokens = trace.tokens
+    end = min(n + continuation, trace.length - 1)
+    _prefix_bias.bias = bias
+    try:
+        logits = model(tokens[None, n:end], cache=prefix_cache(trace, n, model.config), use_cache=True).logits[0]
+    finally:
+        _prefix_bias.bias = None
+    return F.cross_entropy(logits.float(), tokens[n + 1 : end + 1])
+
+
+@dataclasses.dataclass
+class FinetuneConfig(DistillConfig):
+    """Distillation's example sampling and optimiser, plus the eviction the loss sees."""
+
+    fractions: str = "0.1,0.25"
+    temperature: float = 0.25
+    continuation: int = 256
+    lr: float = 3e-5
+    warmup: int = 20
+
+
+class FinetuneAgent(DistillAgent):
+    """``update()``: one gradient step of the continuation's loss (module docstring) on every head at once."""
+
+    def __init__(self, scorer: Any, traces: list[TraceDataset], env_kwargs: dict[str, Any], config: FinetuneConfig,
+                 total_steps: int) -> None:
+        super().__init__(scorer, traces, env_kwargs, config, total_steps)
+        try:
+            self.fractions = [float(word) for word in config.fractions.split(",")]
+        except ValueError:
+            raise ValueError(f"--set fractions: expected comma-separated budget fractions, got {config.fractions!r}") from None
+        if not all(0 < f < 1 for f in self.fractions) or config.temperature <= 0 or config.continuation < 1:
+            raise ValueError(f"--set fractions must lie in (0, 1), temperature > 0 and continuation >= 1; got "
+                             f"{config.fractions!r}, {config.temperature}, {config.continuation}")
+        self.model, _ = load_model(traces[0].manifest["params"]["model"])
+        self.model.requires_grad_(False)
+        self.model.config._attn_implementation = SOFT_EVICTION
+        self.deferred = torch.isin(self.heads[:, 0], torch.tensor(getattr(scorer, "h2o_layers", []), dtype=torch.long))
+
+    def update(self) -> dict[str, float]:
+        store, position, trace, n = self.draw()
+        fraction = self.fractions[int(torch.randint(len(self.fractions), (1,), generator=self.generator))]
+        first, last = self.protected.sink, n - self.protected.recent
+        kept = max(1, int(fraction * n) - first - self.protected.recent)  # entries kept besides the protected ones
+        batch = self.features(store, position, trace, n, torch.arange(first, last))
+        scores = self.network_scores(batch)
+        log_mask = soft_keep_mask(scores, kept, self.config.temperature)
+        if bool(self.deferred.any()):  # ranked by normalised H2O, hard, as ``score`` evicts them
+            log_mask = torch.where(self.deferred[:, None], hard_keep_mask(batch["h2o"], kept),
+                                   log_mask)
+        spec = self.model.config
+        bias = torch.zeros(spec.num_hidden_layers, spec.num_key_value_heads, n)
+        bias[self.heads[:, 0], self.heads[:, 1], first:last] = log_mask
+        loss = continuation_loss(self.model, trace, n, bias, self.config.continuation)
+        grad_norm = self.optimizer.step(loss)
+        self.optimizer.advance()
+        return {
+            "train/continuation_nll": loss.item(),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.lr,
+            "env_steps": float(len(self.heads)),
+        }
