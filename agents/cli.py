@@ -58,7 +58,10 @@ def train_command(
     from agents.train import TrainConfig
 
     if recipe is not None:
-        _run(lambda: _recipe_config(recipe, out, seed, progress, workers))
+        distilled = _run(lambda: _recipe_config(recipe, out, seed, progress, workers))
+        finetune = _recipe_finetune_config(recipe, distilled)
+        if finetune is not None:
+            _run(lambda: finetune)
         return
     if agent is None or not traces or steps is None:
         typer.secho("error: give --agent, --traces and --steps, or a --recipe", fg=typer.colors.RED, err=True)
@@ -81,19 +84,27 @@ def _recipe_config(name: str, out: Path, seed: int, progress: bool, workers: int
     return get_recipe(name).config(str(out), seed=seed, progress=progress, workers=workers)
 
 
-def _run(make_config) -> None:
-    """Train the config ``make_config()`` returns; every input error is one line and rc 2."""
+def _recipe_finetune_config(name: str, distilled):
+    from agents.recipes import get_recipe
+
+    return get_recipe(name).finetune_config(distilled)
+
+
+def _run(make_config):
+    """Train the config ``make_config()`` returns and return it; every input error is one line and rc 2."""
     from agents.train import train
 
     from kvp_gym.traces.cli import one_line_errors
 
     with one_line_errors(TypeError):  # TypeError: an --env-opt the env does not take
-        result = train(make_config())
+        config = make_config()
+        result = train(config)
     typer.echo(f"scorer: {result.scorer_path}")
     if result.evaluation:
         typer.echo("evaluation: " + ", ".join(f"{key} {value:.4f}" for key, value in result.evaluation.items()))
     if result.seconds:
         typer.echo(f"{result.env_steps} env steps in {result.seconds:.1f} s")
+    return config
 
 
 # `kvp-gym sweep`: a grid of training runs (agents x heads x seeds x rewards), on Ray workers with --workers

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agents.distill import build_stores
-from agents.train import TrainConfig, agent_config
+from agents.train import BEST_DIR, TrainConfig, agent_config
 from kvp_gym.paths import home_dir
 from kvp_gym.scale import ray_session, wants_ray
 from kvp_gym.traces import TraceDataset, generate_traces
@@ -89,6 +89,8 @@ class Recipe:
     val_every: int = 500
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
     traces_of: str | None = None  # the recipe whose trace sets this one shares (None: its own)
+    finetune_steps: int = 0  # > 0: a second stage, ``--agent finetune`` from the distilled best (``finetune_config``)
+    finetune_options: tuple[tuple[str, str], ...] = ()
 
     def traces_root(self, root: str | Path | None = None) -> Path:
         """Where the trace sets go: ``root``, or $KVP_GYM_HOME/recipes/<name of the recipe whose sets these are>."""
@@ -124,6 +126,23 @@ class Recipe:
             agent="distill", traces=train, out=out, steps=self.steps, all_heads=True, seed=seed, arch="kvp-net",
             arch_options=dict(self.arch_options), agent_options=dict(self.agent_options), val_traces=val,
             val_every=self.val_every, val_texts=self.val_set[1], save_every=min(250, self.steps), progress=progress,
+        )
+
+    def finetune_config(self, distilled: TrainConfig) -> TrainConfig | None:
+        """The second stage, None without one (``finetune_steps`` = 0): ``--agent finetune`` (the continuation's loss
+        through the model) from the distilled run's best checkpoint, into ``<out>/finetune``, on its training sets of
+        at most the recipe's length (a 4k-token continuation step would cost several 1k ones), at the same prefixes
+        (the importance stores are the distilled run's)."""
+        if not self.finetune_steps:
+            return None
+        short = [directory for spec, directory in zip(self.train_sets, distilled.traces)
+                 if spec.length_in(self.length) <= self.length]
+        out = Path(distilled.out)
+        options = {"prefixes": distilled.agent_options["prefixes"], **dict(self.finetune_options)}
+        return dataclasses.replace(
+            distilled, agent="finetune", traces=short, out=str(out / "finetune"), steps=self.finetune_steps,
+            arch_options={}, init=str(out / BEST_DIR), agent_options=options,
+            val_every=min(self.val_every, self.finetune_steps), save_every=min(100, self.finetune_steps),
         )
 
 
