@@ -108,9 +108,9 @@ class FinetuneConfig(DistillConfig):
     """Distillation's example sampling and optimiser, plus the eviction the loss sees."""
 
     fractions: str = "0.1,0.25"
-    temperature: float = 0.25
+    temperature: float = 0.1
     continuation: int = 256
-    lr: float = 3e-5
+    lr: float = 1e-4
     warmup: int = 20
 
 

@@ -29,10 +29,13 @@ ships; training calls the network directly, never ``score``, so the weights are 
 agents are trained and unused). ``smollm2-long`` adds 2k- and 4k-token prose and docs sets with prefixes up to
 3072: on the ``long`` suite (4k tokens) its policy leads normalised H2O where the 1k-trained one loses
 (docs/learned-eviction.md, round 13), and at 1k tokens it is as good (round 14): its seed 0's best checkpoint, on
-dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), is the shipped
-``kvp``; with the streamed dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in
+dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe's 100 in round 13), was the shipped
+``kvp`` until round 19; with the streamed dialogues it trains a policy of the same quality (docs/learned-eviction.md, round 15) in
 49.6 minutes from an empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 17, README).
-``smollm2-quick`` is the same at demo size, without dialogues.
+Since round 20 ``smollm2-long`` has a second stage (``finetune_config``): ``--agent finetune`` from the distilled best
+checkpoint, 1200 updates of the continuation's loss through the model on the 1k-token sets (about 32 minutes),
+into ``DIR/finetune``; the shipped ``kvp`` is that stage's final weights, run from the previous shipped weights
+(docs/learned-eviction.md, round 20). ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations
@@ -90,7 +93,6 @@ class Recipe:
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
     traces_of: str | None = None  # the recipe whose trace sets this one shares (None: its own)
     finetune_steps: int = 0  # > 0: a second stage, ``--agent finetune`` from the distilled best (``finetune_config``)
-    finetune_options: tuple[tuple[str, str], ...] = ()
 
     def traces_root(self, root: str | Path | None = None) -> Path:
         """Where the trace sets go: ``root``, or $KVP_GYM_HOME/recipes/<name of the recipe whose sets these are>."""
@@ -138,10 +140,9 @@ class Recipe:
         short = [directory for spec, directory in zip(self.train_sets, distilled.traces)
                  if spec.length_in(self.length) <= self.length]
         out = Path(distilled.out)
-        options = {"prefixes": distilled.agent_options["prefixes"], **dict(self.finetune_options)}
         return dataclasses.replace(
             distilled, agent="finetune", traces=short, out=str(out / "finetune"), steps=self.finetune_steps,
-            arch_options={}, init=str(out / BEST_DIR), agent_options=options,
+            arch_options={}, init=str(out / BEST_DIR), agent_options={"prefixes": distilled.agent_options["prefixes"]},
             val_every=min(self.val_every, self.finetune_steps), save_every=min(100, self.finetune_steps),
         )
 
@@ -155,7 +156,8 @@ LONG_SETS = (TrainSet("prose", 24, length=2048), TrainSet("docs", 24, length=204
 RECIPES: dict[str, Recipe] = {
     "smollm2": SMOLLM2,
     "smollm2-long": dataclasses.replace(SMOLLM2, name="smollm2-long", traces_of="smollm2", train_sets=(*SMOLLM2.train_sets, *LONG_SETS),
-                                        agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,1024,1536,2048,3072,question,answer"))),
+                                        agent_options=(*DISTILL_OPTIONS, ("prefixes", "256,512,768,1024,1536,2048,3072,question,answer")),
+                                        finetune_steps=800),
     # the same without the normalised-H2O and pooled inputs: the cache needs no attention sum
     "smollm2-fast": dataclasses.replace(SMOLLM2, name="smollm2-fast", traces_of="smollm2", train_sets=STUDY7_SETS,
                                         arch_options=(("width", 112), ("inputs", "kv+window+last")),

@@ -9,7 +9,9 @@ included (``agents.kvp_scorer``, ``inputs="kv+attention+last+pool"``), distilled
 oracle (``agents.distill``) by ``kvp-gym train --recipe smollm2-long`` (since round 14: texts of 512 to 4096
 tokens; the best checkpoint of seed 0); its checkpoint header records how it was trained. Since round 18 it
 ranks layer 0 by normalised H2O instead of its agents there (``h2o_layers=[0]`` in its config, chosen on
-validation texts: ``examples/layer_fallback.py``); the weights are round 14's.
+validation texts: ``examples/layer_fallback.py``). Since round 20 those weights are fine-tuned on the continuation's
+loss through the model with a softly evicted cache (``agents.finetune``, ``kvp-gym train --agent finetune --init``,
+1200 updates on the recipe's 1k-token sets; docs/learned-eviction.md, round 20).
 """
 
 from __future__ import annotations

@@ -146,13 +146,13 @@ def test_a_recipe_finetunes_its_distilled_best() -> None:
     from agents.recipes import RECIPES, Recipe, TrainSet
 
     recipe = Recipe("r", train_sets=(TrainSet("prose", 4), TrainSet("prose", 2, length=2048), TrainSet("ruler", 3, length=512)),
-                    val_set=("prose", 2), steps=10, finetune_steps=7, finetune_options=(("lr", "2e-4"),))
+                    val_set=("prose", 2), steps=10, finetune_steps=7)
     distilled = TrainConfig(agent="distill", traces=["/t/prose", "/t/prose2048", "/t/ruler512"], out="/runs/r", steps=10,
                             all_heads=True, arch="kvp-net", arch_options={"width": 112}, agent_options={"prefixes": "256,question"},
                             val_traces="/t/val", val_every=5, val_texts=2)
     config = recipe.finetune_config(distilled)
     assert (config.agent, config.init, config.out, config.steps) == ("finetune", "/runs/r/best", "/runs/r/finetune", 7)
     assert config.traces == ["/t/prose", "/t/ruler512"]  # the sets of at most the recipe's 1024 tokens
-    assert config.agent_options == {"prefixes": "256,question", "lr": "2e-4"}  # the distilled run's stores
+    assert config.agent_options == {"prefixes": "256,question"}  # the distilled run's stores; FinetuneConfig's defaults
     assert (config.val_traces, config.val_texts, config.all_heads) == ("/t/val", 2, True)
     assert RECIPES["smollm2"].finetune_config(distilled) is None
