@@ -130,7 +130,7 @@ class FinetuneAgent(DistillAgent):
         self.model, _ = load_model(traces[0].manifest["params"]["model"])
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = SOFT_EVICTION
-        self.deferred = torch.isin(self.heads[:, 0], torch.tensor(getattr(scorer, "h2o_layers", []), dtype=torch.long))
+        self.deferred = torch.isin(self.heads[:, 0], torch.tensor(scorer.h2o_layers, dtype=torch.long))
 
     def update(self) -> dict[str, float]:
         store, position, trace, n = self.draw()
@@ -141,8 +141,7 @@ class FinetuneAgent(DistillAgent):
         scores = self.network_scores(batch)
         log_mask = soft_keep_mask(scores, kept, self.config.temperature)
         if bool(self.deferred.any()):  # ranked by normalised H2O, hard, as ``score`` evicts them
-            log_mask = torch.where(self.deferred[:, None], hard_keep_mask(batch["h2o"], kept),
-                                   log_mask)
+            log_mask = torch.where(self.deferred[:, None], hard_keep_mask(batch["h2o"], kept), log_mask)
         spec = self.model.config
         bias = torch.zeros(spec.num_hidden_layers, spec.num_key_value_heads, n)
         bias[self.heads[:, 0], self.heads[:, 1], first:last] = log_mask
