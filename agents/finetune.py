@@ -16,6 +16,10 @@ a hard top-k eviction as T -> 0. The loss is the continuation's mean NLL (the le
 n + 1 ... n + continuation); its gradient reaches only the scorer. Entries near the head's budget boundary get the
 largest gradients: raising one that the continuation needs lowers the loss. Layers the scorer ranks by normalised
 H2O (``h2o_layers``) get its hard top-k mask, as ``score`` evicts them.
+
+With ``anchor`` > 0 the loss adds ``anchor`` times distillation's loss (``loss``, ``target``: ``agents.distill``) on
+the same scores, which holds the ranking near the attention mass it was distilled from while the NLL moves it. A
+faster fine-tune without it forgot a retrieval the distilled policy had (docs/learned-eviction.md, round 20).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import sdpa_mask
 
-from agents.distill import DistillAgent, DistillConfig
+from agents.distill import DistillAgent, DistillConfig, distill_loss
 from kvp_gym.models import load_model
 from kvp_gym.traces import Trace, TraceDataset
 
@@ -112,6 +116,7 @@ class FinetuneConfig(DistillConfig):
     continuation: int = 256
     lr: float = 1e-4
     warmup: int = 20
+    anchor: float = 0.0
 
 
 class FinetuneAgent(DistillAgent):
@@ -124,9 +129,10 @@ class FinetuneAgent(DistillAgent):
             self.fractions = [float(word) for word in config.fractions.split(",")]
         except ValueError:
             raise ValueError(f"--set fractions: expected comma-separated budget fractions, got {config.fractions!r}") from None
-        if not all(0 < f < 1 for f in self.fractions) or config.temperature <= 0 or config.continuation < 1:
-            raise ValueError(f"--set fractions must lie in (0, 1), temperature > 0 and continuation >= 1; got "
-                             f"{config.fractions!r}, {config.temperature}, {config.continuation}")
+        if (not all(0 < f < 1 for f in self.fractions) or config.temperature <= 0 or config.continuation < 1
+                or config.anchor < 0):
+            raise ValueError(f"--set fractions must lie in (0, 1), temperature > 0, continuation >= 1 and anchor >= 0; "
+                             f"got {config.fractions!r}, {config.temperature}, {config.continuation}, {config.anchor}")
         self.model, _ = load_model(traces[0].manifest["params"]["model"])
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = SOFT_EVICTION
@@ -145,11 +151,17 @@ class FinetuneAgent(DistillAgent):
         spec = self.model.config
         bias = torch.zeros(spec.num_hidden_layers, spec.num_key_value_heads, n)
         bias[self.heads[:, 0], self.heads[:, 1], first:last] = log_mask
-        loss = continuation_loss(self.model, trace, n, bias, self.config.continuation)
+        nll = continuation_loss(self.model, trace, n, bias, self.config.continuation)
+        loss, metrics = nll, {"train/continuation_nll": nll.item()}
+        if self.config.anchor:
+            learned = ~self.deferred
+            anchor = distill_loss(self.config.loss, scores[learned], batch["target"][learned], self.config.margin)
+            loss = nll + self.config.anchor * anchor
+            metrics["train/anchor_loss"] = anchor.item()
         grad_norm = self.optimizer.step(loss)
         self.optimizer.advance()
         return {
-            "train/continuation_nll": loss.item(),
+            **metrics,
             "train/grad_norm": grad_norm,
             "train/lr": self.optimizer.lr,
             "env_steps": float(len(self.heads)),

@@ -118,13 +118,37 @@ def test_finetuning_lowers_the_loss_it_trains_on(tiny_traces) -> None:
     assert end < start - 1e-3
 
 
+def test_the_anchor_holds_the_ranking_near_its_distillation_target(tiny_traces) -> None:
+    """With ``anchor`` the update also descends distillation's loss: after the same updates from the same weights,
+    the anchored scorer's ListNet loss on the training examples is lower."""
+    from agents.distill import distill_loss
+
+    def listnet_after(anchor: float) -> tuple[float, dict[str, float]]:
+        torch.manual_seed(0)
+        scorer = _scorer(tiny_traces, h2o_layers=())
+        agent = _agent(tiny_traces, scorer, lr=3e-3, warmup=0, fractions="0.5", loss="listnet", anchor=anchor)
+        agent.reseed(0)
+        metrics = [agent.update() for _ in range(15)][-1]
+        with torch.no_grad():
+            first, last = agent.protected.sink, PREFIX - agent.protected.recent
+            losses = [distill_loss("listnet", agent.network_scores(batch), batch["target"]).item()
+                      for batch in (agent.features(agent.stores[0], index, tiny_traces[agent.stores[0].indices[index]],
+                                                   PREFIX, torch.arange(first, last)) for index in range(len(agent.stores[0])))]
+        return sum(losses) / len(losses), metrics
+
+    free, free_metrics = listnet_after(0.0)
+    anchored, anchored_metrics = listnet_after(10.0)
+    assert "train/anchor_loss" not in free_metrics and anchored_metrics["train/anchor_loss"] > 0
+    assert anchored < free - 1e-3
+
+
 def test_bad_options_are_named(tiny_traces) -> None:
     spec = tiny_traces.spec
     with pytest.raises(ValueError, match="kvp-net"):
         FinetuneAgent(PerHeadMLPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim), [tiny_traces], {},
                       FinetuneConfig(), total_steps=1)
     for options, word in [({"fractions": "0.1,x"}, "fractions"), ({"fractions": "1.5"}, "fractions"),
-                          ({"temperature": 0.0}, "temperature")]:
+                          ({"temperature": 0.0}, "temperature"), ({"anchor": -1.0}, "anchor")]:
         with pytest.raises(ValueError, match=word):
             _agent(tiny_traces, _scorer(tiny_traces), **options)
 
