@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.distill import distill_loss
 from agents.finetune import FinetuneAgent, FinetuneConfig, continuation_loss, hard_keep_mask, prefix_cache, soft_keep_mask
 from agents.kvp_scorer import PerHeadKVPScorer
 from agents.mlp_scorer import PerHeadMLPScorer
 from agents.train import TrainConfig, train
 from kvp_gym.checkpoint import save_scorer
 from kvp_gym.eval.downstream import continuation_nll
+from kvp_gym.traces import Trace
 
 PREFIX = 64
 
@@ -34,6 +36,13 @@ def _bias(agent: FinetuneAgent, log_mask: torch.Tensor, n: int) -> torch.Tensor:
     bias = torch.zeros(spec.num_hidden_layers, spec.num_key_value_heads, n)
     bias[agent.heads[:, 0], agent.heads[:, 1], agent.protected.sink : n - agent.protected.recent] = log_mask
     return bias
+
+
+def _whole_prefixes(agent: FinetuneAgent, traces) -> list[tuple[Trace, dict[str, torch.Tensor]]]:
+    """(trace, ``features`` batch on every unprotected entry of its prefix) for each row of the agent's store."""
+    store, first, last = agent.stores[0], agent.protected.sink, PREFIX - agent.protected.recent
+    return [(traces[store.indices[index]], agent.features(store, index, traces[store.indices[index]], PREFIX,
+                                                          torch.arange(first, last))) for index in range(len(store))]
 
 
 def test_soft_mask_keeps_the_budget_and_ignores_the_score_scale() -> None:
@@ -101,13 +110,9 @@ def test_finetuning_lowers_the_loss_it_trains_on(tiny_traces) -> None:
     def mean_loss() -> float:
         with torch.no_grad():
             losses = []
-            for index in range(len(tiny_traces)):
-                first, last = agent.protected.sink, PREFIX - agent.protected.recent
-                batch = agent.features(agent.stores[0], index, tiny_traces[agent.stores[0].indices[index]], PREFIX,
-                                       torch.arange(first, last))
+            for trace, batch in _whole_prefixes(agent, tiny_traces):
                 log_mask = soft_keep_mask(agent.network_scores(batch), int(0.5 * PREFIX) - 20, 0.5)
-                losses.append(continuation_loss(agent.model, tiny_traces[agent.stores[0].indices[index]], PREFIX,
-                                                _bias(agent, log_mask, PREFIX), 24).item())
+                losses.append(continuation_loss(agent.model, trace, PREFIX, _bias(agent, log_mask, PREFIX), 24).item())
             return sum(losses) / len(losses)
 
     start = mean_loss()
@@ -121,8 +126,6 @@ def test_finetuning_lowers_the_loss_it_trains_on(tiny_traces) -> None:
 def test_the_anchor_holds_the_ranking_near_its_distillation_target(tiny_traces) -> None:
     """With ``anchor`` the update also descends distillation's loss: after the same updates from the same weights,
     the anchored scorer's ListNet loss on the training examples is lower."""
-    from agents.distill import distill_loss
-
     def listnet_after(anchor: float) -> tuple[float, dict[str, float]]:
         torch.manual_seed(0)
         scorer = _scorer(tiny_traces, h2o_layers=())
@@ -130,10 +133,8 @@ def test_the_anchor_holds_the_ranking_near_its_distillation_target(tiny_traces) 
         agent.reseed(0)
         metrics = [agent.update() for _ in range(15)][-1]
         with torch.no_grad():
-            first, last = agent.protected.sink, PREFIX - agent.protected.recent
             losses = [distill_loss("listnet", agent.network_scores(batch), batch["target"]).item()
-                      for batch in (agent.features(agent.stores[0], index, tiny_traces[agent.stores[0].indices[index]],
-                                                   PREFIX, torch.arange(first, last)) for index in range(len(agent.stores[0])))]
+                      for _, batch in _whole_prefixes(agent, tiny_traces)]
         return sum(losses) / len(losses), metrics
 
     free, free_metrics = listnet_after(0.0)
