@@ -14,7 +14,8 @@ or I_n(i) ||v_i|| (``"imp_vnorm"``), raised to ``power`` (below 1, ListNet's sha
 entries toward those near the budgets' boundaries). ``prefixes`` lists the prefix lengths n drawn from (uniformly among a
 trace's own); the words ``question`` and ``answer`` among them add, on the traces that have one (RULER,
 dialogue), n = the question's first token (a context compressed before a new question) or the answer's (the
-question compressed with it; ``kvp_gym.utility.store``). Scores are compared within a row only, so one ranking per head
+question compressed with it; ``kvp_gym.utility.store``). ``set_weights`` draws the rows of each trace set (in
+``--traces`` order) that many times as often as the others (default: every row alike). Scores are compared within a row only, so one ranking per head
 serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
 """
 
@@ -53,6 +54,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     margin: float = 0.01
+    set_weights: str = ""
 
 
 def distill_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, margin: float = 0.01) -> torch.Tensor:
@@ -82,6 +84,20 @@ def build_stores(traces: list[TraceDataset], config: DistillConfig, show_progres
     return [ImportanceStore.build(dataset, prefixes, config.window, show_progress, marks, workers) for dataset in traces]
 
 
+def parse_set_weights(text: str, sets: int) -> list[float] | None:
+    """``--set set_weights``: "" -> None (every row alike), else one weight >= 0 per trace set, not all 0."""
+    if not text:
+        return None
+    try:
+        weights = [float(word) for word in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--set set_weights: expected comma-separated numbers, got {text!r}") from None
+    if len(weights) != sets or min(weights) < 0 or max(weights) == 0:
+        raise ValueError(f"--set set_weights: expected one weight >= 0 per trace set ({sets} sets), not all 0; "
+                         f"got {text!r}")
+    return weights
+
+
 class DistillAgent:
     """Supervised distillation from an importance store; ``update()`` is one gradient step on all heads."""
 
@@ -99,6 +115,8 @@ class DistillAgent:
         self.scorer, self.config, self.traces = scorer, config, traces
         self.stores = build_stores(traces, config)
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
+        weights = parse_set_weights(config.set_weights, len(traces))
+        self.example_weights = None if weights is None else torch.tensor([weights[s] for s, _ in self.examples])
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
         self.optimizer = ScheduledOptimizer(
             scorer.parameters(), lr=config.lr, lr_min=config.lr_min, warmup=config.warmup, total_steps=total_steps,
@@ -111,8 +129,12 @@ class DistillAgent:
         self.generator.manual_seed(seed)
 
     def draw(self) -> tuple[ImportanceStore, int, Trace, int]:
-        """One example: (store, its row, that row's trace, prefix n), uniform over the rows, then over the row's prefixes."""
-        pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
+        """One example: (store, its row, that row's trace, prefix n), uniform over the rows (or by ``set_weights``),
+        then over the row's prefixes."""
+        if self.example_weights is None:
+            pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
+        else:
+            pick = int(torch.multinomial(self.example_weights, 1, generator=self.generator))
         store_index, position = self.examples[pick]
         store = self.stores[store_index]
         prefixes = store.prefixes_of(position)

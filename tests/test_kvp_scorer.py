@@ -264,6 +264,23 @@ def test_store_marks_add_each_traces_question_and_answer_prefixes(tiny_traces, t
         DistillAgent(scorer, [marked], {}, DistillConfig(prefixes="40,last"), total_steps=1)
 
 
+def test_set_weights_draw_each_trace_set_that_much_more(tiny_traces) -> None:
+    scorer = PerHeadKVPScorer(2, 2, tiny_traces.spec.head_dim, width=8)
+
+    def drawn_sets(weights: str) -> list[int]:
+        agent = DistillAgent(scorer, [tiny_traces, tiny_traces], {}, DistillConfig(prefixes="40", window=8, set_weights=weights),
+                             total_steps=1)
+        agent.reseed(0)
+        stores = [agent.draw()[0] for _ in range(400)]
+        return [sum(store is agent.stores[s] for store in stores) for s in range(2)]
+
+    assert drawn_sets("0,1") == [0, 400]
+    assert 265 <= drawn_sets("3,1")[0] <= 335  # 3:1: 300 of 400, +- 4 standard deviations (8.7)
+    for bad in ("1", "1,x", "1,-1", "0,0"):
+        with pytest.raises(ValueError, match="set_weights"):
+            DistillAgent(scorer, [tiny_traces, tiny_traces], {}, DistillConfig(prefixes="40", window=8, set_weights=bad), total_steps=1)
+
+
 def test_distill_losses() -> None:
     target = torch.tensor([[0.0, 1.0, 3.0, 10.0]])
     perfect = torch.log(target + 1e-3) + 5.0
