@@ -17,6 +17,7 @@ loss through the model with a softly evicted cache (``agents.finetune``, ``kvp-g
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,26 +34,41 @@ def shipped_kvp() -> Scorer:
     return load_scorer(POLICY_FILE).eval()
 
 
-def ship(run: str | Path, out: str | Path = POLICY_FILE, h2o_layers: list[int] | None = None) -> Path:
-    """Write the trained scorer of ``run`` (a run directory or checkpoint file) as the shipped policy: the
-    same header, the weights in float16 (half the size; they load back as float32). ``h2o_layers``, if given,
-    sets the layers a ``kvp-net`` ranks by normalised H2O instead of its agents (``PerHeadKVPScorer.with_h2o_layers``)."""
-    header, scorer = read_header(run), load_scorer(run)
+def ship(runs: str | Path | Sequence[str | Path], out: str | Path = POLICY_FILE, h2o_layers: list[int] | None = None) -> Path:
+    """Write the trained scorer of ``runs`` (a run directory or checkpoint file) as the shipped policy: the
+    same header, the weights in float16 (half the size; they load back as float32). Several runs of one
+    architecture (fine-tuned from the same weights) ship as the mean of their weights, with the first's header and
+    ``training["average_of"]`` naming them. ``h2o_layers``, if given, sets the layers a ``kvp-net`` ranks by
+    normalised H2O instead of its agents (``PerHeadKVPScorer.with_h2o_layers``)."""
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    header, scorer = read_header(runs[0]), load_scorer(runs[0])
+    training = header.training
+    if len(runs) > 1:
+        others = [(run, read_header(run), load_scorer(run)) for run in runs[1:]]
+        for run, other, _ in others:
+            if (other.registry_name, other.config) != (header.registry_name, header.config):
+                raise ValueError(f"runs to average must share one architecture: {runs[0]} holds {header.registry_name!r} "
+                                 f"{header.config}, {run} holds {other.registry_name!r} {other.config}")
+        states = [scorer.state_dict(), *(weights.state_dict() for _, _, weights in others)]
+        scorer.load_state_dict({name: sum(state[name] for state in states) / len(states) if tensor.is_floating_point()
+                                else tensor for name, tensor in states[0].items()})  # integer buffers: the architecture's
+        training = {**training, "average_of": [str(run) for run in runs]}
     config = header.config
     if h2o_layers is not None:
         if not isinstance(scorer, PerHeadKVPScorer):
-            raise ValueError(f"h2o_layers needs a kvp-net run; {run} holds {header.registry_name!r}")
+            raise ValueError(f"h2o_layers needs a kvp-net run; {runs[0]} holds {header.registry_name!r}")
         scorer = scorer.with_h2o_layers(h2o_layers)
         config = scorer.config()
     return save_scorer(scorer, out, registry_name=header.registry_name, config=config, model_spec=header.model_spec,
-                       protected=header.protected, training=header.training, env=header.env, weights_dtype=torch.float16)
+                       protected=header.protected, training=training, env=header.env, weights_dtype=torch.float16)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Ship a trained run as the registered `kvp` policy (float16 weights).")
-    parser.add_argument("run", type=Path, help="run directory (or its best/) or checkpoint file")
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="run directory (or its best/) or checkpoint file; several: the mean of their weights")
     parser.add_argument("--h2o-layers", type=int, nargs="*", default=None,
                         help="layers ranked by normalised H2O instead of the agents (default: as the run's config)")
     parser.add_argument("--out", type=Path, default=POLICY_FILE, help="where to write it (default: the shipped `kvp`)")
     args = parser.parse_args()
-    print(f"wrote {ship(args.run, args.out, h2o_layers=args.h2o_layers)}")
+    print(f"wrote {ship(args.runs, args.out, h2o_layers=args.h2o_layers)}")

@@ -107,6 +107,27 @@ def test_ship_stores_float16_weights_that_load_as_float32(tmp_path: Path) -> Non
     assert read_header(shipped).training == read_header(tmp_path / "run").training
 
 
+def test_ship_averages_the_weights_of_several_runs(tmp_path: Path) -> None:
+    from agents.shipped import ship
+
+    first, second = PerHeadMLPScorer(2, 2, 16, hidden=8, seed=1), PerHeadMLPScorer(2, 2, 16, hidden=8, seed=1)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    save(first, tmp_path / "a")
+    save(second, tmp_path / "b")
+    shipped = ship([tmp_path / "a", tmp_path / "b"], tmp_path / "mean.safetensors")
+    loaded = load_scorer(shipped).state_dict()
+    for name, tensor in first.state_dict().items():
+        expected = ((tensor + second.state_dict()[name]) / 2).half().float() if tensor.is_floating_point() else tensor
+        torch.testing.assert_close(loaded[name], expected, rtol=0, atol=0)
+    assert read_header(shipped).training["average_of"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    save(PerHeadMLPScorer(2, 2, 16, hidden=4, seed=1), tmp_path / "narrow")
+    with pytest.raises(ValueError, match="share one architecture"):
+        ship([tmp_path / "a", tmp_path / "narrow"], tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_partial_heads_round_trip_and_missing_head(tmp_path: Path) -> None:
     scorer = PerHeadMLPScorer(2, 2, 16, heads=[(1, 0)])
     loaded = load_scorer(save(scorer, tmp_path / "one.safetensors"))
