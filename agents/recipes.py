@@ -93,7 +93,6 @@ class Recipe:
     val_seed: int = 7  # the train split's topics (never the test suites'), other windows than training's seed 0
     traces_of: str | None = None  # the recipe whose trace sets this one shares (None: its own)
     finetune_steps: int = 0  # > 0: a second stage, ``--agent finetune`` from the distilled best (``finetune_config``)
-    finetune_weights: tuple[tuple[str, float], ...] = ()  # (source, weight): that stage draws its sets this much more
 
     def traces_root(self, root: str | Path | None = None) -> Path:
         """Where the trace sets go: ``root``, or $KVP_GYM_HOME/recipes/<name of the recipe whose sets these are>."""
@@ -138,16 +137,12 @@ class Recipe:
         (the importance stores are the distilled run's)."""
         if not self.finetune_steps:
             return None
-        short = [(spec, directory) for spec, directory in zip(self.train_sets, distilled.traces)
+        short = [directory for spec, directory in zip(self.train_sets, distilled.traces)
                  if spec.length_in(self.length) <= self.length]
-        options = {"prefixes": distilled.agent_options["prefixes"]}
-        if self.finetune_weights:
-            weights = dict(self.finetune_weights)
-            options["set_weights"] = ",".join(f"{weights.get(spec.source, 1.0):g}" for spec, _ in short)
         out = Path(distilled.out)
         return dataclasses.replace(
-            distilled, agent="finetune", traces=[directory for _, directory in short], out=str(out / "finetune"),
-            steps=self.finetune_steps, arch_options={}, init=str(out / BEST_DIR), agent_options=options,
+            distilled, agent="finetune", traces=short, out=str(out / "finetune"), steps=self.finetune_steps,
+            arch_options={}, init=str(out / BEST_DIR), agent_options={"prefixes": distilled.agent_options["prefixes"]},
             val_every=min(self.val_every, self.finetune_steps), save_every=min(100, self.finetune_steps),
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -182,5 +181,3 @@ def test_a_recipe_finetunes_its_distilled_best() -> None:
     assert config.agent_options == {"prefixes": "256,question"}  # the distilled run's stores; FinetuneConfig's defaults
     assert (config.val_traces, config.val_texts, config.all_heads) == ("/t/val", 2, True)
     assert RECIPES["smollm2"].finetune_config(distilled) is None
-    weighted = dataclasses.replace(recipe, finetune_weights=(("prose", 3.0),)).finetune_config(distilled)
-    assert weighted.agent_options == {"prefixes": "256,question", "set_weights": "3,1"}  # prose, ruler512
