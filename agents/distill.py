@@ -15,13 +15,14 @@ entries toward those near the budgets' boundaries). ``prefixes`` lists the prefi
 trace's own); the words ``question`` and ``answer`` among them add, on the traces that have one (RULER,
 dialogue), n = the question's first token (a context compressed before a new question) or the answer's (the
 question compressed with it; ``kvp_gym.utility.store``). ``set_weights`` draws the rows of each trace set (in
-``--traces`` order) that many times as often as the others (default: every row alike). Scores are compared within a row only, so one ranking per head
-serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
+``--traces`` order) that many times as often as the others (default: every row alike). Scores are compared within
+a row only, so one ranking per head serves every budget, as in the env. Adam(W), linear warm-up then cosine decay, gradient clipping.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -92,8 +93,8 @@ def parse_set_weights(text: str, sets: int) -> list[float] | None:
         weights = [float(word) for word in text.split(",")]
     except ValueError:
         raise ValueError(f"--set set_weights: expected comma-separated numbers, got {text!r}") from None
-    if len(weights) != sets or min(weights) < 0 or max(weights) == 0:
-        raise ValueError(f"--set set_weights: expected one weight >= 0 per trace set ({sets} sets), not all 0; "
+    if len(weights) != sets or not all(0 <= weight < math.inf for weight in weights) or max(weights) == 0:
+        raise ValueError(f"--set set_weights: expected one finite weight >= 0 per trace set ({sets} sets), not all 0; "
                          f"got {text!r}")
     return weights
 

@@ -276,7 +276,7 @@ def test_set_weights_draw_each_trace_set_that_much_more(tiny_traces) -> None:
 
     assert drawn_sets("0,1") == [0, 400]
     assert 265 <= drawn_sets("3,1")[0] <= 335  # 3:1: 300 of 400, +- 4 standard deviations (8.7)
-    for bad in ("1", "1,x", "1,-1", "0,0"):
+    for bad in ("1", "1,x", "1,-1", "0,0", "1,nan", "1,inf"):
         with pytest.raises(ValueError, match="set_weights"):
             DistillAgent(scorer, [tiny_traces, tiny_traces], {}, DistillConfig(prefixes="40", window=8, set_weights=bad), total_steps=1)
 
