@@ -113,10 +113,10 @@ class DistillAgent:
             raise ValueError(f"--set loss: must be one of {LOSSES}, got {config.loss!r}")
         if config.target not in TARGETS:
             raise ValueError(f"--set target: must be one of {TARGETS}, got {config.target!r}")
+        weights = parse_set_weights(config.set_weights, len(traces))  # before the stores, which may take minutes
         self.scorer, self.config, self.traces = scorer, config, traces
         self.stores = build_stores(traces, config)
         self.examples = [(s, p) for s, store in enumerate(self.stores) for p in range(len(store))]
-        weights = parse_set_weights(config.set_weights, len(traces))
         self.example_weights = None if weights is None else torch.tensor([weights[s] for s, _ in self.examples])
         self.heads = torch.tensor(scorer.heads)  # [S, 2] (layer, kv_head) of each agent
         self.optimizer = ScheduledOptimizer(
