@@ -85,16 +85,17 @@ def build_stores(traces: list[TraceDataset], config: DistillConfig, show_progres
     return [ImportanceStore.build(dataset, prefixes, config.window, show_progress, marks, workers) for dataset in traces]
 
 
-def parse_set_weights(text: str, sets: int) -> list[float] | None:
-    """``--set set_weights``: "" -> None (every row alike), else one weight >= 0 per trace set, not all 0."""
+def parse_set_weights(text: str, sets: int, option: str = "set_weights") -> list[float] | None:
+    """``--set set_weights`` (or another per-set ``option``): "" -> None (every set alike), else one weight >= 0 per
+    trace set, not all 0."""
     if not text:
         return None
     try:
         weights = [float(word) for word in text.split(",")]
     except ValueError:
-        raise ValueError(f"--set set_weights: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"--set {option}: expected comma-separated numbers, got {text!r}") from None
     if len(weights) != sets or not all(0 <= weight < math.inf for weight in weights) or max(weights) == 0:
-        raise ValueError(f"--set set_weights: expected one finite weight >= 0 per trace set ({sets} sets), not all 0; "
+        raise ValueError(f"--set {option}: expected one finite weight >= 0 per trace set ({sets} sets), not all 0; "
                          f"got {text!r}")
     return weights
 
@@ -129,9 +130,9 @@ class DistillAgent:
         """Restart the example sampling from ``seed``."""
         self.generator.manual_seed(seed)
 
-    def draw(self) -> tuple[ImportanceStore, int, Trace, int]:
-        """One example: (store, its row, that row's trace, prefix n), uniform over the rows (or by ``set_weights``),
-        then over the row's prefixes."""
+    def draw(self) -> tuple[int, int, Trace, int]:
+        """One example: (trace set, its store's row, that row's trace, prefix n), uniform over the rows (or by
+        ``set_weights``), then over the row's prefixes."""
         if self.example_weights is None:
             pick = int(torch.randint(len(self.examples), (1,), generator=self.generator))
         else:
@@ -140,14 +141,14 @@ class DistillAgent:
         store = self.stores[store_index]
         prefixes = store.prefixes_of(position)
         n = prefixes[int(torch.randint(len(prefixes), (1,), generator=self.generator))]
-        return store, position, self.traces[store_index][store.indices[position]], n
+        return store_index, position, self.traces[store_index][store.indices[position]], n
 
     def sample(self) -> dict[str, torch.Tensor]:
         """One (trace, prefix) for every agent on ``tokens`` entries drawn from the unprotected prefix (``features``)."""
-        store, position, trace, n = self.draw()
+        trace_set, position, trace, n = self.draw()
         first, last = self.protected.sink, n - self.protected.recent
         entries = torch.randperm(last - first, generator=self.generator)[: self.config.tokens] + first
-        return self.features(store, position, trace, n, entries)
+        return self.features(self.stores[trace_set], position, trace, n, entries)
 
     def features(self, store: ImportanceStore, position: int, trace: Trace, n: int,
                  entries: torch.Tensor) -> dict[str, torch.Tensor]:

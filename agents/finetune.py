@@ -20,6 +20,8 @@ H2O (``h2o_layers``) get its hard top-k mask, as ``score`` evicts them.
 With ``anchor`` > 0 the loss adds ``anchor`` times distillation's loss (``loss``, ``target``: ``agents.distill``) on
 the same scores, which holds the ranking near the attention mass it was distilled from while the NLL moves it. A
 faster fine-tune without it forgot a retrieval the distilled policy had (docs/learned-eviction.md, round 20).
+``anchor_sets`` scales it per trace set (in ``--traces`` order; default 1 everywhere), e.g. 0 on prose so that the
+anchor guards retrieval on the RULER and dialogue sets without holding the prose back (round 23).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import sdpa_mask
 
-from agents.distill import DistillAgent, DistillConfig, distill_loss
+from agents.distill import DistillAgent, DistillConfig, distill_loss, parse_set_weights
 from kvp_gym.models import load_model
 from kvp_gym.traces import Trace, TraceDataset
 
@@ -117,6 +119,7 @@ class FinetuneConfig(DistillConfig):
     lr: float = 1e-4
     warmup: int = 20
     anchor: float = 0.0
+    anchor_sets: str = ""
 
 
 class FinetuneAgent(DistillAgent):
@@ -124,7 +127,9 @@ class FinetuneAgent(DistillAgent):
 
     def __init__(self, scorer: Any, traces: list[TraceDataset], env_kwargs: dict[str, Any], config: FinetuneConfig,
                  total_steps: int) -> None:
+        anchor_sets = parse_set_weights(config.anchor_sets, len(traces), "anchor_sets")  # before the stores
         super().__init__(scorer, traces, env_kwargs, config, total_steps)
+        self.anchor_weights = [config.anchor * weight for weight in anchor_sets or [1.0] * len(traces)]
         try:
             self.fractions = [float(word) for word in config.fractions.split(",")]
         except ValueError:
@@ -139,11 +144,11 @@ class FinetuneAgent(DistillAgent):
         self.deferred = torch.isin(self.heads[:, 0], torch.tensor(scorer.h2o_layers, dtype=torch.long))
 
     def update(self) -> dict[str, float]:
-        store, position, trace, n = self.draw()
+        trace_set, position, trace, n = self.draw()
         fraction = self.fractions[int(torch.randint(len(self.fractions), (1,), generator=self.generator))]
         first, last = self.protected.sink, n - self.protected.recent
         kept = max(1, int(fraction * n) - first - self.protected.recent)  # entries kept besides the protected ones
-        batch = self.features(store, position, trace, n, torch.arange(first, last))
+        batch = self.features(self.stores[trace_set], position, trace, n, torch.arange(first, last))
         scores = self.network_scores(batch)
         log_mask = soft_keep_mask(scores, kept, self.config.temperature)
         if bool(self.deferred.any()):  # ranked by normalised H2O, hard, as ``score`` evicts them
@@ -153,10 +158,10 @@ class FinetuneAgent(DistillAgent):
         bias[self.heads[:, 0], self.heads[:, 1], first:last] = log_mask
         nll = continuation_loss(self.model, trace, n, bias, self.config.continuation)
         loss, metrics = nll, {"train/continuation_nll": nll.item()}
-        if self.config.anchor:
+        if self.anchor_weights[trace_set]:
             learned = ~self.deferred
             anchor = distill_loss(self.config.loss, scores[learned], batch["target"][learned], self.config.margin)
-            loss = nll + self.config.anchor * anchor
+            loss = nll + self.anchor_weights[trace_set] * anchor
             metrics["train/anchor_loss"] = anchor.item()
         grad_norm = self.optimizer.step(loss)
         self.optimizer.advance()

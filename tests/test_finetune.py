@@ -143,6 +143,22 @@ def test_the_anchor_holds_the_ranking_near_its_distillation_target(tiny_traces) 
     assert anchored < free - 1e-3
 
 
+def test_anchor_sets_scale_the_anchor_per_trace_set(tiny_traces) -> None:
+    """``anchor_sets=0,1``: the updates that draw set 0 carry no anchor, those that draw set 1 do."""
+    def anchored_updates(set_weights: str) -> int:
+        config = FinetuneConfig(prefixes=str(PREFIX), window=8, continuation=24, anchor=1.0, anchor_sets="0,1",
+                                set_weights=set_weights)
+        agent = FinetuneAgent(_scorer(tiny_traces, h2o_layers=()), [tiny_traces, tiny_traces], {}, config, total_steps=5)
+        return sum("train/anchor_loss" in agent.update() for _ in range(3))
+
+    assert anchored_updates("1,0") == 0
+    assert anchored_updates("0,1") == 3
+    for bad in ("1", "0,0", "1,-1", "x,1"):
+        with pytest.raises(ValueError, match="anchor_sets"):
+            FinetuneAgent(_scorer(tiny_traces), [tiny_traces, tiny_traces], {},
+                          FinetuneConfig(prefixes=str(PREFIX), window=8, anchor=1.0, anchor_sets=bad), total_steps=1)
+
+
 def test_bad_options_are_named(tiny_traces) -> None:
     spec = tiny_traces.spec
     with pytest.raises(ValueError, match="kvp-net"):

@@ -271,8 +271,8 @@ def test_set_weights_draw_each_trace_set_that_much_more(tiny_traces) -> None:
         agent = DistillAgent(scorer, [tiny_traces, tiny_traces], {}, DistillConfig(prefixes="40", window=8, set_weights=weights),
                              total_steps=1)
         agent.reseed(0)
-        stores = [agent.draw()[0] for _ in range(400)]
-        return [sum(store is agent.stores[s] for store in stores) for s in range(2)]
+        drawn = [agent.draw()[0] for _ in range(400)]
+        return [drawn.count(s) for s in range(2)]
 
     assert drawn_sets("0,1") == [0, 400]
     assert 265 <= drawn_sets("3,1")[0] <= 335  # 3:1: 300 of 400, +- 4 standard deviations (8.7)
