@@ -20,8 +20,8 @@ H2O (``h2o_layers``) get its hard top-k mask, as ``score`` evicts them.
 With ``anchor`` > 0 the loss adds ``anchor`` times distillation's loss (``loss``, ``target``: ``agents.distill``) on
 the same scores, which holds the ranking near the attention mass it was distilled from while the NLL moves it. A
 faster fine-tune without it forgot a retrieval the distilled policy had (docs/learned-eviction.md, round 20).
-``anchor_sets`` scales it per trace set (in ``--traces`` order; default 1 everywhere), e.g. 0 on prose so that the
-anchor guards retrieval on the RULER and dialogue sets without holding the prose back (round 23).
+``anchor_sets`` scales it per trace set (in ``--traces`` order; default 1 everywhere), e.g. 0 on prose to guard
+retrieval on the RULER and dialogue sets only (round 23: that held prose back as much as the anchor everywhere).
 """
 
 from __future__ import annotations
