@@ -127,17 +127,18 @@ class FinetuneAgent(DistillAgent):
 
     def __init__(self, scorer: Any, traces: list[TraceDataset], env_kwargs: dict[str, Any], config: FinetuneConfig,
                  total_steps: int) -> None:
-        anchor_sets = parse_set_weights(config.anchor_sets, len(traces), "anchor_sets")  # before the stores
-        super().__init__(scorer, traces, env_kwargs, config, total_steps)
-        self.anchor_weights = [config.anchor * weight for weight in anchor_sets or [1.0] * len(traces)]
-        try:
-            self.fractions = [float(word) for word in config.fractions.split(",")]
+        try:  # every option is checked before the importance stores, which may take minutes
+            fractions = [float(word) for word in config.fractions.split(",")]
         except ValueError:
             raise ValueError(f"--set fractions: expected comma-separated budget fractions, got {config.fractions!r}") from None
-        if (not all(0 < f < 1 for f in self.fractions) or config.temperature <= 0 or config.continuation < 1
+        if (not all(0 < f < 1 for f in fractions) or config.temperature <= 0 or config.continuation < 1
                 or config.anchor < 0):
             raise ValueError(f"--set fractions must lie in (0, 1), temperature > 0, continuation >= 1 and anchor >= 0; "
                              f"got {config.fractions!r}, {config.temperature}, {config.continuation}, {config.anchor}")
+        anchor_sets = parse_set_weights(config.anchor_sets, len(traces), "anchor_sets")
+        super().__init__(scorer, traces, env_kwargs, config, total_steps)
+        self.fractions = fractions
+        self.anchor_weights = [config.anchor * weight for weight in anchor_sets or [1.0] * len(traces)]
         self.model, _ = load_model(traces[0].manifest["params"]["model"])
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = SOFT_EVICTION
