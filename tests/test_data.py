@@ -24,7 +24,7 @@ from kvp_gym.data import (
     score_answer,
 )
 from kvp_gym.data.prose import prose_corpus
-from kvp_gym.data.ruler import FILLER, vocabulary
+from kvp_gym.data.ruler import FILLER, plain_sentences, vocabulary
 
 TARGET = 1024
 
@@ -102,6 +102,18 @@ def test_ruler_prose_haystack_uses_split_documentation(smol_tokenizer):
         assert sum(line in prose_corpus(split).text for line in lines) > len(lines) // 2
         assert sum(line in prose_corpus(other).text for line in lines) < len(lines) // 2
         assert sample.meta["haystack"] == "prose"
+
+
+def test_ruler_repeat_haystack_repeats_one_sentence_of_its_split(smol_tokenizer):
+    assert not set(plain_sentences("train")) & set(plain_sentences("test"))
+    for split in ("train", "test"):
+        samples = make_ruler(smol_tokenizer, 3, split, 0, TARGET, tasks=["niah_single"], haystack="repeat")
+        for sample in samples:
+            _check_layout(sample, smol_tokenizer, TARGET)
+            sentence = next(s for s in plain_sentences(split) if s in sample.text)
+            assert sample.text.count(sentence) == sample.meta["haystack_units"] > 10
+            assert sample.meta["haystack"] == "repeat"
+        assert len({next(s for s in plain_sentences(split) if s in sample.text) for sample in samples}) > 1
 
 
 def test_ruler_is_deterministic_and_seeded(smol_tokenizer, ruler_samples):

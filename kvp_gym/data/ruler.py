@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ FILLER: tuple[str, ...] = (
     "Here we go.",
     "There and back again.",
 )
-HAYSTACKS: tuple[str, ...] = ("filler", "prose")
+HAYSTACKS: tuple[str, ...] = ("filler", "prose", "repeat")
 
 MULTIKEY_NEEDLES = 8  # one asked, the rest distractors
 MULTIVALUE_VALUES = 4
@@ -328,8 +329,9 @@ def make_ruler(
 ) -> list[TextSample]:
     """`n` RULER samples of about `target_tokens` tokens, cycling through `tasks` (default: all of TASKS).
 
-    haystack: "filler" (RULER's repeated "The grass is green. ...") or "prose" (the split's
-    `pydoc_data.topics` text). cwe ignores it: its context is the word list.
+    haystack: "filler" (RULER's repeated "The grass is green. ..."), "prose" (the split's
+    `pydoc_data.topics` text) or "repeat" (one plain sentence of that text, drawn per sample, repeated: the
+    filler a model may echo once much of it is kept). cwe ignores it: its context is the word list.
     """
     check_request(n, split, target_tokens)
     names = _check_tasks(tasks)
@@ -361,9 +363,23 @@ def _check_tasks(tasks: Sequence[str] | None) -> list[str]:
     return names
 
 
+@lru_cache(maxsize=None)
+def plain_sentences(split: str) -> tuple[str, ...]:
+    """The sentences of 5-24 plain words (letters, digits, commas, apostrophes) in the split's documentation and
+    not in the other split's (train and test share a few)."""
+
+    def sentences(name: str) -> set[str]:
+        found = re.split(r"(?<=\.)\s+", prose_corpus(name).text)
+        return {s for s in found if re.fullmatch(r"[A-Z][A-Za-z0-9 ,']*[a-z]\.", s) and 5 <= len(s.split()) <= 24}
+
+    return tuple(sorted(sentences(split) - sentences("test" if split == "train" else "train")))
+
+
 def _make_haystack(kind: str, split: str, rng: random.Random) -> Haystack:
     if kind == "filler":
         return Haystack(FILLER, " ")
+    if kind == "repeat":
+        return Haystack((rng.choice(plain_sentences(split)),), " ")
     lines = prose_corpus(split).text.split("\n")
     return Haystack(lines, "\n", rng.randrange(len(lines)))
 

@@ -46,6 +46,7 @@ def generate(
     seed: int | None = typer.Option(None, help="Seed (default: 0 for train, 1 for test)."),
     workers: int = typer.Option(0, help="Trace on N Ray workers (a local Ray with N CPUs; needs kvp-gym[ray]); 0 = serial."),
     address: str | None = typer.Option(None, help="Join this Ray cluster instead (e.g. auto); uses its CPUs unless --workers."),
+    haystack: str | None = typer.Option(None, help="RULER only: filler | prose | repeat (default filler)."),
     dialogue_batch: int = typer.Option(1, help="Dialogue only: the model writes this many dialogues at once "
                                                "(12: 2.5x faster on a CPU thread; other dialogues than 1)."),
 ) -> None:
@@ -54,7 +55,7 @@ def generate(
 
     with one_line_errors():
         dataset = generate_traces(out, source, n, length, split=split, model_name=model, seed=seed, workers=workers, address=address,
-                                  dialogue_batch=dialogue_batch)
+                                  haystack=haystack, dialogue_batch=dialogue_batch)
     print_summary(dataset)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_dialogue_group, make_samples
+from kvp_gym.data import HAYSTACKS, SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_dialogue_group, make_samples
 from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
@@ -165,7 +165,7 @@ def _load_samples(directory: Path, params: dict[str, Any], tokenizer: Any, model
             seed=params["seed"],
             target_tokens=params["length"],
             model=model,
-            **({"tasks": params["tasks"]} if "tasks" in params else {}),
+            **{key: params[key] for key in ("tasks", "haystack") if key in params},
         )
         records = [sample.to_dict() for sample in samples]
     write_json_atomic(path, {"params": params, "samples": records})
@@ -261,11 +261,13 @@ def generate_traces(
     workers: int | None = None,
     address: str | None = None,
     tasks: tuple[str, ...] | None = None,
+    haystack: str | None = None,
     dialogue_batch: int = 1,
 ) -> TraceDataset:
     """Generate (or resume) a trace set of ``n`` sequences of ``length`` tokens at ``out``.
 
     ``tasks``: the RULER tasks the samples cycle through (``source="ruler"`` only; default all).
+    ``haystack``: what RULER hides the needles in (``kvp_gym.data.ruler.HAYSTACKS``; default "filler").
     ``dialogue_batch``: the model writes that many dialogues at once (``source="dialogue"`` only; other
     dialogues than one at a time, see ``make_dialogue_group``; ``benchmarks/dialogue_batch.py`` for the speed).
     ``workers`` / ``address``: trace the sequences on Ray actors (a local Ray with ``workers`` CPUs, or the
@@ -287,6 +289,12 @@ def generate_traces(
         if source != "ruler":
             raise ValueError(f"tasks are RULER tasks, but source is {source!r}")
         params["tasks"] = list(tasks)
+    if haystack is not None:  # likewise
+        if source != "ruler":
+            raise ValueError(f"--haystack is RULER's, but source is {source!r}")
+        if haystack not in HAYSTACKS:
+            raise ValueError(f"--haystack must be one of {HAYSTACKS}, got {haystack!r}")
+        params["haystack"] = haystack
     if isinstance(dialogue_batch, bool) or not isinstance(dialogue_batch, int) or dialogue_batch < 1:
         raise ValueError(f"--dialogue-batch must be a positive integer, got {dialogue_batch!r}")
     if dialogue_batch > 1:  # only when set, so the sets made one dialogue at a time keep their settings
