@@ -34,8 +34,8 @@ dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe
 49.6 minutes from an empty $KVP_GYM_HOME on this 2-core machine with ``--workers 2`` (round 17, README).
 Since round 20 ``smollm2-long`` has a second stage (``finetune_config``): ``--agent finetune`` from the distilled best
 checkpoint, 800 updates of the continuation's loss through the model on the 1k-token sets (23 minutes),
-into ``DIR/finetune``; the shipped ``kvp`` is that stage's final weights, run from the previous shipped weights
-(docs/learned-eviction.md, round 20). ``smollm2-quick`` is the same at demo size, without dialogues.
+into ``DIR/finetune``; round 20's shipped ``kvp`` was that stage's final weights, run from the previous shipped weights
+(docs/learned-eviction.md, round 20), and the shipped one is fine-tuned further since (``agents.shipped``). ``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations

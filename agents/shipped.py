@@ -11,9 +11,11 @@ tokens; the best checkpoint of seed 0); its checkpoint header records how it was
 ranks layer 0 by normalised H2O instead of its agents there (``h2o_layers=[0]`` in its config, chosen on
 validation texts: ``examples/layer_fallback.py``). Since round 20 those weights are fine-tuned on the continuation's
 loss through the model with a softly evicted cache (``agents.finetune``, ``kvp-gym train --agent finetune --init``,
-800 updates on the recipe's 1k-token sets; docs/learned-eviction.md, round 20). Since round 22 they are the mean of two
+800 updates on the recipe's 1k-token sets; docs/learned-eviction.md, round 20). Round 22 shipped the mean of two
 further fine-tunes from those, 600 updates each with prose drawn 3 times as often, one anchored to distillation's
-loss (``python -m agents.shipped RUN1 RUN2``; docs/learned-eviction.md, round 22).
+loss (``python -m agents.shipped RUN1 RUN2``). Since round 24 they are the unanchored one of the two carried three
+600-update runs further, the last with RULER tasks under one repeated sentence in its mix (``python -m agents.shipped
+runs/e6``; docs/learned-eviction.md, rounds 22-24).
 """
 
 from __future__ import annotations
