@@ -35,7 +35,8 @@ dialogues written one at a time (``TrainSet(batch=1)``, 36 minutes of the recipe
 Since round 20 ``smollm2-long`` has a second stage (``finetune_config``): ``--agent finetune`` from the distilled best
 checkpoint, 800 updates of the continuation's loss through the model on the 1k-token sets (23 minutes),
 into ``DIR/finetune``; round 20's shipped ``kvp`` was that stage's final weights, run from the previous shipped weights
-(docs/learned-eviction.md, round 20), and the shipped one is fine-tuned further since (``agents.shipped``). ``smollm2-quick`` is the same at demo size, without dialogues.
+(docs/learned-eviction.md, round 20), and the shipped one is fine-tuned further since (``agents.shipped``).
+``smollm2-quick`` is the same at demo size, without dialogues.
 """
 
 from __future__ import annotations

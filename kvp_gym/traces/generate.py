@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from kvp_gym.data import HAYSTACKS, SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_dialogue_group, make_samples
+from kvp_gym.data import (HAYSTACKS, SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_dialogue_group,
+                          make_samples)
 from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
