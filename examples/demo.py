@@ -1,4 +1,4 @@
-"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (12.7 minutes on 2 CPU cores with the
+"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (11.4 minutes on 2 CPU cores with the
 model already converted, measured).
 
     python examples/demo.py [--out demo] [--budget 96]
