@@ -283,14 +283,17 @@ def test_layer_out_of_range(tiny_traces):
 
 
 def test_ruler_haystack_is_a_recorded_setting(tmp_path, tiny_model_dir):
-    """--haystack reaches the samples and the manifest; a wrong one fails before anything is written."""
+    """--haystack reaches the samples and the manifest; a wrong haystack or task list fails before anything is
+    written."""
     dataset = generate_traces(tmp_path / "repeat", "ruler", n=1, length=256, model_name=str(tiny_model_dir),
                               haystack="repeat", show_progress=False)
     assert dataset.manifest["params"]["haystack"] == "repeat" and dataset[0].meta["meta"]["haystack"] == "repeat"
     with pytest.raises(ValueError, match="other settings"):
         generate_traces(tmp_path / "repeat", "ruler", n=1, length=256, model_name=str(tiny_model_dir), show_progress=False)
-    with pytest.raises(ValueError, match="--haystack must be one of"):
+    with pytest.raises(ValueError, match="haystack must be one of"):
         generate_traces(tmp_path / "web", "ruler", n=1, length=256, model_name=str(tiny_model_dir), haystack="web")
+    with pytest.raises(ValueError, match="tasks must be a non-empty list"):
+        generate_traces(tmp_path / "mcq", "ruler", n=1, length=256, model_name=str(tiny_model_dir), tasks=("mcq",))
     with pytest.raises(ValueError, match="but source is 'prose'"):
         generate_traces(tmp_path / "prose", "prose", n=1, length=96, model_name=str(tiny_model_dir), haystack="repeat")
-    assert not (tmp_path / "web").exists() and not (tmp_path / "prose").exists()
+    assert not any((tmp_path / name).exists() for name in ("web", "mcq", "prose"))

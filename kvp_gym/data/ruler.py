@@ -334,9 +334,7 @@ def make_ruler(
     filler a model may echo once much of it is kept). cwe ignores it: its context is the word list.
     """
     check_request(n, split, target_tokens)
-    names = _check_tasks(tasks)
-    if haystack not in HAYSTACKS:
-        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
+    names = check_ruler_options(tasks, haystack)
     return [
         _make_one(tokenizer, names[index % len(names)], split, seed, index, target_tokens, haystack)
         for index in range(n)
@@ -355,11 +353,15 @@ def score_answer(prediction: str, sample: TextSample | dict[str, Any]) -> float:
     return found / len(answers)
 
 
-def _check_tasks(tasks: Sequence[str] | None) -> list[str]:
+def check_ruler_options(tasks: Sequence[str] | None, haystack: str) -> list[str]:
+    """The task names `make_ruler` cycles through (default: all of TASKS); a ValueError naming a wrong task list or
+    haystack."""
     names = list(TASKS) if tasks is None else list(tasks)
     unknown = [name for name in names if name not in TASKS]
     if not names or unknown:
         raise ValueError(f"tasks must be a non-empty list drawn from {sorted(TASKS)}, got {tasks!r}")
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
     return names
 
 
