@@ -6,6 +6,10 @@ padding is never protected. The other real entries are *ranked*: by descending s
 by position (the earlier entry ranks first), so every ranking is deterministic. The env's reward,
 the leaderboard and the evicting cache's top-b selection all go through ``ranking_order``.
 
+Every KV head keeps the same number of entries. ``shared_head_budgets`` is AdaKV's alternative, a layer's budget
+shared across its heads; the cache does not run it (it would store ragged heads), ``examples/head_budgets.py``
+measures it with masks.
+
 Shapes: [..., N] over N entries held in position order (ascending positions, padding anywhere).
 """
 
@@ -60,3 +64,28 @@ def ranking_order(scores: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
     keys = torch.where(scores.isnan() | (scores == float("-inf")), lowest, scores)
     keys = keys.masked_fill(~ranked, float("-inf"))
     return torch.sort(keys, dim=-1, descending=True, stable=True).indices
+
+
+def shared_head_budgets(scores: torch.Tensor, kept: int, safeguard: float = 0.2) -> torch.Tensor:
+    """AdaKV's allocation (kvpress ``AdaKVPress``): how many entries each of a layer's H KV heads keeps when the
+    heads share one budget of H * kept instead of keeping kept each.
+
+    scores [H, M] (each head's ranked entries) -> counts [H] (long, summing to H * kept): every head keeps its top
+    floor(safeguard * kept); the other H * (kept - floor(safeguard * kept)) are the highest of all the heads'
+    remaining entries (ties: the earlier head, then the earlier entry). The scores must be comparable across heads
+    (an attention share, the future importance), not only within one.
+    """
+    heads, entries = scores.shape
+    if not 0 <= kept <= entries or not 0.0 <= safeguard <= 1.0:
+        raise ValueError(f"kept must lie in [0, {entries}] and safeguard in [0, 1], got {kept} and {safeguard}")
+    floor = int(safeguard * kept)
+    reserved = top_entries(scores, torch.full((heads,), floor))
+    rest = ranking_order(scores.flatten(), ~reserved.flatten())[: heads * (kept - floor)]
+    return floor + torch.bincount(rest // entries, minlength=heads)
+
+
+def top_entries(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """keep [H, M] bool: each head's top ``counts[h]`` entries by ``ranking_order``. scores [H, M], counts [H]."""
+    order = ranking_order(scores, torch.ones_like(scores, dtype=torch.bool))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    return rank < counts[:, None]
