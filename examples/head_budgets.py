@@ -67,7 +67,7 @@ def layer_scores(prefill: EvictingCache, scorer: Scorer) -> torch.Tensor:
 def kept_entries(ranking: torch.Tensor, allocation: torch.Tensor | None, kept: int, safeguard: float) -> torch.Tensor:
     """keep [L, H, M] bool: in every layer, each head's top entries by ``ranking`` [L, H, M], ``kept`` per head, or
     as many as AdaKV on ``allocation`` [L, H, M] gives it (``shared_head_budgets``)."""
-    equal = torch.full((ranking.shape[1],), kept)
+    equal = torch.full((ranking.shape[1],), kept, device=ranking.device)
     return torch.stack([
         top_entries(ranking[layer], equal if allocation is None else shared_head_budgets(allocation[layer], kept, safeguard))
         for layer in range(ranking.shape[0])

@@ -79,7 +79,7 @@ def shared_head_budgets(scores: torch.Tensor, kept: int, safeguard: float = 0.2)
     if not 0 <= kept <= entries or not 0.0 <= safeguard <= 1.0:
         raise ValueError(f"kept must lie in [0, {entries}] and safeguard in [0, 1], got {kept} and {safeguard}")
     floor = int(safeguard * kept)
-    reserved = top_entries(scores, torch.full((heads,), floor))
+    reserved = top_entries(scores, torch.full((heads,), floor, device=scores.device))
     rest = ranking_order(scores.flatten(), ~reserved.flatten())[: heads * (kept - floor)]
     return floor + torch.bincount(rest // entries, minlength=heads)
 
@@ -87,5 +87,6 @@ def shared_head_budgets(scores: torch.Tensor, kept: int, safeguard: float = 0.2)
 def top_entries(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """keep [H, M] bool: each head's top ``counts[h]`` entries by ``ranking_order``. scores [H, M], counts [H]."""
     order = ranking_order(scores, torch.ones_like(scores, dtype=torch.bool))
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, places)
     return rank < counts[:, None]
