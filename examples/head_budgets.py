@@ -34,10 +34,9 @@ from kvp_gym.eval.oracle import trace_importance
 from kvp_gym.eval.stats import probability_of_improvement
 from kvp_gym.eval.suite import get_suite, resolve_budget
 from kvp_gym.models import load_model
-from kvp_gym.paths import home_dir
 from kvp_gym.ranking import shared_head_budgets, top_entries
 from kvp_gym.scorers import Scorer, ScoringView
-from kvp_gym.traces import TraceDataset, generate_traces
+from kvp_gym.traces import TraceDataset
 
 DEFAULT_ROWS = ("h2o-norm", "h2o-norm@h2o-norm", "expected-attention", "expected-attention@expected-attention", "snapkv",
                 "snapkv@snapkv", "oracle", "oracle@oracle", "kvp", "kvp@snapkv", "kvp@oracle")
@@ -93,22 +92,21 @@ def main() -> None:
     names = sorted({name for ranker, allocator in rows.values() for name in (ranker, allocator) if name} - {"oracle"})
     policies = {name: scorers.get(name) for name in names}  # an unknown name fails here, before any model runs
     suite = get_suite(args.suite or "full-v2")
-    dataset: TraceDataset = (suite.traces(only=(args.source,))[args.source] if args.suite else generate_traces(
-        home_dir() / "validation" / f"{args.source}-s{args.seed}-n{args.texts}", args.source, n=args.texts, length=suite.length,
-        split="train", model_name=suite.model, seed=args.seed))
+    dataset: TraceDataset = (suite.traces(only=(args.source,))[args.source] if args.suite
+                             else suite.validation_traces(args.source, args.texts, args.seed))
     model, _ = load_model(suite.model)
     prefix, sink, recent = suite.ppl_prefix, suite.sink, suite.recent
     ranked = slice(sink, prefix - recent)
     budgets = {setting: resolve_budget(setting if setting.endswith("%") else int(setting), prefix, sink, recent)
                for setting in args.budgets.split(",")}
 
+    layers = model.config.num_hidden_layers
     ratios: dict[tuple[str, str], list[float]] = {}
     texts = min(args.texts, len(dataset))
     for index in range(texts):
         trace = dataset[index]
         model.config._attn_implementation = "sdpa"  # the recording cache runs on sdpa, the NLL below on masks
         prefill = record_prefill(model, trace.tokens[None, :prefix], recording_window(policies.values()))
-        layers = model.config.num_hidden_layers
         scores = {name: layer_scores(prefill, scorer)[..., ranked] for name, scorer in policies.items()}
         if any("oracle" in pair for pair in rows.values()):
             scores["oracle"] = trace_importance(trace, prefix, agg=suite.agg)[..., ranked]

@@ -28,9 +28,8 @@ from kvp_gym.eval.oracle import TraceOracle, trace_importance
 from kvp_gym.eval.stats import probability_of_improvement
 from kvp_gym.eval.suite import get_suite, resolve_budget
 from kvp_gym.models import load_model
-from kvp_gym.paths import home_dir
 from kvp_gym.scorers import LayerMix, Scorer
-from kvp_gym.traces import TraceDataset, generate_traces
+from kvp_gym.traces import TraceDataset
 
 
 def main() -> None:
@@ -47,9 +46,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     suite = get_suite(args.suite or "full-v2")
-    dataset: TraceDataset = (suite.traces(only=(args.source,))[args.source] if args.suite else generate_traces(
-        home_dir() / "validation" / f"{args.source}-s{args.seed}-n{args.texts}", args.source, n=args.texts, length=suite.length,
-        split="train", model_name=suite.model, seed=args.seed))
+    dataset: TraceDataset = (suite.traces(only=(args.source,))[args.source] if args.suite
+                             else suite.validation_traces(args.source, args.texts, args.seed))
     policy, fallback = scorers.get(args.policy), scorers.get(args.fallback)
     if isinstance(policy, PerHeadKVPScorer):
         policy = policy.with_h2o_layers([])

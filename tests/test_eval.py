@@ -74,6 +74,15 @@ def test_suite_makes_only_the_trace_sets_asked_for(tiny_suite):
         tiny_suite.traces(show_progress=False, only=("code",))
 
 
+def test_validation_texts_are_training_split_and_made_once(tiny_suite):
+    texts = tiny_suite.validation_traces("prose", n=1, seed=11, show_progress=False)
+    assert texts.directory.parent.name == "validation" and texts.directory.name == "prose-s11-n1"
+    assert texts.manifest["params"] | {"model": None} == {"source": "prose", "split": "train", "n": 1, "length": 256,
+                                                          "seed": 11, "model": None}
+    again = tiny_suite.validation_traces("prose", n=1, seed=11, show_progress=False)
+    assert again.manifest["created"] == texts.manifest["created"]  # reused, not made again
+
+
 def test_ruler_prompt_ends_with_the_answer_prefix(tiny_suite, tiny_model_dir):
     from transformers import AutoTokenizer
 

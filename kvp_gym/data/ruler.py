@@ -39,6 +39,7 @@ FILLER: tuple[str, ...] = (
     "There and back again.",
 )
 HAYSTACKS: tuple[str, ...] = ("filler", "prose", "repeat")
+DEFAULT_HAYSTACK = "filler"
 
 MULTIKEY_NEEDLES = 8  # one asked, the rest distractors
 MULTIVALUE_VALUES = 4
@@ -325,7 +326,7 @@ def make_ruler(
     seed: int,
     target_tokens: int,
     tasks: Sequence[str] | None = None,
-    haystack: str = "filler",
+    haystack: str = DEFAULT_HAYSTACK,
 ) -> list[TextSample]:
     """`n` RULER samples of about `target_tokens` tokens, cycling through `tasks` (default: all of TASKS).
 

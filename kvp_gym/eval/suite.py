@@ -124,6 +124,13 @@ class Suite:
         }
 
 
+    def validation_traces(self, source: str, n: int, seed: int, show_progress: bool = True) -> TraceDataset:
+        """``n`` training-split texts of ``source`` at the suite's length, drawn with ``seed`` (one no recipe uses, to
+        choose on before checking once on the test texts), made once under $KVP_GYM_HOME/validation/ and reused."""
+        return generate_traces(home_dir() / "validation" / f"{source}-s{seed}-n{n}", source, n=n, length=self.length,
+                               split="train", model_name=self.model, seed=seed, show_progress=show_progress)
+
+
 # Fields added to Suite after suites were published, with their defaults (see Suite.hash).
 LATER_FIELDS: dict[str, Any] = {"placements": ("outside", "inside"), "ruler_tasks": None, "policies": ()}
 

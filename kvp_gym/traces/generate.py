@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvp_gym.data import SOURCES, SPLITS, TextSample, encode_sample, make_dialogue, make_dialogue_group, make_samples
-from kvp_gym.data.ruler import check_ruler_options
+from kvp_gym.data.ruler import DEFAULT_HAYSTACK, check_ruler_options
 from kvp_gym.io import package_versions, remove_temp_files, write_atomic, write_json_atomic
 from kvp_gym.models import DEFAULT_MODEL, ModelSpec, capture_qkv, load_model
 from kvp_gym.progress import progress_bar
@@ -295,7 +295,7 @@ def generate_traces(
             raise ValueError(f"--haystack is RULER's, but source is {source!r}")
         params["haystack"] = haystack
     if source == "ruler":  # before the directory exists
-        check_ruler_options(tasks, haystack or "filler")
+        check_ruler_options(tasks, haystack or DEFAULT_HAYSTACK)
     if isinstance(dialogue_batch, bool) or not isinstance(dialogue_batch, int) or dialogue_batch < 1:
         raise ValueError(f"--dialogue-batch must be a positive integer, got {dialogue_batch!r}")
     if dialogue_batch > 1:  # only when set, so the sets made one dialogue at a time keep their settings
