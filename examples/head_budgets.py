@@ -12,8 +12,8 @@ how to split the budget, not only what to keep. The allocation needs scores comp
 shares, the oracle's future attention); a learned policy's are comparable only within a head, so it takes another
 ranking's allocation.
 
-Sink 4 + recent 16 are kept in every head, as in the leaderboard. The cache stores equal counts per head, so the
-shared budgets are run as masks: the continuation's NLL through the frozen model with the evicted entries' attention
+Sink 4 + recent 16 are kept in every head, as in the leaderboard. The shares AdaKV gives vary with every text, so
+they are run as masks (the cache runs fixed per-head shares, ``kvp_gym.cache.HeadShares``): the continuation's NLL through the frozen model with the evicted entries' attention
 logits at -inf (``agents.finetune``'s soft-eviction attention with a hard mask; a row with equal budgets gives the
 leaderboard's perplexity, from the traces' fp16 keys and values, to about 1e-4). Prints, per budget, each row's mean
 per-text perplexity ratio - 1 (%) and, for ``X@Y``, the paired bootstrap probability that it beats ``X``.

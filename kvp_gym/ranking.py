@@ -6,9 +6,9 @@ padding is never protected. The other real entries are *ranked*: by descending s
 by position (the earlier entry ranks first), so every ranking is deterministic. The env's reward,
 the leaderboard and the evicting cache's top-b selection all go through ``ranking_order``.
 
-Every KV head keeps the same number of entries. ``shared_head_budgets`` is AdaKV's alternative, a layer's budget
-shared across its heads; the cache does not run it (it would store ragged heads), ``examples/head_budgets.py``
-measures it with masks.
+By default every KV head keeps the same number of entries. ``shared_head_budgets`` is AdaKV's alternative, a layer's
+budget shared across its heads by comparing their scores (``examples/head_budgets.py`` measures it with masks);
+``split_budget`` shares it by fixed per-head shares (``kvp_gym.cache.HeadShares``, which the cache runs).
 
 Shapes: [..., N] over N entries held in position order (ascending positions, padding anywhere).
 """
@@ -82,6 +82,32 @@ def shared_head_budgets(scores: torch.Tensor, kept: int, safeguard: float = 0.2)
     reserved = top_entries(scores, torch.full((heads,), floor, device=scores.device))
     rest = ranking_order(scores.flatten(), ~reserved.flatten())[: heads * (kept - floor)]
     return floor + torch.bincount(rest // entries, minlength=heads)
+
+
+def split_budget(shares: torch.Tensor, kept: int, capacity: int) -> torch.Tensor:
+    """counts [H] (long, summing to H * kept): H * kept entries split across H heads in proportion to ``shares`` [H]
+    (non-negative), the remainders to the largest fractional parts (ties: the earlier head), no head above
+    ``capacity`` (its excess goes to the others, again by their shares)."""
+    heads = shares.shape[0]
+    if not 0 <= kept <= capacity or bool((shares < 0).any()) or not bool(shares.isfinite().all()):
+        raise ValueError(f"kept must lie in [0, capacity={capacity}] and shares be finite and >= 0, got kept={kept}, "
+                         f"shares={shares.tolist()}")
+    counts = torch.zeros(heads, dtype=torch.long)
+    open_heads = torch.ones(heads, dtype=torch.bool)
+    while True:
+        remaining = heads * kept - int(counts[~open_heads].sum())
+        weights = torch.where(open_heads, shares.double().cpu(), 0.0)
+        weights = weights if float(weights.sum()) > 0 else open_heads.double()
+        raw = weights / weights.sum() * remaining
+        share = raw.floor().long()
+        remainder = torch.where(open_heads, raw - share, -1.0)
+        share[torch.argsort(remainder, descending=True, stable=True)[: remaining - int(share.sum())]] += 1
+        over = open_heads & (share > capacity)
+        if not bool(over.any()):
+            counts[open_heads] = share[open_heads]
+            return counts.to(shares.device)
+        counts[over] = capacity
+        open_heads &= ~over
 
 
 def top_entries(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ entries and returns one score per entry, higher = keep. The env, the leaderboard
 cache call scorers only through this contract, so the same object works in all three.
 
 Third-party scorers register through the ``kvp_gym.scorers`` entry-point group (see pyproject.toml)
-or at run time with ``register(name, factory)``.
+or at run time with ``register(name, factory)``. Any name plus ``+shares`` (``kvp+shares``, ``h2o-norm+shares``) is
+that scorer carrying the default model's fitted head shares (``kvp_gym.cache.HeadShares``): an evicting cache then
+splits each layer's budget across its KV heads by them instead of equally.
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ class LayerMix:
 
 _registry: dict[str, Callable[..., Scorer]] = {}
 _entry_points_loaded = False
+HEAD_SHARES_SUFFIX = "+shares"
 
 
 def register(name: str, factory: Callable[..., Scorer], *, overwrite: bool = False) -> None:
@@ -210,6 +213,8 @@ def factory(name: str) -> Callable[..., Scorer]:
     """The factory registered as ``name`` (an entry point's target is imported)."""
     _load_entry_points()
     key = name.lower()
+    if key.endswith(HEAD_SHARES_SUFFIX) and key not in _registry:
+        return _WithHeadShares(factory(name[: -len(HEAD_SHARES_SUFFIX)]))
     if key not in _registry:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(available())}")
     found = _registry[key]
@@ -233,6 +238,21 @@ def _load_entry_points() -> None:
     _entry_points_loaded = True
     for entry in entry_points(group="kvp_gym.scorers"):
         _registry.setdefault(entry.name.lower(), _LazyFactory(entry))
+
+
+class _WithHeadShares:
+    """Builds a scorer and gives it the default model's fitted head shares (its ``head_shares`` attribute)."""
+
+    def __init__(self, base: Callable[..., Scorer]) -> None:
+        self.base = base
+        self.trainable = getattr(base, "trainable", False)
+
+    def __call__(self, **config: Any) -> Scorer:
+        from kvp_gym.cache.head_shares import default_head_shares
+
+        scorer = self.base(**config)
+        scorer.head_shares = default_head_shares()
+        return scorer
 
 
 class _LazyFactory:

@@ -2,5 +2,6 @@
 
 from kvp_gym.cache.attention import ATTN_IMPLEMENTATION
 from kvp_gym.cache.evicting_cache import CacheReport, EvictingCache
+from kvp_gym.cache.head_shares import HeadShares
 
-__all__ = ["ATTN_IMPLEMENTATION", "CacheReport", "EvictingCache"]
+__all__ = ["ATTN_IMPLEMENTATION", "CacheReport", "EvictingCache", "HeadShares"]

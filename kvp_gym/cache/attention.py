@@ -7,7 +7,8 @@ leaves itself in a thread-local slot at ``update`` and this function picks it up
 belongs to the same layer, and shows it the queries, the 4D mask (padding) and the true position ids
 of the forward before running the stock sdpa attention (a padded stack of caches also hides its empty
 slots there), or, for a layer that sums the attention its entries receive, the layer's own one-pass
-attention. Without a pending layer it *is* sdpa:
+attention, and for a layer that stores ragged heads (head shares), its own masked attention. Without a pending
+layer it *is* sdpa:
 outputs are bit-identical to ``attn_implementation="sdpa"`` for any other cache.
 
 The mask function is registered under the same name (transformers builds no causal mask for an
@@ -58,6 +59,8 @@ def _evicting_attention(
     _handoff.layer = None
     if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None) and layer.holds(key):
         layer.observe(query, attention_mask, kwargs.get("position_ids"))
+        if layer.folded:
+            return layer.attend_folded(query, value, kwargs.get("scaling") or module.scaling), None
         attention_mask = layer.hide_empty_slots(attention_mask, query.shape[-2])
         if layer.accumulates_attention:
             one_pass = layer.settings.one_pass_attention and not kwargs.get("dropout") and all(

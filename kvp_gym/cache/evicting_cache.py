@@ -8,6 +8,9 @@ Design (transformers 5.x, Llama-style attention):
   budget). The rest is physically dropped: stored K/V shrink to [B, H, budget, d]. Heads keep
   different tokens but every head of every layer stores the same number of entries, because
   transformers builds one causal mask per forward from layer 0's sizes.
+* Head shares (optional, one-shot only). With a ``HeadShares`` (the scorer's ``head_shares``, or given) the heads
+  of a layer split its H * budget entries by fixed shares instead: ragged heads, stored folded into one sequence
+  per layer, which attends with its own per-head mask (``EvictingLayer.attend_folded``). No padded rows.
 * Lazy compression. A compression becomes due at the end of a forward and is applied at the start of
   the next one (in each layer's ``update``), so the forward that made it due attended over the full
   K/V, as kvpress compresses after the prefill attention. ``flush()`` applies pending compressions now.
@@ -39,6 +42,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvp_gym.cache.attention import use_evicting_attention
+from kvp_gym.cache.head_shares import HeadShares
 from kvp_gym.cache.layer import EvictingLayer, EvictionSettings
 from kvp_gym.ranking import DEFAULT_PROTECTED
 from kvp_gym.scorers import Scorer, ScoringView
@@ -65,6 +69,8 @@ class EvictingCache(Cache):
         one_pass_attention: for a scorer that reads the attention entries received (H2O-style), compute the
             attention in the cache, output and sums in one pass (about sdpa's cost alone: the default), not
             sdpa plus a second pass for the sums (False: sdpa's outputs bit for bit; recordings use it).
+        head_shares: split each layer's H * budget entries across its KV heads by these fixed shares (default: the
+            scorer's ``head_shares`` attribute, if it has one; None there = equal budgets). One-shot only, no padding.
 
     Use: ``model.generate(**inputs, cache=EvictingCache(scorer, 256, config=model.config))``.
     """
@@ -81,6 +87,7 @@ class EvictingCache(Cache):
         query_window: int | None = None,
         use_triton: bool | None = None,
         one_pass_attention: bool = True,
+        head_shares: HeadShares | None = None,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
         _check_full_attention(text_config)
@@ -90,6 +97,9 @@ class EvictingCache(Cache):
         window = query_window if query_window is not None else getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW)
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"query_window must be a positive int, got {window!r}")
+        head_shares = head_shares if head_shares is not None else getattr(scorer, "head_shares", None)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        _check_head_shares(head_shares, every, text_config.num_hidden_layers, num_kv_heads)
         self.settings = EvictionSettings(
             scorer=RealQueriesPerRow(scorer, name) if "queries" in scorer.needs else scorer,
             scorer_name=name,
@@ -99,10 +109,11 @@ class EvictingCache(Cache):
             every=every,
             query_window=window,
             num_layers=text_config.num_hidden_layers,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+            num_kv_heads=num_kv_heads,
             use_triton=use_triton,
             rope_theta=_plain_rope_theta(text_config),
             one_pass_attention=one_pass_attention,
+            head_shares=head_shares,
         )
         super().__init__(layers=[EvictingLayer(i, self.settings) for i in range(self.settings.num_layers)])
         use_evicting_attention(config)
@@ -165,15 +176,11 @@ class EvictingCache(Cache):
         if not layers:
             raise RuntimeError("the cache is empty: run a forward pass first")
         bytes_stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-        bytes_full = sum(
-            layer.keys.nbytes * layer.seen // layer.keys.shape[-2]
-            + layer.values.nbytes * layer.seen // layer.values.shape[-2]
-            for layer in layers
-        )
+        bytes_full = sum((layer.keys.nbytes + layer.values.nbytes) * layer.seen // layer.entries_per_head for layer in layers)
         return CacheReport(
             seen=layers[0].seen,
-            stored=layers[0].keys.shape[-2],
-            kept=torch.stack([(layer.positions >= 0).sum(-1).cpu() for layer in layers]),
+            stored=layers[0].entries_per_head,
+            kept=torch.stack([layer.kept_per_head().cpu() for layer in layers]),
             bytes_stored=bytes_stored,
             bytes_full=bytes_full,
             peak_stored=max(layer.peak_stored for layer in layers),
@@ -246,7 +253,7 @@ class CacheReport:
     """What an ``EvictingCache`` holds.
 
     seen:          tokens seen per sequence (padding included)
-    stored:        entries stored per (layer, batch row, KV head), kept padding included
+    stored:        entries stored per (layer, batch row, KV head), kept padding included (the mean, with head shares)
     kept:          [L, B, H] real (non-padding) tokens kept
     bytes_stored:  bytes of the K/V tensors actually stored
     bytes_full:    bytes a full (non-evicting) cache would hold for the same tokens
@@ -306,6 +313,18 @@ def _check_scorer(scorer: Scorer, name: str) -> None:
             f"scorer {name} needs {sorted(impossible)}, which an inference cache cannot compute "
             f"(only {sorted(LIVE_INPUTS)} are computed live; future attention is known only from a full trace)"
         )
+
+
+def _check_head_shares(head_shares: HeadShares | None, every: int | None, num_layers: int, num_kv_heads: int) -> None:
+    if head_shares is None:
+        return
+    if not isinstance(head_shares, HeadShares):
+        raise ValueError(f"head_shares must be a HeadShares, got {type(head_shares).__name__}")
+    if (head_shares.num_layers, head_shares.num_kv_heads) != (num_layers, num_kv_heads):
+        raise ValueError(f"head_shares are for {head_shares.num_layers} layers x {head_shares.num_kv_heads} KV heads, "
+                         f"the model has {num_layers} x {num_kv_heads}")
+    if every is not None:
+        raise ValueError("head_shares split a one-shot compression only (every=None)")
 
 
 def _check_budget(budget: int, sink: int, recent: int, every: int | None) -> None:

@@ -3,6 +3,10 @@ needs (recent queries, attention received); compresses to the budget when due.
 
 Shapes: B = batch, H = KV heads, Hq = query heads, G = Hq // H, S = stored entries, q = new tokens,
 w = query window, d = head dim.
+
+With head shares (``HeadShares``) a compression keeps a different number of entries in each head. The layer then
+stores its heads *folded* into one sequence, keys/values [B, 1, S, d] with ``head_of`` [S] naming each slot's KV
+head, and computes its attention itself (``attend_folded``): exactly H * budget entries, no padding.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvp_gym.cache.attention import ATTN_IMPLEMENTATION, hand_off
+from kvp_gym.cache.head_shares import HeadShares
 from kvp_gym.kernels import select_and_compact
-from kvp_gym.ranking import Protected
+from kvp_gym.ranking import Protected, top_entries
 from kvp_gym.scorers import Scorer, ScoringView, score_view
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
@@ -41,6 +46,7 @@ class EvictionSettings:
     use_triton: bool | None
     rope_theta: float | None = None
     one_pass_attention: bool = True
+    head_shares: HeadShares | None = None
 
     @property
     def protected(self) -> Protected:
@@ -98,6 +104,7 @@ class EvictingLayer(DynamicLayer):
         self.positions: torch.Tensor | None = None
         self.window: QueryWindow | None = None
         self.attention: torch.Tensor | None = None  # [B, Hq, S] attention received, summed over queries
+        self.head_of: torch.Tensor | None = None  # [S] KV head of each slot once the heads are folded (head shares)
         self.is_initialized = False
         self.seen = 0
         self.forwards = 0
@@ -140,6 +147,8 @@ class EvictingLayer(DynamicLayer):
         entries than the longest are left-padded with empty slots (position -1) that no query attends."""
         if any(layer.pending or layer.settings.every is not None or layer.seen != layers[0].seen for layer in layers):
             raise ValueError(f"layer {self.layer_idx}: only compressed one-shot caches with the same tokens seen stack")
+        if any(layer.folded for layer in layers):
+            raise ValueError(f"layer {self.layer_idx}: a cache with head shares stores ragged heads and decodes alone")
         length = max(layer.keys.shape[-2] for layer in layers)
         self.dtype, self.device = layers[0].dtype, layers[0].device
         self.keys = torch.cat([_left_pad(layer.keys, length, dim=-2) for layer in layers])
@@ -158,8 +167,12 @@ class EvictingLayer(DynamicLayer):
         self._check_observed()
         if self.pending:
             self.compress()
-        b, h, q, _ = key_states.shape
+        b, h, q, d = key_states.shape
         provisional = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
+        if self.folded:  # new entries go after the stored ones, head by head
+            key_states, value_states = key_states.reshape(b, 1, h * q, d), value_states.reshape(b, 1, h * q, d)
+            provisional = provisional.reshape(b, 1, h * q)
+            self.head_of = torch.cat([self.head_of, torch.arange(h, device=self.device).repeat_interleave(q)])
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             # contiguous like DynamicLayer's concatenation, so that attention runs the same kernels
@@ -173,7 +186,7 @@ class EvictingLayer(DynamicLayer):
         self.seen += q
         self.forwards += 1
         self.observed = False
-        self.peak_stored = max(self.peak_stored, self.keys.shape[-2])
+        self.peak_stored = max(self.peak_stored, self.entries_per_head)
         self.pending = self._compression_due()
         hand_off(self)
         return self.keys, self.values
@@ -192,7 +205,25 @@ class EvictingLayer(DynamicLayer):
         """Entries per head the next forward will find (the budget if a compression is pending)."""
         if not self.is_initialized:
             return 0
-        return self.settings.budget if self.pending else self.keys.shape[-2]
+        return self.settings.budget if self.pending else self.entries_per_head
+
+    @property
+    def folded(self) -> bool:
+        """Whether the heads are stored folded into one sequence (ragged heads, after a head-shares compression)."""
+        return self.head_of is not None
+
+    @property
+    def entries_per_head(self) -> int:
+        """Stored entries per KV head (on average, when folded)."""
+        return self.keys.shape[-2] // self.settings.num_kv_heads if self.folded else self.keys.shape[-2]
+
+    def kept_per_head(self) -> torch.Tensor:
+        """[B, H] real entries each KV head stores."""
+        real = (self.positions >= 0).long()
+        if not self.folded:
+            return real.sum(-1)
+        per_head = torch.zeros(real.shape[0], self.settings.num_kv_heads, dtype=torch.long, device=self.device)
+        return per_head.index_add_(1, self.head_of, real[:, 0])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an EvictingCache cannot be cropped (assisted decoding is not supported)")
@@ -220,6 +251,13 @@ class EvictingLayer(DynamicLayer):
         b, _, q, _ = query.shape
         s = self.keys.shape[-2]
         visible = _as_bool(attention_mask)
+        if self.folded:
+            if visible is not None and not bool(visible[:, 0, -1, -q:].all()):
+                raise ValueError(f"layer {self.layer_idx}: a cache with head shares takes no padding")
+            if position_ids is not None:
+                self.positions[:, 0, s - self.settings.num_kv_heads * q :] = position_ids.expand(b, q).repeat(1, self.settings.num_kv_heads)
+            self.observed = True
+            return
         positions = self.positions[:, 0, s - q :] if position_ids is None else position_ids.expand(b, q)
         real = torch.ones_like(positions, dtype=torch.bool) if visible is None else visible[:, 0, -1, s - q :]
         if visible is not None:
@@ -252,6 +290,9 @@ class EvictingLayer(DynamicLayer):
         real = self.positions >= 0
         scores = self._score(real)
         priority = torch.where(real, scores.clamp(-_FLOAT_MAX, _FLOAT_MAX), -math.inf)
+        if settings.head_shares is not None:
+            self._compress_into_shares(priority, real)
+            return
         kept = select_and_compact(
             priority, self.keys, self.values, settings.budget, settings.protected.mask(real), use_triton=settings.use_triton
         )
@@ -267,13 +308,54 @@ class EvictingLayer(DynamicLayer):
         self.pending = False
         self.compressions += 1
 
+    def _compress_into_shares(self, priority: torch.Tensor, real: torch.Tensor) -> None:
+        """Keep every head's protected entries and its head-shares count of top-ranked ones; fold the heads.
+
+        priority [B, H, N]. Every row keeps the same count per head, so the folded rows have equal lengths.
+        """
+        b, h, n, d = self.keys.shape
+        if not bool(real.all()):
+            raise ValueError(f"layer {self.layer_idx}: a cache with head shares takes no padding (left-padded rows)")
+        protected = self.settings.protected.mask(real)
+        held = int(protected[0, 0].sum())
+        counts = held + self.settings.head_shares.counts(self.layer_idx, self.settings.budget - held, n - held)
+        keep = top_entries(torch.where(protected, math.inf, priority).reshape(b * h, n), counts.repeat(b)).view(b, h, n)
+        slots = torch.arange(n, device=self.device).expand(b, n)
+        indices = [slots[keep[:, head]].view(b, int(counts[head])) for head in range(h)]  # ascending, per head
+        self.keys = torch.cat([self.keys[:, head].gather(1, index[..., None].expand(-1, -1, d))
+                               for head, index in enumerate(indices)], dim=1)[:, None]
+        self.values = torch.cat([self.values[:, head].gather(1, index[..., None].expand(-1, -1, d))
+                                 for head, index in enumerate(indices)], dim=1)[:, None]
+        self.positions = torch.cat([self.positions[:, head].gather(1, index) for head, index in enumerate(indices)],
+                                   dim=1)[:, None]
+        self.head_of = torch.arange(h, device=self.device).repeat_interleave(counts.to(self.device))
+        self.window = self.attention = None
+        self.pending = False
+        self.compressions += 1
+
+    def attend_folded(self, query: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The attention output [B, q, Hq, d] of a folded layer: query head j attends the slots of KV head j // G at
+        true positions up to its own. query [B, Hq, q, d] post-RoPE, value [B, 1, S, d] (this layer's values)."""
+        b, hq, q, d = query.shape
+        h, s = self.settings.num_kv_heads, self.keys.shape[-2]
+        g = hq // h
+        positions = self.positions[:, 0]  # [B, S]
+        query_positions = positions[:, s - h * q : s - h * q + q]  # head 0's new slots
+        causal = (positions[:, None, :] <= query_positions[:, :, None]) & (positions[:, None, :] >= 0)  # [B, q, S]
+        own_head = self.head_of[None, :] == torch.arange(h, device=self.device)[:, None]  # [H, S]
+        visible = (own_head[None, :, None, :] & causal[:, None]).repeat(1, 1, g, 1)  # [B, H, G * q, S]
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, h, g * q, d), self.keys.expand(b, h, s, d), value.expand(b, h, s, d), attn_mask=visible,
+            scale=scaling)
+        return output.view(b, hq, q, d).transpose(1, 2).contiguous()
+
     @property
     def _collecting(self) -> bool:
         """Whether this forward's queries/attention can still feed a compression."""
         return self.settings.every is not None or self.forwards == 1
 
     def _compression_due(self) -> bool:
-        stored, budget, every = self.keys.shape[-2], self.settings.budget, self.settings.every
+        stored, budget, every = self.entries_per_head, self.settings.budget, self.settings.every
         if self.forwards == 1:
             return stored > budget
         return every is not None and stored >= budget + every
@@ -393,7 +475,7 @@ class EvictingLayer(DynamicLayer):
         """Apply a batch-dimension operation (beam reorder, repeat, select) to every per-row tensor."""
         if not self.is_initialized:
             return
-        self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
+        self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)  # head_of: per slot
         if self.attention is not None:
             self.attention = fn(self.attention)
         if self.window is not None:

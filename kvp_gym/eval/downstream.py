@@ -95,16 +95,17 @@ def ruler_answers(
 
     Rows decode together: those whose stored lengths are within a factor ``STACK_SPREAD`` stack into one
     batch (``EvictingCache.stack``; shorter rows are padded with slots no query attends, which costs the
-    difference). Batched matmuls may differ from a lone row's in the last bits, so an answer can depend
+    difference); a scorer with head shares (ragged heads) decodes alone. Batched matmuls may differ from a lone row's in the last bits, so an answer can depend
     on the batch where two tokens nearly tie."""
     prompt = ruler_prompt(tokenizer, trace)
     compressed = prompt[:, : compressed_length(trace, placement)]
     stored = [compressed.shape[1] if budget is None else min(budget, compressed.shape[1]) for _, budget in rows]
     answers: list[tuple[str, float]] = [("", 0.0)] * len(rows)
-    for group in _stacks_by_length(stored):
+    ragged = {i for i, (scorer, _) in enumerate(rows) if getattr(scorer, "head_shares", None) is not None}
+    for group in decode_groups(stored, ragged):
         caches = [prefilled_cache(model, compressed, *rows[i], sink, recent, prefill) for i in group]
-        decoded = _greedy_answers(model, tokenizer, trace, prompt.expand(len(group), -1), EvictingCache.stack(caches),
-                                  max_new_tokens)
+        cache = caches[0] if group[0] in ragged else EvictingCache.stack(caches)
+        decoded = _greedy_answers(model, tokenizer, trace, prompt.expand(len(group), -1), cache, max_new_tokens)
         for i, answer in zip(group, decoded):
             answers[i] = answer
     return answers
@@ -113,15 +114,15 @@ def ruler_answers(
 STACK_SPREAD = 2  # rows stack while the longest stores at most this many times the shortest's entries
 
 
-def _stacks_by_length(lengths: list[int]) -> list[list[int]]:
-    """Row indices grouped by stored length (ascending): a group ends where a length exceeds
-    ``STACK_SPREAD`` times its first."""
+def decode_groups(lengths: list[int], alone: set[int]) -> list[list[int]]:
+    """Row indices grouped by stored length (ascending): a group ends where a length exceeds ``STACK_SPREAD``
+    times its first. The rows in ``alone`` (ragged heads, which do not stack) come last, one per group."""
     groups: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+    for index in sorted(set(range(len(lengths))) - alone, key=lengths.__getitem__):
         if not groups or lengths[index] > STACK_SPREAD * lengths[groups[-1][0]]:
             groups.append([])
         groups[-1].append(index)
-    return groups
+    return groups + [[index] for index in sorted(alone)]
 
 
 def _greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trace: Trace, prompt: torch.Tensor,
