@@ -85,7 +85,8 @@ class EvictingLayer(DynamicLayer):
     """A full-attention cache layer that keeps at most ``budget`` entries per KV head after compressing.
 
     ``keys``/``values`` [B, H, S, d] hold the kept entries in sequence order; ``positions`` [B, H, S]
-    their true positions (-1 for padding). All heads (and all layers) store the same S. A compression
+    their true positions (-1 for padding). All heads (and all layers) store the same S, except after a compression
+    by head shares: then [B, 1, S, d] and [B, 1, S], the heads folded (``head_of``, module docstring). A compression
     becomes due at the end of a forward and is applied lazily, at the start of the next ``update``,
     so the forward that made it due attended over the full K/V.
     """
@@ -254,8 +255,9 @@ class EvictingLayer(DynamicLayer):
         if self.folded:
             if visible is not None and not bool(visible[:, 0, -1, -q:].all()):
                 raise ValueError(f"layer {self.layer_idx}: a cache with head shares takes no padding")
-            if position_ids is not None:
-                self.positions[:, 0, s - self.settings.num_kv_heads * q :] = position_ids.expand(b, q).repeat(1, self.settings.num_kv_heads)
+            if position_ids is not None:  # the new slots hold the q tokens once per head, head by head
+                h = self.settings.num_kv_heads
+                self.positions[:, 0, s - h * q :] = position_ids.expand(b, q).repeat(1, h)
             self.observed = True
             return
         positions = self.positions[:, 0, s - q :] if position_ids is None else position_ids.expand(b, q)
@@ -313,7 +315,7 @@ class EvictingLayer(DynamicLayer):
 
         priority [B, H, N]. Every row keeps the same count per head, so the folded rows have equal lengths.
         """
-        b, h, n, d = self.keys.shape
+        b, h, n, _ = self.keys.shape
         if not bool(real.all()):
             raise ValueError(f"layer {self.layer_idx}: a cache with head shares takes no padding (left-padded rows)")
         protected = self.settings.protected.mask(real)
@@ -322,12 +324,14 @@ class EvictingLayer(DynamicLayer):
         keep = top_entries(torch.where(protected, math.inf, priority).reshape(b * h, n), counts.repeat(b)).view(b, h, n)
         slots = torch.arange(n, device=self.device).expand(b, n)
         indices = [slots[keep[:, head]].view(b, int(counts[head])) for head in range(h)]  # ascending, per head
-        self.keys = torch.cat([self.keys[:, head].gather(1, index[..., None].expand(-1, -1, d))
-                               for head, index in enumerate(indices)], dim=1)[:, None]
-        self.values = torch.cat([self.values[:, head].gather(1, index[..., None].expand(-1, -1, d))
-                                 for head, index in enumerate(indices)], dim=1)[:, None]
-        self.positions = torch.cat([self.positions[:, head].gather(1, index) for head, index in enumerate(indices)],
-                                   dim=1)[:, None]
+
+        def folded(tensor: torch.Tensor) -> torch.Tensor:
+            """[B, H, N, e] -> [B, 1, S, e]: each head's kept entries, head after head."""
+            return torch.cat([tensor[:, head].gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+                              for head, index in enumerate(indices)], dim=1)[:, None]
+
+        self.keys, self.values = folded(self.keys), folded(self.values)
+        self.positions = folded(self.positions[..., None])[..., 0]
         self.head_of = torch.arange(h, device=self.device).repeat_interleave(counts.to(self.device))
         self.window = self.attention = None
         self.pending = False

@@ -95,8 +95,8 @@ def ruler_answers(
 
     Rows decode together: those whose stored lengths are within a factor ``STACK_SPREAD`` stack into one
     batch (``EvictingCache.stack``; shorter rows are padded with slots no query attends, which costs the
-    difference); a scorer with head shares (ragged heads) decodes alone. Batched matmuls may differ from a lone row's in the last bits, so an answer can depend
-    on the batch where two tokens nearly tie."""
+    difference); a scorer with head shares (ragged heads) decodes alone. Batched matmuls may differ from a lone
+    row's in the last bits, so an answer can depend on the batch where two tokens nearly tie."""
     prompt = ruler_prompt(tokenizer, trace)
     compressed = prompt[:, : compressed_length(trace, placement)]
     stored = [compressed.shape[1] if budget is None else min(budget, compressed.shape[1]) for _, budget in rows]
