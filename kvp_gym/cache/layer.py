@@ -320,7 +320,8 @@ class EvictingLayer(DynamicLayer):
             raise ValueError(f"layer {self.layer_idx}: a cache with head shares takes no padding (left-padded rows)")
         protected = self.settings.protected.mask(real)
         held = int(protected[0, 0].sum())
-        counts = held + self.settings.head_shares.counts(self.layer_idx, self.settings.budget - held, n - held)
+        shares = self.settings.head_shares.counts(self.layer_idx, self.settings.budget - held, n - held)
+        counts = held + shares.to(self.device)  # the shares live on the CPU; the ranks they cut are the cache's
         keep = top_entries(torch.where(protected, math.inf, priority).reshape(b * h, n), counts.repeat(b)).view(b, h, n)
         slots = torch.arange(n, device=self.device).expand(b, n)
         indices = [slots[keep[:, head]].view(b, int(counts[head])) for head in range(h)]  # ascending, per head
@@ -332,7 +333,7 @@ class EvictingLayer(DynamicLayer):
 
         self.keys, self.values = folded(self.keys), folded(self.values)
         self.positions = folded(self.positions[..., None])[..., 0]
-        self.head_of = torch.arange(h, device=self.device).repeat_interleave(counts.to(self.device))
+        self.head_of = torch.arange(h, device=self.device).repeat_interleave(counts)
         self.window = self.attention = None
         self.pending = False
         self.compressions += 1

@@ -123,7 +123,6 @@ class Suite:
             if only is None or key in only
         }
 
-
     def validation_traces(self, source: str, n: int, seed: int, show_progress: bool = True) -> TraceDataset:
         """``n`` training-split texts of ``source`` at the suite's length, drawn with ``seed`` (one no recipe uses, to
         choose on before checking once on the test texts), made once under $KVP_GYM_HOME/validation/ and reused."""
