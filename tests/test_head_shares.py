@@ -6,18 +6,24 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from agents.head_shares import fit_head_shares
 from kvp_gym.cache import EvictingCache, HeadShares
 from kvp_gym.cache.head_shares import default_head_shares
 from kvp_gym.eval.downstream import decode_groups
 from kvp_gym.eval.leaderboard import scorer_identity
+from kvp_gym.eval.oracle import trace_importance
 from kvp_gym.ranking import shared_head_budgets, split_budget
 from kvp_gym.scorers import get
 
 from test_cache import _HIDDEN, KeyNorm, LastQuery, Received, model, prompt  # noqa: F401  (model: the fixture)
 
 SHARES = HeadShares(torch.tensor([0.25, 0.5]), torch.tensor([[[0.7, 0.3], [0.5, 0.5]], [[0.2, 0.8], [0.6, 0.4]]]))
+# all 2 x 2 heads of the test model share one budget: layer 0 keeps about twice what layer 1 does
+MODEL_SHARES = HeadShares(torch.tensor([0.25, 0.5]), torch.tensor([[[0.5, 0.2], [0.2, 0.1]], [[0.1, 0.4], [0.3, 0.2]]]),
+                          scope="model")
 
 
 # -- the split ---------------------------------------------------------------------------------------
@@ -73,11 +79,32 @@ def test_fit_averages_the_oracles_split_and_counts_pick_the_nearest_fraction():
     assert shares.counts(0, 0, 40).tolist() == [0, 0, 0]  # a budget of only the protected tokens
 
 
+def test_model_scope_fits_the_oracles_split_across_all_layers_and_counts_cut_it():
+    generator = torch.Generator().manual_seed(4)
+    importances = [torch.rand(3, 2, 30, generator=generator) * torch.tensor([6.0, 1.0, 0.3])[:, None, None] for _ in range(3)]
+    shares = HeadShares.fit(importances, fractions=[0.2], safeguard=0.2, scope="model")
+    want = torch.stack([shared_head_budgets(imp.reshape(6, 30), 6, 0.2).view(3, 2).double() for imp in importances])
+    want = (want / want.sum((-2, -1), keepdim=True)).mean(0).float()
+    torch.testing.assert_close(shares.shares[0], want)
+    assert shares.scope == "model" and float(shares.shares.sum()) == pytest.approx(1.0)
+    model_counts = split_budget(want.flatten(), 6, 30).view(3, 2)
+    counts = torch.stack([shares.counts(layer, 6, 30) for layer in range(3)])
+    assert counts.tolist() == model_counts.tolist() and int(counts.sum()) == 3 * 2 * 6
+    assert counts[0].sum() > 2 * 6 > counts[2].sum()  # the layer whose entries the future attends most keeps more
+
+
 def test_save_load_and_bad_shares(tmp_path):
     loaded = HeadShares.load(SHARES.save(tmp_path / "shares.safetensors"))
     assert torch.equal(loaded.shares, SHARES.shares) and torch.equal(loaded.fractions, SHARES.fractions)
+    assert HeadShares.load(MODEL_SHARES.save(tmp_path / "model.safetensors")).scope == "model"
+    save_file({"fractions": SHARES.fractions, "shares": SHARES.shares}, str(tmp_path / "old.safetensors"))
+    assert HeadShares.load(tmp_path / "old.safetensors").scope == "layer"  # files written before scopes existed
     with pytest.raises(ValueError, match="sum to 1"):
         HeadShares(torch.tensor([0.5]), torch.tensor([[[0.5, 0.6]]]))
+    with pytest.raises(ValueError, match="sum to 1 over all"):
+        HeadShares(torch.tensor([0.5]), torch.full((1, 2, 2), 0.5), scope="model")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        HeadShares(torch.tensor([0.5]), torch.full((1, 2, 2), 0.5), scope="head")
     with pytest.raises(ValueError, match="ascend"):
         HeadShares(torch.tensor([0.5, 0.2]), torch.full((2, 1, 2), 0.5))
 
@@ -101,21 +128,22 @@ def test_equal_shares_decode_as_equal_budgets(model):
             torch.testing.assert_close(mine.positions[:, 0, mine.head_of == head], theirs.positions[:, head])
 
 
-@pytest.mark.parametrize("scorer_cls", [KeyNorm, LastQuery, Received])
+@pytest.mark.parametrize("scorer_cls,shares", [(KeyNorm, SHARES), (LastQuery, SHARES), (Received, SHARES),
+                                               (KeyNorm, MODEL_SHARES), (Received, MODEL_SHARES)])
 @torch.no_grad()
-def test_ragged_heads_decode_as_full_attention_hiding_the_evicted(model, scorer_cls):
+def test_ragged_heads_decode_as_full_attention_hiding_the_evicted(model, scorer_cls, shares):
     hiding = copy.deepcopy(model)
     hiding.set_attn_implementation("kvp_test_hiding")
     ids, _ = prompt(batch=2, length=40)
     steps = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(5))
-    cache = EvictingCache(scorer_cls(), 14, config=model.config, sink=2, recent=4, head_shares=SHARES)
+    cache = EvictingCache(scorer_cls(), 14, config=model.config, sink=2, recent=4, head_shares=shares)
     full = DynamicCache(config=hiding.config)
     _HIDDEN.clear()
     torch.testing.assert_close(model(ids, cache=cache).logits, hiding(ids, cache=full).logits)
     cache.flush()
     for index, layer in enumerate(cache.layers):
         ranked = 40 - 6
-        counts = 6 + SHARES.counts(index, 14 - 6, ranked)  # 8 / 34 is nearest 0.25
+        counts = 6 + shares.counts(index, 14 - 6, ranked)  # 8 / 34 is nearest 0.25
         assert layer.kept_per_head().tolist() == [counts.tolist()] * 2
         kept = torch.zeros(2, 2, 40, dtype=torch.bool)
         for head in range(2):
@@ -128,9 +156,12 @@ def test_ragged_heads_decode_as_full_attention_hiding_the_evicted(model, scorer_
             torch.testing.assert_close(model(token, cache=cache).logits, hiding(token, cache=full).logits, atol=1e-5, rtol=1e-5)
     finally:
         _HIDDEN.clear()
+    lengths = {layer.keys.shape[-2] for layer in cache.layers}
+    assert len(lengths) == (2 if shares.scope == "model" else 1)  # model scope: the layers store different lengths
     report = cache.report()
     assert (report.seen, report.stored) == (46, 20)  # 14 + 6 per head on average: the memory of equal budgets
     assert report.bytes_stored == 2 * 2 * 2 * 20 * 16 * 4 * 2  # layers, K+V, heads, entries, head dim, bytes, batch
+    assert report.bytes_full == 2 * 2 * 2 * 46 * 16 * 4 * 2
 
 
 @torch.no_grad()
@@ -174,3 +205,13 @@ def test_the_shares_suffix_gives_any_registered_scorer_the_default_models_shares
     assert scorer_identity(shared) != scorer_identity(plain)  # the leaderboard keeps their records apart
     with pytest.raises(KeyError, match="unknown scorer 'nope'"):
         get("nope+shares")
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_the_fitter_reads_the_oracle_from_traces(tiny_traces, scope):
+    shares = fit_head_shares([tiny_traces], texts=2, fractions=[0.25], prefix_share=0.75, scope=scope)
+    ranked = [trace_importance(tiny_traces[index], 72)[..., 4 : 72 - 16] for index in range(2)]
+    want = HeadShares.fit(ranked, [0.25], scope=scope)
+    assert shares.scope == scope and torch.equal(shares.shares, want.shares)
+    with pytest.raises(ValueError, match="prefix_share"):
+        fit_head_shares([tiny_traces], texts=2, prefix_share=1.0)

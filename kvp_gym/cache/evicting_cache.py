@@ -9,8 +9,9 @@ Design (transformers 5.x, Llama-style attention):
   different tokens but every head of every layer stores the same number of entries, because
   transformers builds one causal mask per forward from layer 0's sizes.
 * Head shares (optional, one-shot only). With a ``HeadShares`` (the scorer's ``head_shares``, or given) the heads
-  of a layer split its H * budget entries by fixed shares instead: ragged heads, stored folded into one sequence
-  per layer, which attends with its own per-head mask (``EvictingLayer.attend_folded``). No padded rows.
+  of a layer split its H * budget entries by fixed shares instead, or (model-scope shares) all the model's heads
+  split L * H * budget: ragged heads, stored folded into one sequence per layer, which attends with its own per-head
+  mask (``EvictingLayer.attend_folded``), so layers may store different lengths. No padded rows.
 * Lazy compression. A compression becomes due at the end of a forward and is applied at the start of
   the next one (in each layer's ``update``), so the forward that made it due attended over the full
   K/V, as kvpress compresses after the prefill attention. ``flush()`` applies pending compressions now.
@@ -69,8 +70,9 @@ class EvictingCache(Cache):
         one_pass_attention: for a scorer that reads the attention entries received (H2O-style), compute the
             attention in the cache, output and sums in one pass (about sdpa's cost alone: the default), not
             sdpa plus a second pass for the sums (False: sdpa's outputs bit for bit; recordings use it).
-        head_shares: split each layer's H * budget entries across its KV heads by these fixed shares (default: the
-            scorer's ``head_shares`` attribute, if it has one; None there = equal budgets). One-shot only, no padding.
+        head_shares: split each layer's H * budget entries across its KV heads (or, model-scope shares, all layers'
+            L * H * budget across all their heads) by these fixed shares (default: the scorer's ``head_shares``
+            attribute, if it has one; None there = equal budgets). One-shot only, no padding.
 
     Use: ``model.generate(**inputs, cache=EvictingCache(scorer, 256, config=model.config))``.
     """
@@ -175,11 +177,14 @@ class EvictingCache(Cache):
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers:
             raise RuntimeError("the cache is empty: run a forward pass first")
+        heads = self.settings.num_kv_heads
         bytes_stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-        bytes_full = sum((layer.keys.nbytes + layer.values.nbytes) * layer.seen // layer.entries_per_head for layer in layers)
+        bytes_full = sum(2 * layer.keys.shape[0] * heads * layer.seen * layer.keys.shape[-1] * layer.keys.element_size()
+                         for layer in layers)
+        per_head = [layer.keys.shape[-2] / (heads if layer.folded else 1) for layer in layers]  # ragged: a mean
         return CacheReport(
             seen=layers[0].seen,
-            stored=layers[0].entries_per_head,
+            stored=round(sum(per_head) / len(per_head)),
             kept=torch.stack([layer.kept_per_head().cpu() for layer in layers]),
             bytes_stored=bytes_stored,
             bytes_full=bytes_full,
@@ -253,7 +258,8 @@ class CacheReport:
     """What an ``EvictingCache`` holds.
 
     seen:          tokens seen per sequence (padding included)
-    stored:        entries stored per (layer, batch row, KV head), kept padding included (the mean, with head shares)
+    stored:        entries stored per (layer, batch row, KV head), kept padding included (the mean over layers and
+                   heads, with head shares)
     kept:          [L, B, H] real (non-padding) tokens kept
     bytes_stored:  bytes of the K/V tensors actually stored
     bytes_full:    bytes a full (non-evicting) cache would hold for the same tokens

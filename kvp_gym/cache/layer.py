@@ -6,7 +6,9 @@ w = query window, d = head dim.
 
 With head shares (``HeadShares``) a compression keeps a different number of entries in each head. The layer then
 stores its heads *folded* into one sequence, keys/values [B, 1, S, d] with ``head_of`` [S] naming each slot's KV
-head, and computes its attention itself (``attend_folded``): exactly H * budget entries, no padding.
+head, and computes its attention itself (``attend_folded``), no padding: H * budget entries, or with model-scope
+shares the layer's own part of L * H * budget (so layers differ in length; the causal mask transformers builds from
+layer 0's sizes is not used by a folded layer).
 """
 
 from __future__ import annotations

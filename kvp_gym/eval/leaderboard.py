@@ -54,8 +54,10 @@ def scorer_identity(scorer: Any) -> str:
     config = {key: value for key, value in fields.items() if not key.startswith("_") and _is_plain(value)}
     digest = hashlib.sha256(json.dumps({"source": source, "config": config}, sort_keys=True).encode())
     shares = getattr(scorer, "head_shares", None)
-    if shares is not None:  # how the cache splits each layer's budget across heads: other shares, other records
+    if shares is not None:  # how the cache splits the budget across heads: other shares, other records
         digest.update(shares.shares.contiguous().numpy().tobytes() + shares.fractions.contiguous().numpy().tobytes())
+        if shares.scope != "layer":  # layer-scope ids stay those of the records made before scopes existed
+            digest.update(shares.scope.encode())
     if isinstance(scorer, torch.nn.Module):  # a registered policy with weights (e.g. the shipped kvp): new weights, new records
         for name, tensor in sorted(scorer.state_dict().items()):
             digest.update(name.encode())
