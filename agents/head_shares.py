@@ -62,8 +62,8 @@ def main() -> None:
     sets = [TraceDataset(path) for path in args.traces]
     shares = fit_head_shares(sets, args.texts, [float(f) for f in args.fractions.split(",")], args.prefix_share,
                              args.safeguard, scope=args.scope)
-    print(f"wrote {shares.save(args.out)}: {shares.num_layers} layers x {shares.num_kv_heads} KV heads, scope {shares.scope}, at fractions "
-          f"{shares.fractions.tolist()}")
+    print(f"wrote {shares.save(args.out)}: {shares.num_layers} layers x {shares.num_kv_heads} KV heads, scope "
+          f"{shares.scope}, at fractions {shares.fractions.tolist()}")
 
 
 if __name__ == "__main__":
