@@ -7,7 +7,7 @@ cache call scorers only through this contract, so the same object works in all t
 Third-party scorers register through the ``kvp_gym.scorers`` entry-point group (see pyproject.toml)
 or at run time with ``register(name, factory)``. Any name plus ``+shares`` (``kvp+shares``, ``h2o-norm+shares``) is
 that scorer carrying the default model's fitted head shares (``kvp_gym.cache.HeadShares``): an evicting cache then
-splits each layer's budget across its KV heads by them instead of equally.
+splits the budget across the KV heads by them instead of equally (since round 27 across all the model's heads).
 """
 
 from __future__ import annotations
