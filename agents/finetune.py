@@ -22,12 +22,17 @@ the same scores, which holds the ranking near the attention mass it was distille
 faster fine-tune without it forgot a retrieval the distilled policy had (docs/learned-eviction.md, round 20).
 ``anchor_sets`` scales it per trace set (in ``--traces`` order; default 1 everywhere), e.g. 0 on prose to guard
 retrieval on the RULER and dialogue sets only (round 23: that held prose back as much as the anchor everywhere).
+
+With ``shares`` (``default``: the shipped ``kvp_gym.cache.HeadShares``, or a file of them) each head's soft mask is
+cut at its own count, the budget that head gets under ``+shares`` (``HeadShares.counts``), instead of one k for all;
+the scorer carries the shares, so downstream validation measures it as ``+shares`` evicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,11 +42,21 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import sdpa_mask
 
 from agents.distill import DistillAgent, DistillConfig, distill_loss, parse_set_weights
+from kvp_gym.cache.head_shares import HeadShares, default_head_shares
 from kvp_gym.models import load_model
 from kvp_gym.traces import Trace, TraceDataset
 
 SOFT_EVICTION = "kvp_soft_eviction"
 _prefix_bias = threading.local()  # .bias: [L, Hkv, n] log keep-mask of the prefix entries, read per layer
+
+
+def load_shares(spec: str) -> HeadShares:
+    """``default`` -> the shipped head shares; anything else is read as a HeadShares file."""
+    if spec == "default":
+        return default_head_shares()
+    if not Path(spec).is_file():
+        raise ValueError(f"--set shares: expected 'default' or a head-shares file, got {spec!r} (no such file)")
+    return HeadShares.load(spec)
 
 
 def soft_eviction_attention(
@@ -73,18 +88,23 @@ AttentionInterface.register(SOFT_EVICTION, soft_eviction_attention)
 AttentionMaskInterface.register(SOFT_EVICTION, sdpa_mask)
 
 
-def soft_keep_mask(scores: torch.Tensor, kept: int, temperature: float) -> torch.Tensor:
+def soft_keep_mask(scores: torch.Tensor, kept: int | torch.Tensor, temperature: float) -> torch.Tensor:
     """log m (module docstring): scores [S, M] -> [S, M], the log of each entry's soft keep-mask when ``kept`` of
-    the M are kept (0 < kept < M)."""
+    the M are kept: one count for every row, or a count per row ([S] long, 0..M). A row keeping all M (or none) has
+    its boundary half a unit of z below its lowest (above its highest) score."""
     z = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
-    boundary = z.topk(kept + 1, dim=-1).values[:, -2:].mean(-1, keepdim=True)  # between the last kept and the first dropped
+    ranked = z.sort(-1, descending=True).values
+    padded = torch.cat([ranked[:, :1] + 1, ranked, ranked[:, -1:] - 1], -1)  # padded[:, k] = z_(k), the k-th largest
+    kept = torch.as_tensor(kept, dtype=torch.long).expand(len(z))[:, None]
+    boundary = (padded.gather(-1, kept) + padded.gather(-1, kept + 1)) / 2  # between the last kept and the first dropped
     return F.logsigmoid((z - boundary) / temperature)
 
 
-def hard_keep_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
-    """0 on each row's ``kept`` highest scores, -inf elsewhere: [S, M] -> [S, M]."""
-    mask = torch.full_like(scores, float("-inf"))
-    return mask.scatter(-1, scores.topk(kept, dim=-1).indices, 0.0)
+def hard_keep_mask(scores: torch.Tensor, kept: int | torch.Tensor) -> torch.Tensor:
+    """0 on each row's ``kept`` highest scores (one count, or [S] counts per row), -inf elsewhere: [S, M] -> [S, M]."""
+    order = scores.argsort(-1, descending=True).argsort(-1)  # each entry's place in its row's ranking
+    kept = torch.as_tensor(kept, dtype=torch.long).expand(len(scores))[:, None]
+    return torch.zeros_like(scores).masked_fill(order >= kept, float("-inf"))
 
 
 @torch.no_grad()
@@ -120,6 +140,7 @@ class FinetuneConfig(DistillConfig):
     warmup: int = 20
     anchor: float = 0.0
     anchor_sets: str = ""
+    shares: str = ""
 
 
 class FinetuneAgent(DistillAgent):
@@ -136,6 +157,7 @@ class FinetuneAgent(DistillAgent):
             raise ValueError(f"--set fractions must lie in (0, 1), temperature > 0, continuation >= 1 and anchor >= 0; "
                              f"got {config.fractions!r}, {config.temperature}, {config.continuation}, {config.anchor}")
         anchor_sets = parse_set_weights(config.anchor_sets, len(traces), "anchor_sets")
+        head_shares = load_shares(config.shares) if config.shares else None
         super().__init__(scorer, traces, env_kwargs, config, total_steps)
         self.fractions = fractions
         self.anchor_weights = [config.anchor * weight for weight in anchor_sets or [1.0] * len(traces)]
@@ -143,6 +165,22 @@ class FinetuneAgent(DistillAgent):
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = SOFT_EVICTION
         self.deferred = torch.isin(self.heads[:, 0], torch.tensor(scorer.h2o_layers, dtype=torch.long))
+        spec = self.model.config
+        if head_shares is not None:
+            if (head_shares.num_layers, head_shares.num_kv_heads) != (spec.num_hidden_layers, spec.num_key_value_heads):
+                raise ValueError(f"--set shares={config.shares}: shares for {head_shares.num_layers} layers x "
+                                 f"{head_shares.num_kv_heads} KV heads, the model has {spec.num_hidden_layers} x "
+                                 f"{spec.num_key_value_heads}")
+            scorer.head_shares = head_shares
+        self.head_shares = head_shares
+
+    def head_counts(self, kept: int, ranked: int) -> int | torch.Tensor:
+        """The ranked entries each trained head keeps ([S] with shares, else ``kept`` for all) when they keep
+        ``kept`` of ``ranked`` on average."""
+        if self.head_shares is None:
+            return kept
+        counts = torch.stack([self.head_shares.counts(layer, kept, ranked) for layer in range(self.head_shares.num_layers)])
+        return counts[self.heads[:, 0], self.heads[:, 1]]
 
     def update(self) -> dict[str, float]:
         trace_set, position, trace, n = self.draw()
@@ -151,9 +189,10 @@ class FinetuneAgent(DistillAgent):
         kept = max(1, int(fraction * n) - first - self.protected.recent)  # entries kept besides the protected ones
         batch = self.features(self.stores[trace_set], position, trace, n, torch.arange(first, last))
         scores = self.network_scores(batch)
-        log_mask = soft_keep_mask(scores, kept, self.config.temperature)
+        counts = self.head_counts(kept, last - first)
+        log_mask = soft_keep_mask(scores, counts, self.config.temperature)
         if bool(self.deferred.any()):  # ranked by normalised H2O, hard, as ``score`` evicts them
-            log_mask = torch.where(self.deferred[:, None], hard_keep_mask(batch["h2o"], kept), log_mask)
+            log_mask = torch.where(self.deferred[:, None], hard_keep_mask(batch["h2o"], counts), log_mask)
         spec = self.model.config
         bias = torch.zeros(spec.num_hidden_layers, spec.num_key_value_heads, n)
         bias[self.heads[:, 0], self.heads[:, 1], first:last] = log_mask

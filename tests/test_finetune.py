@@ -13,6 +13,7 @@ from agents.finetune import FinetuneAgent, FinetuneConfig, continuation_loss, ha
 from agents.kvp_scorer import PerHeadKVPScorer
 from agents.mlp_scorer import PerHeadMLPScorer
 from agents.train import TrainConfig, train
+from kvp_gym.cache.head_shares import HeadShares
 from kvp_gym.checkpoint import save_scorer
 from kvp_gym.eval.downstream import continuation_nll
 from kvp_gym.traces import Trace
@@ -55,6 +56,21 @@ def test_soft_mask_keeps_the_budget_and_ignores_the_score_scale() -> None:
     assert ((gentle > 0.01) & (gentle < 0.99)).any()  # a high temperature keeps part of every entry
 
 
+def test_soft_mask_cuts_each_row_at_its_own_count() -> None:
+    scores = torch.randn(4, 40, generator=torch.Generator().manual_seed(1))
+    counts = torch.tensor([0, 5, 17, 40])
+    soft = soft_keep_mask(scores, counts, 1e-3)
+    assert torch.equal((soft.exp() > 0.5).sum(-1), counts)
+    assert torch.equal(soft.exp() > 0.5, hard_keep_mask(scores, counts) == 0)
+    assert torch.allclose(soft_keep_mask(scores, torch.full((4,), 10), 0.1), soft_keep_mask(scores, 10, 0.1))
+
+
+def _shares(tmp_path: Path) -> Path:
+    """Model-wide shares for the tiny model (2 layers x 2 KV heads), far from equal."""
+    shares = torch.tensor([[0.45, 0.05], [0.3, 0.2]]).expand(2, 2, 2)
+    return HeadShares(torch.tensor([0.25, 0.5]), shares.clone(), scope="model").save(tmp_path / "shares.safetensors")
+
+
 def test_without_bias_the_attention_is_the_models_own(tiny_traces) -> None:
     agent = _agent(tiny_traces, _scorer(tiny_traces))
     trace, stock = tiny_traces[0], agent.model.config._attn_implementation
@@ -86,6 +102,36 @@ def test_hard_limit_is_the_evicting_cache(tiny_traces, fraction: float) -> None:
     full, _ = continuation_nll(agent.model, trace, PREFIX, None, None, agent.protected.sink, agent.protected.recent)
     assert abs(nll - full) / count > 1e-4  # the eviction matters at this budget
     assert change.item() == pytest.approx((nll - full) / count, rel=0.02)
+
+
+def test_with_shares_the_hard_limit_is_the_cache_with_those_shares(tiny_traces, tmp_path: Path) -> None:
+    """``shares``: each head is cut at the count ``+shares`` gives it, so the hard limit is again the real cache's
+    change in loss, now with the scorer carrying the shares."""
+    scorer = _scorer(tiny_traces, h2o_layers=()).eval()
+    agent = _agent(tiny_traces, scorer, shares=str(_shares(tmp_path)))
+    assert scorer.head_shares is agent.head_shares
+    assert math.isfinite(agent.update()["train/continuation_nll"])  # before the cache below switches the model's attention
+    store, trace = agent.stores[0], tiny_traces[agent.stores[0].indices[0]]
+    first, last = agent.protected.sink, PREFIX - agent.protected.recent
+    budget = int(0.5 * PREFIX)
+    counts = agent.head_counts(budget - first - agent.protected.recent, last - first)
+    assert len(set(counts.tolist())) > 1 and int(counts.sum()) == len(counts) * (budget - first - agent.protected.recent)
+    with torch.no_grad():
+        batch = agent.features(store, 0, trace, PREFIX, torch.arange(first, last))
+        bias = _bias(agent, hard_keep_mask(agent.network_scores(batch), counts), PREFIX)
+        change = continuation_loss(agent.model, trace, PREFIX, bias, trace.length) - continuation_loss(
+            agent.model, trace, PREFIX, torch.zeros_like(bias), trace.length)
+    nll, count = continuation_nll(agent.model, trace, PREFIX, scorer, budget, agent.protected.sink, agent.protected.recent)
+    full, _ = continuation_nll(agent.model, trace, PREFIX, None, None, agent.protected.sink, agent.protected.recent)
+    assert change.item() == pytest.approx((nll - full) / count, rel=0.02)
+
+
+def test_bad_shares_are_named(tiny_traces, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        _agent(tiny_traces, _scorer(tiny_traces), shares=str(tmp_path / "missing.safetensors"))
+    wrong = HeadShares(torch.tensor([0.25]), torch.full((1, 3, 2), 1 / 6), scope="model").save(tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="3 layers"):
+        _agent(tiny_traces, _scorer(tiny_traces), shares=str(wrong))
 
 
 def test_an_update_trains_the_agents_and_nothing_else(tiny_traces) -> None:
