@@ -90,13 +90,16 @@ AttentionMaskInterface.register(SOFT_EVICTION, sdpa_mask)
 
 def soft_keep_mask(scores: torch.Tensor, kept: int | torch.Tensor, temperature: float) -> torch.Tensor:
     """log m (module docstring): scores [S, M] -> [S, M], the log of each entry's soft keep-mask when ``kept`` of
-    the M are kept: one count for every row, or a count per row ([S] long, 0..M). A row keeping all M (or none) has
-    its boundary half a unit of z below its lowest (above its highest) score."""
+    the M are kept: one count for every row, or a count per row ([S], 0..M). A row keeping all M (or none) has its
+    boundary half a unit of z below its lowest (above its highest) score. A count between integers moves the boundary
+    linearly between neighbouring sorted scores, so real-valued counts have a gradient (``agents.share_tuning``)."""
     z = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
     ranked = z.sort(-1, descending=True).values
     padded = torch.cat([ranked[:, :1] + 1, ranked, ranked[:, -1:] - 1], -1)  # padded[:, k] = z_(k), the k-th largest
-    kept = torch.as_tensor(kept, dtype=torch.long).expand(len(z))[:, None]
-    boundary = (padded.gather(-1, kept) + padded.gather(-1, kept + 1)) / 2  # between the last kept and the first dropped
+    place = torch.as_tensor(kept, dtype=z.dtype).expand(len(z))[:, None] + 0.5  # between the last kept and the first dropped
+    low = place.detach().floor().long().clamp(0, padded.shape[1] - 2)
+    weight = place - low
+    boundary = (1 - weight) * padded.gather(-1, low) + weight * padded.gather(-1, low + 1)
     return F.logsigmoid((z - boundary) / temperature)
 
 

@@ -8,6 +8,8 @@ Third-party scorers register through the ``kvp_gym.scorers`` entry-point group (
 or at run time with ``register(name, factory)``. Any name plus ``+shares`` (``kvp+shares``, ``h2o-norm+shares``) is
 that scorer carrying the default model's fitted head shares (``kvp_gym.cache.HeadShares``): an evicting cache then
 splits the budget across the KV heads by them instead of equally (since round 27 across all the model's heads).
+``+tuned`` (``kvp+tuned``, ``h2o-norm+tuned``) carries instead the shares tuned through the model for that policy's
+own ranking (round 28; ``kvp_gym.cache.head_shares.tuned_head_shares``).
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ class LayerMix:
 _registry: dict[str, Callable[..., Scorer]] = {}
 _entry_points_loaded = False
 HEAD_SHARES_SUFFIX = "+shares"
+TUNED_SHARES_SUFFIX = "+tuned"
 
 
 def register(name: str, factory: Callable[..., Scorer], *, overwrite: bool = False) -> None:
@@ -213,8 +216,10 @@ def factory(name: str) -> Callable[..., Scorer]:
     """The factory registered as ``name`` (an entry point's target is imported)."""
     _load_entry_points()
     key = name.lower()
-    if key.endswith(HEAD_SHARES_SUFFIX) and key not in _registry:
-        return _WithHeadShares(factory(name[: -len(HEAD_SHARES_SUFFIX)]))
+    for suffix in (HEAD_SHARES_SUFFIX, TUNED_SHARES_SUFFIX):
+        if key.endswith(suffix) and key not in _registry:
+            base = key[: -len(suffix)]
+            return _WithHeadShares(factory(base), None if suffix == HEAD_SHARES_SUFFIX else base)
     if key not in _registry:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(available())}")
     found = _registry[key]
@@ -241,17 +246,23 @@ def _load_entry_points() -> None:
 
 
 class _WithHeadShares:
-    """Builds a scorer and gives it the default model's fitted head shares (its ``head_shares`` attribute)."""
+    """Builds a scorer and gives it the default model's head shares (its ``head_shares`` attribute): the fitted ones,
+    or those tuned for the policy ``tuned_for``."""
 
-    def __init__(self, base: Callable[..., Scorer]) -> None:
-        self.base = base
+    def __init__(self, base: Callable[..., Scorer], tuned_for: str | None) -> None:
+        from kvp_gym.cache.head_shares import tuned_policies
+
+        if tuned_for is not None and tuned_for not in tuned_policies():
+            raise KeyError(f"no head shares are tuned for {tuned_for!r}; {TUNED_SHARES_SUFFIX} exists for: "
+                           f"{', '.join(name + TUNED_SHARES_SUFFIX for name in tuned_policies())}")
+        self.base, self.tuned_for = base, tuned_for
         self.trainable = getattr(base, "trainable", False)
 
     def __call__(self, **config: Any) -> Scorer:
-        from kvp_gym.cache.head_shares import default_head_shares
+        from kvp_gym.cache.head_shares import default_head_shares, tuned_head_shares
 
         scorer = self.base(**config)
-        scorer.head_shares = default_head_shares()
+        scorer.head_shares = default_head_shares() if self.tuned_for is None else tuned_head_shares(self.tuned_for)
         return scorer
 
 

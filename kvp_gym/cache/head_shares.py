@@ -9,6 +9,10 @@ split is worth. The split is within each layer (``scope="layer"``: every layer k
 or across the whole model (``scope="model"``: all L * H heads share L * H * kept, so a layer whose future attention
 spreads wider keeps more; round 27).
 
+Shares can also be tuned for one ranking through the model (``agents.share_tuning``, round 28): starting from the
+fitted ones, gradient descent on the continuation's loss with each head's ranking softly cut at its count. Those
+for the default model ship per policy in ``tuned_shares/`` (``tuned_head_shares(policy)``).
+
 An ``EvictingCache`` given shares keeps every head's protected tokens plus ``counts(layer, kept, ranked)`` ranked
 entries per head: L * H * kept in all, the memory of equal budgets, stored as ragged heads.
 
@@ -31,6 +35,7 @@ from kvp_gym.ranking import shared_head_budgets, split_budget
 
 SCOPES = ("layer", "model")
 DEFAULT_FILE = Path(__file__).parent / "smollm2-135m-head-shares.safetensors"
+TUNED_DIR = Path(__file__).parent / "tuned_shares"  # smollm2-135m-<policy>.safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +136,17 @@ def _oracle_split(importance: torch.Tensor, kept: int, safeguard: float, scope: 
 def default_head_shares() -> HeadShares:
     """The shares fitted for the default model, SmolLM2-135M (``python -m agents.head_shares``; how: the README)."""
     return HeadShares.load(DEFAULT_FILE)
+
+
+def tuned_policies() -> list[str]:
+    """The policies with shares tuned for their ranking on the default model."""
+    return sorted(path.stem.removeprefix("smollm2-135m-") for path in TUNED_DIR.glob("smollm2-135m-*.safetensors"))
+
+
+@functools.cache
+def tuned_head_shares(policy: str) -> HeadShares:
+    """The shares tuned through SmolLM2-135M for ``policy``'s ranking (``python -m agents.share_tuning``)."""
+    path = TUNED_DIR / f"smollm2-135m-{policy}.safetensors"
+    if not path.is_file():
+        raise KeyError(f"no head shares are tuned for {policy!r}; tuned for: {', '.join(tuned_policies())}")
+    return HeadShares.load(path)

@@ -1,0 +1,128 @@
+"""Head shares tuned through the model for one ranking (agents.share_tuning) and the ``+tuned`` scorers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.finetune import FinetuneConfig, continuation_loss, soft_keep_mask
+from agents.kvp_scorer import PerHeadKVPScorer
+from agents.share_tuning import ShareTuner, tune_shares
+from kvp_gym.cache.head_shares import HeadShares, default_head_shares, tuned_head_shares, tuned_policies
+from kvp_gym.eval.leaderboard import scorer_identity
+from kvp_gym.scorers import get
+
+PREFIX = 64
+
+
+def _scorer(traces) -> PerHeadKVPScorer:
+    spec = traces.spec
+    return PerHeadKVPScorer(spec.num_layers, spec.num_kv_heads, spec.head_dim, width=16,
+                            inputs="kv+attention+last+pool", window=8, h2o_layers=(0,))
+
+
+def _start() -> HeadShares:
+    """Model-wide shares for the tiny model (2 layers x 2 KV heads), far from equal, at two fractions."""
+    return HeadShares(torch.tensor([0.25, 0.5]), torch.tensor([[0.45, 0.05], [0.3, 0.2]]).expand(2, 2, 2).clone(), "model")
+
+
+def _tuner(traces, policy: str = "kvp", **options) -> ShareTuner:
+    config = FinetuneConfig(prefixes=str(PREFIX), window=8, continuation=24, **options)
+    return ShareTuner(_scorer(traces), policy, [traces], _start(), config, lr=0.2)
+
+
+def test_real_valued_counts_move_the_boundary_between_sorted_scores() -> None:
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    whole = torch.tensor([4, 9, 30])
+    assert torch.allclose(soft_keep_mask(scores, whole.float(), 0.1), soft_keep_mask(scores, whole, 0.1))
+    counts = whole.float().requires_grad_()
+    soft_keep_mask(scores, counts, 0.5).exp().sum().backward()
+    assert (counts.grad > 0).all()  # a larger count keeps more of every row
+    halfway = soft_keep_mask(scores, whole.float() + 0.5, 1e-3).exp() > 0.5
+    assert torch.equal(halfway.sum(-1), whole)  # between k and k + 1: still k kept at a hard cut
+
+
+def test_the_counts_are_the_caches_and_start_at_the_starting_shares(tiny_traces) -> None:
+    tuner = _tuner(tiny_traces)
+    assert torch.allclose(tuner.shares().shares, _start().shares)
+    with torch.no_grad():
+        tuner.delta.copy_(torch.tensor([[0.3, -0.2], [0.1, 0.5]]))
+    shares = tuner.shares()
+    assert torch.allclose(shares.shares.sum((-2, -1)), torch.ones(2))
+    for kept, ranked in [(5, 44), (10, 44), (22, 44)]:
+        cache = torch.stack([shares.counts(layer, kept, ranked) for layer in range(2)])
+        heads = tuner.agent.heads
+        assert torch.equal(tuner.head_counts(kept, ranked).detach().round().long(), cache[heads[:, 0], heads[:, 1]])
+
+
+def test_an_update_tunes_the_shares_and_nothing_else(tiny_traces) -> None:
+    tuner = _tuner(tiny_traces, fractions="0.25,0.5")
+    scorer_before = {name: value.clone() for name, value in tuner.agent.scorer.state_dict().items()}
+    model_before = [p.clone() for p in tuner.agent.model.parameters()]
+    for _ in range(3):
+        assert torch.isfinite(torch.tensor(tuner.update()))
+    assert tuner.delta.abs().sum() > 0
+    assert all(torch.equal(value, scorer_before[name]) for name, value in tuner.agent.scorer.state_dict().items())
+    assert all(torch.equal(p, q) for p, q in zip(tuner.agent.model.parameters(), model_before))
+
+
+@pytest.mark.parametrize("policy", ["kvp", "h2o-norm"])
+def test_tuning_lowers_the_loss_it_trains_on(tiny_traces, policy: str) -> None:
+    """On the fixed examples it draws from (every trace, prefix 64, half the ranked entries kept), the soft-evicted
+    continuation loss under the tuned shares is below the starting shares'."""
+    tuner = _tuner(tiny_traces, policy, fractions="0.5", temperature=0.5)
+    agent, first, last = tuner.agent, tuner.agent.protected.sink, PREFIX - tuner.agent.protected.recent
+
+    def mean_loss() -> float:
+        losses = []
+        with torch.no_grad():
+            for position in range(len(agent.stores[0])):
+                trace = tiny_traces[agent.stores[0].indices[position]]
+                scores = tuner.ranking(agent.features(agent.stores[0], position, trace, PREFIX, torch.arange(first, last)))
+                counts = tuner.head_counts(int(0.5 * PREFIX) - 20, last - first)
+                bias = torch.zeros(2, 2, PREFIX)
+                bias[agent.heads[:, 0], agent.heads[:, 1], first:last] = soft_keep_mask(scores, counts, 0.5)
+                losses.append(continuation_loss(agent.model, trace, PREFIX, bias, 24).item())
+        return sum(losses) / len(losses)
+
+    start = mean_loss()
+    for _ in range(30):
+        tuner.update()
+    tuned = mean_loss()
+    with torch.no_grad():
+        tuner.delta.neg_()
+    opposite = mean_loss()
+    assert tuned < start < opposite  # the random tiny model barely minds the split: the direction is what is tested
+
+
+def test_bad_inputs_are_named(tiny_traces, tmp_path: Path) -> None:
+    config = FinetuneConfig(prefixes=str(PREFIX), window=8)
+    with pytest.raises(ValueError, match="policy"):
+        ShareTuner(_scorer(tiny_traces), "tova", [tiny_traces], _start(), config)
+    with pytest.raises(ValueError, match="scope"):
+        ShareTuner(_scorer(tiny_traces), "kvp", [tiny_traces], HeadShares(torch.tensor([0.5]), torch.full((1, 2, 2), 0.5), "layer"),
+                   config)
+    with pytest.raises(ValueError, match="3 layers"):
+        ShareTuner(_scorer(tiny_traces), "kvp", [tiny_traces], HeadShares(torch.tensor([0.5]), torch.full((1, 3, 2), 1 / 6), "model"), config)
+    with pytest.raises(ValueError, match="steps"):
+        tune_shares("kvp", [str(tiny_traces.directory)], tmp_path / "out.safetensors", steps=0)
+    run = subprocess.run([sys.executable, "-m", "agents.share_tuning", "--policy", "kvp", "--traces", "x", "--out",
+                          str(tmp_path / "o"), "--set", "horizon=3"], capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown option 'horizon'" in run.stderr
+
+
+def test_the_tuned_suffix_carries_the_shares_tuned_for_that_policy() -> None:
+    assert tuned_policies() == ["h2o-norm", "kvp"]
+    for name in tuned_policies():
+        tuned, fitted = get(f"{name}+tuned"), get(f"{name}+shares")
+        assert tuned.head_shares is tuned_head_shares(name) and tuned.head_shares.scope == "model"
+        assert (tuned.head_shares.num_layers, tuned.head_shares.num_kv_heads) == (30, 3)  # SmolLM2-135M
+        assert torch.equal(tuned.head_shares.fractions, default_head_shares().fractions)
+        assert not torch.allclose(tuned.head_shares.shares, fitted.head_shares.shares, atol=1e-3)
+        assert scorer_identity(tuned) != scorer_identity(fitted)  # the leaderboard keeps their records apart
+    with pytest.raises(KeyError, match=r"kvp\+tuned"):
+        get("tova+tuned")
