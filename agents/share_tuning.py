@@ -19,8 +19,9 @@ The loss is the continuation's mean NLL with the prefix cache softly evicted by 
 every fraction, is trained (Adam); the scorer and the model are frozen. The shares written are softmax(log s(f) +
 delta) at every fraction of the starting file, model-wide.
 
-Policies: ``kvp`` (the shipped policy; its layers ranked by normalised H2O stay so) or ``h2o-norm`` (normalised H2O,
-from the importance stores' attention sums).
+Policies: ``kvp`` (the shipped policy; its layers ranked by normalised H2O stay so), ``h2o-norm`` (normalised H2O,
+from the importance stores' attention sums) or ``oracle`` (the stores' future attention: the split an upper bound
+would use).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from kvp_gym.progress import progress_bar
 from kvp_gym.ranking import split_budget
 from kvp_gym.traces import TraceDataset
 
-POLICIES = ("kvp", "h2o-norm")
+POLICIES = ("kvp", "h2o-norm", "oracle")
 OPTION_TYPES = {"prefixes": str, "set_weights": str, "fractions": str, "continuation": int, "temperature": float}
 
 
@@ -71,6 +72,8 @@ class ShareTuner:
 
     def ranking(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The policy's scores [S, M] of a ``features`` batch (higher = keep)."""
+        if self.policy == "oracle":
+            return torch.log(batch["target"] + 1e-9)
         h2o = torch.log(batch["h2o"] + 1e-6)
         if self.policy == "h2o-norm":
             return h2o

@@ -70,7 +70,7 @@ def test_an_update_tunes_the_shares_and_nothing_else(tiny_traces) -> None:
     assert all(torch.equal(p, q) for p, q in zip(tuner.agent.model.parameters(), model_before))
 
 
-@pytest.mark.parametrize("policy", ["kvp", "h2o-norm"])
+@pytest.mark.parametrize("policy", ["kvp", "h2o-norm", "oracle"])
 def test_tuning_lowers_the_loss_it_trains_on(tiny_traces, policy: str) -> None:
     """On the fixed examples it draws from (every trace, prefix 64, half the ranked entries kept), the soft-evicted
     continuation loss under the tuned shares is below the starting shares'."""
