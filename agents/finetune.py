@@ -168,8 +168,8 @@ class FinetuneAgent(DistillAgent):
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = SOFT_EVICTION
         self.deferred = torch.isin(self.heads[:, 0], torch.tensor(scorer.h2o_layers, dtype=torch.long))
-        spec = self.model.config
         if head_shares is not None:
+            spec = self.model.config
             if (head_shares.num_layers, head_shares.num_kv_heads) != (spec.num_hidden_layers, spec.num_key_value_heads):
                 raise ValueError(f"--set shares={config.shares}: shares for {head_shares.num_layers} layers x "
                                  f"{head_shares.num_kv_heads} KV heads, the model has {spec.num_hidden_layers} x "
