@@ -27,7 +27,6 @@ would use).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,9 +81,8 @@ class ShareTuner:
     def head_counts(self, kept: int, ranked: int) -> torch.Tensor:
         """counts [S] of the trained heads when they keep ``kept`` of ``ranked`` on average: the cache's integer
         counts under ``shares()``, with the gradient of the real-valued ones (module docstring)."""
-        fitted = int((self.start.fractions.log() - math.log(kept / ranked)).abs().argmin())  # as HeadShares.counts
         layers, heads = self.delta.shape
-        shares = (self.log_start[fitted] + self.delta).flatten().softmax(0)
+        shares = (self.log_start[self.start.nearest_fraction(kept, ranked)] + self.delta).flatten().softmax(0)
         exact = split_budget(shares.detach(), kept, ranked).float()
         continuous = shares * (layers * heads * kept)
         return (exact + continuous - continuous.detach()).view(layers, heads)[self.agent.heads[:, 0], self.agent.heads[:, 1]]

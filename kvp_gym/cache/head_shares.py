@@ -70,6 +70,10 @@ class HeadShares:
     def num_kv_heads(self) -> int:
         return self.shares.shape[2]
 
+    def nearest_fraction(self, kept: int, ranked: int) -> int:
+        """The index of the fitted fraction nearest ``kept / ranked`` on a log scale (0 < kept <= ranked)."""
+        return int((self.fractions.log() - math.log(kept / ranked)).abs().argmin())
+
     def counts(self, layer: int, kept: int, ranked: int) -> torch.Tensor:
         """counts [H] (long, none above ``ranked``): ranked entries each head of ``layer`` keeps when every head
         holds ``ranked`` and they keep ``kept`` on average, H * kept in the layer (scope "layer") or L * H * kept in
@@ -79,8 +83,7 @@ class HeadShares:
             raise ValueError(f"kept must lie in [0, ranked={ranked}], got {kept}")
         if kept == 0:
             return torch.zeros(self.num_kv_heads, dtype=torch.long)
-        distance = (self.fractions.log() - math.log(kept / ranked)).abs()
-        shares = self.shares[int(distance.argmin())]
+        shares = self.shares[self.nearest_fraction(kept, ranked)]
         if self.scope == "layer":
             return split_budget(shares[layer], kept, ranked)
         return split_budget(shares.flatten(), kept, ranked).view(self.num_layers, self.num_kv_heads)[layer]
