@@ -20,8 +20,10 @@ every fraction, is trained (Adam); the scorer and the model are frozen. The shar
 delta) at every fraction of the starting file, model-wide.
 
 Policies: ``kvp`` (the shipped policy; its layers ranked by normalised H2O stay so), ``h2o-norm`` (normalised H2O,
-from the importance stores' attention sums) or ``oracle`` (the stores' future attention: the split an upper bound
-would use).
+from the importance stores' attention sums), ``oracle`` (the stores' future attention: the split an upper bound
+would use), or any other registered heuristic (``expected-attention``, ``snapkv``, ``tova``, ...): its own ``score``
+of each layer's view of the trace's prefix, as the cache shows it that layer right after prefilling the prefix
+(``prefix_view``), so every heuristic can be compared with its split at its strongest.
 """
 
 from __future__ import annotations
@@ -35,30 +37,75 @@ import torch
 from agents.finetune import FinetuneAgent, FinetuneConfig, continuation_loss, load_shares, soft_keep_mask
 from agents.kvp_scorer import PerHeadKVPScorer
 from kvp_gym import scorers
+from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
 from kvp_gym.cache.head_shares import HeadShares
+from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
 from kvp_gym.ranking import split_budget
-from kvp_gym.traces import TraceDataset
+from kvp_gym.scorers import Scorer, ScoringView, is_future_only, score_view
+from kvp_gym.traces import Trace, TraceDataset
 
-POLICIES = ("kvp", "h2o-norm", "oracle")
+STORE_POLICIES = ("kvp", "h2o-norm", "oracle")  # ranked from the importance stores; any other heuristic from the trace
 OPTION_TYPES = {"prefixes": str, "set_weights": str, "fractions": str, "continuation": int, "temperature": float}
+
+
+def prefix_view(trace: Trace, layer: int, n: int, spec: ModelSpec, needs: frozenset[str], query_window: int) -> ScoringView:
+    """Layer ``layer``'s view of the trace's first ``n`` tokens, as an ``EvictingCache`` shows it to a scorer right after
+    prefilling them: keys / values [1, H, n, d], positions 0..n-1, and what ``needs`` asks for: the last
+    min(query_window, n) queries [1, H, G, w, d] and the attention each entry received from every query, summed
+    [1, H, G, n] (causal softmax of q.k / sqrt(d), as the model attends)."""
+    h, d = spec.num_kv_heads, spec.head_dim
+    group = spec.num_heads // h
+    optional: dict[str, torch.Tensor] = {}
+    if "queries" in needs or "attention" in needs:
+        queries = trace.q(layer)[:, :n].float()  # [Hq, n, d]
+        if "queries" in needs:
+            w = min(query_window, n)
+            optional["queries"] = queries[:, n - w:].reshape(1, h, group, w, d)
+            optional["query_positions"] = torch.arange(n - w, n)[None]
+        if "attention" in needs:
+            keys = trace.k(layer)[:, :n].float().repeat_interleave(group, 0)  # [Hq, n, d]
+            logits = queries @ keys.transpose(1, 2) / d ** 0.5
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            optional["attention"] = logits.masked_fill(~causal, -torch.inf).softmax(-1).sum(1).view(1, h, group, n)
+    return ScoringView(
+        keys=trace.k(layer)[None, :, :n].float(), values=trace.v(layer)[None, :, :n].float(),
+        positions=torch.arange(n)[None], mask=torch.ones(1, n, dtype=torch.bool), layer=torch.tensor([layer]),
+        kv_heads=torch.arange(h)[None], num_layers=spec.num_layers, num_kv_heads=h, rope_theta=spec.rope_theta, **optional,
+    )
+
+
+def heuristic_scores(scorer: Scorer, trace: Trace, n: int, heads: torch.Tensor, entries: torch.Tensor,
+                     spec: ModelSpec) -> torch.Tensor:
+    """``scorer``'s scores [S, M] of the heads [S, 2] (layer, KV head) on ``entries`` [M] at prefix n, each layer
+    scored once on its ``prefix_view``."""
+    window = getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW)
+    layers = sorted({int(layer) for layer in heads[:, 0]})
+    scores = {layer: score_view(scorer, prefix_view(trace, layer, n, spec, scorer.needs, window))[0].float()
+              for layer in layers}  # [H, n] each
+    return torch.stack([scores[int(layer)][head, entries] for layer, head in heads.tolist()])
 
 
 class ShareTuner:
     """``update()``: one Adam step of delta (module docstring) on one drawn example; ``shares()``: the tuned split.
 
     ``scorer``: a KVP network (``agents.kvp_scorer``) reading the attention statistics; it draws and reads the
-    examples as fine-tuning does and, for ``policy="kvp"``, ranks them."""
+    examples as fine-tuning does and, for ``policy="kvp"``, ranks them. ``policy``: one of ``STORE_POLICIES`` or
+    a registered heuristic's name (module docstring)."""
 
     def __init__(self, scorer: PerHeadKVPScorer, policy: str, traces: list[TraceDataset], start: HeadShares,
                  config: FinetuneConfig, lr: float = 0.02, seed: int = 0) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"--policy must be one of {POLICIES}, got {policy!r}")
+        make = None if policy in STORE_POLICIES else scorers.factory(policy)
+        self.heuristic = None if make is None or getattr(make, "trainable", False) else make()
+        if make is not None and (self.heuristic is None or is_future_only(self.heuristic) or hasattr(self.heuristic, "head_shares")):
+            raise ValueError(f"--policy {policy!r}: expected {', '.join(STORE_POLICIES)} or a heuristic that ranks from "
+                             f"the cache alone (no future input, no training, no head shares of its own)")
         if start.scope != "model":
             raise ValueError(f"share tuning starts from model-wide shares, got scope {start.scope!r}")
         scorer.requires_grad_(False)
         self.policy = policy
         self.agent = FinetuneAgent(scorer, traces, {}, config, total_steps=1)
+        self.spec = traces[0].spec
         spec = self.agent.model.config
         if (start.num_layers, start.num_kv_heads) != (spec.num_hidden_layers, spec.num_key_value_heads):
             raise ValueError(f"the starting shares are for {start.num_layers} layers x {start.num_kv_heads} KV heads, "
@@ -69,8 +116,10 @@ class ShareTuner:
         self.delta = torch.zeros(start.num_layers, start.num_kv_heads, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.delta], lr=lr)
 
-    def ranking(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The policy's scores [S, M] of a ``features`` batch (higher = keep)."""
+    def ranking(self, batch: dict[str, torch.Tensor], trace: Trace, n: int, entries: torch.Tensor) -> torch.Tensor:
+        """The policy's scores [S, M] of a ``features`` batch of ``entries`` [M] at prefix n (higher = keep)."""
+        if self.heuristic is not None:
+            return heuristic_scores(self.heuristic, trace, n, self.agent.heads, entries, self.spec)
         if self.policy == "oracle":
             return torch.log(batch["target"] + 1e-9)
         h2o = torch.log(batch["h2o"] + 1e-6)
@@ -93,8 +142,9 @@ class ShareTuner:
         fraction = agent.fractions[int(torch.randint(len(agent.fractions), (1,), generator=agent.generator))]
         first, last = agent.protected.sink, n - agent.protected.recent
         counts = self.head_counts(max(1, int(fraction * n) - first - agent.protected.recent), last - first)
+        entries = torch.arange(first, last)
         with torch.no_grad():
-            scores = self.ranking(agent.features(agent.stores[trace_set], position, trace, n, torch.arange(first, last)))
+            scores = self.ranking(agent.features(agent.stores[trace_set], position, trace, n, entries), trace, n, entries)
         layers, heads = self.delta.shape
         bias = torch.zeros(layers, heads, n)
         bias[agent.heads[:, 0], agent.heads[:, 1], first:last] = soft_keep_mask(scores, counts, agent.config.temperature)
@@ -131,7 +181,8 @@ def tune_shares(policy: str, traces: Sequence[str | Path], out: str | Path, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", choices=POLICIES, required=True)
+    parser.add_argument("--policy", required=True,
+                        help=f"{', '.join(STORE_POLICIES)} or a registered heuristic (expected-attention, snapkv, tova, ...)")
     parser.add_argument("--traces", type=Path, action="append", required=True, help="a trace set (repeatable)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=0.02)

@@ -102,14 +102,15 @@ def test_fields_added_later_keep_the_hash_of_earlier_suites():
 def test_downstream_units_hold_the_oracle_and_every_budget_setting():
     suite = get_suite("quick")
     traces = {"ruler": [0, 1], "prose": [0], "dialogue": []}
-    units = downstream_units(suite, traces, {"knorm": get("knorm")}, oracle=True)
+    units = downstream_units(suite, traces, {"knorm": get("knorm")}, [ORACLE])
     policies = {unit[1] for unit in units}
     assert policies == {FULL_CACHE, "knorm", ORACLE}
+    assert {unit[1] for unit in downstream_units(suite, traces, {"knorm": get("knorm")})} == {FULL_CACHE, "knorm"}
     assert {unit[4] for unit in units if unit[1] == ORACLE} == {"10%", "25%"}
     # quick runs the question outside the compressed part only: 2 budgets x 2 samples x 1 placement
     assert {unit[5] for unit in units if unit[0] == "ruler"} == {"outside"}
     assert len([u for u in units if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 1
-    both = downstream_units(get_suite("quick-v1"), traces, {"knorm": get("knorm")}, oracle=True)
+    both = downstream_units(get_suite("quick-v1"), traces, {"knorm": get("knorm")}, [ORACLE])
     assert len([u for u in both if u[1] == ORACLE and u[0] == "ruler"]) == 2 * 2 * 2
 
 
@@ -184,7 +185,7 @@ def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(ti
 
     traces = tiny_suite.traces(show_progress=False)
     policies = {name: get(name) for name in ("snapkv", "h2o-norm", "streamingllm")}
-    units = downstream_units(tiny_suite, traces, policies, oracle=True)
+    units = downstream_units(tiny_suite, traces, policies, [ORACLE])
     prompts = [(unit[0], unit[2], unit[3], unit[5]) for unit in units]
     assert sum(a != b for a, b in zip(prompts, prompts[1:])) == len(set(prompts)) - 1  # grouped by prompt
     batches = unit_batches(units)

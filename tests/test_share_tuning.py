@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,13 @@ import torch
 
 from agents.finetune import FinetuneConfig, continuation_loss, soft_keep_mask
 from agents.kvp_scorer import PerHeadKVPScorer
-from agents.share_tuning import ShareTuner, tune_shares
+from agents.share_tuning import ShareTuner, prefix_view, tune_shares
+from kvp_gym.cache import EvictingCache
+from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
 from kvp_gym.cache.head_shares import HeadShares, default_head_shares, tuned_head_shares, tuned_policies
 from kvp_gym.eval.leaderboard import scorer_identity
-from kvp_gym.scorers import get
+from kvp_gym.models import load_model
+from kvp_gym.scorers import declared_view, get, score_view
 
 PREFIX = 64
 
@@ -70,7 +74,30 @@ def test_an_update_tunes_the_shares_and_nothing_else(tiny_traces) -> None:
     assert all(torch.equal(p, q) for p, q in zip(tuner.agent.model.parameters(), model_before))
 
 
-@pytest.mark.parametrize("policy", ["kvp", "h2o-norm", "oracle"])
+@pytest.mark.parametrize("name", ["expected-attention", "snapkv", "tova", "h2o-norm", "h2o"])
+def test_the_prefix_view_is_what_the_cache_shows_after_the_prefill(tiny_traces, tiny_model_dir: Path, name: str) -> None:
+    """A heuristic's split is tuned on the ranking the cache will give it: the view built from the trace is the
+    recording cache's after prefilling the same tokens (to the trace's float16), and so are the scores."""
+    model, _ = load_model(str(tiny_model_dir))
+    scorer, trace, n = get(name), tiny_traces[1], PREFIX
+    window = getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW)
+    cache = EvictingCache.recording(model.config, query_window=window)
+    with torch.no_grad():
+        model(trace.tokens[None, :n].long(), cache=cache, use_cache=True)
+    for layer in range(tiny_traces.spec.num_layers):
+        ours = declared_view(scorer, prefix_view(trace, layer, n, tiny_traces.spec, scorer.needs, window))
+        theirs = declared_view(scorer, cache.layers[layer]._view())
+        for field in ("keys", "values", "positions", "mask", "queries", "query_positions", "attention"):
+            expected = getattr(theirs, field)
+            if expected is None:
+                assert getattr(ours, field) is None, field
+            else:
+                torch.testing.assert_close(getattr(ours, field), expected.to(getattr(ours, field).dtype),
+                                           atol=5e-3, rtol=5e-3, msg=f"{name}, layer {layer}: {field}")
+        torch.testing.assert_close(score_view(scorer, ours), score_view(scorer, theirs), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("policy", ["kvp", "h2o-norm", "oracle", "expected-attention"])
 def test_tuning_lowers_the_loss_it_trains_on(tiny_traces, policy: str) -> None:
     """On the fixed examples it draws from (every trace, prefix 64, half the ranked entries kept), the soft-evicted
     continuation loss under the tuned shares is below the starting shares'."""
@@ -82,7 +109,9 @@ def test_tuning_lowers_the_loss_it_trains_on(tiny_traces, policy: str) -> None:
         with torch.no_grad():
             for position in range(len(agent.stores[0])):
                 trace = tiny_traces[agent.stores[0].indices[position]]
-                scores = tuner.ranking(agent.features(agent.stores[0], position, trace, PREFIX, torch.arange(first, last)))
+                entries = torch.arange(first, last)
+                batch = agent.features(agent.stores[0], position, trace, PREFIX, entries)
+                scores = tuner.ranking(batch, trace, PREFIX, entries)
                 counts = tuner.head_counts(int(0.5 * PREFIX) - 20, last - first)
                 bias = torch.zeros(2, 2, PREFIX)
                 bias[agent.heads[:, 0], agent.heads[:, 1], first:last] = soft_keep_mask(scores, counts, 0.5)
@@ -101,8 +130,11 @@ def test_tuning_lowers_the_loss_it_trains_on(tiny_traces, policy: str) -> None:
 
 def test_bad_inputs_are_named(tiny_traces, tmp_path: Path) -> None:
     config = FinetuneConfig(prefixes=str(PREFIX), window=8)
-    with pytest.raises(ValueError, match="policy"):
-        ShareTuner(_scorer(tiny_traces), "tova", [tiny_traces], _start(), config)
+    for policy in ("kvp-net", "h2o-norm+shares"):  # a network to train, a heuristic with a split of its own
+        with pytest.raises(ValueError, match=re.escape(f"--policy {policy!r}")):
+            ShareTuner(_scorer(tiny_traces), policy, [tiny_traces], _start(), config)
+    with pytest.raises(KeyError, match="unknown scorer 'tovva'"):
+        ShareTuner(_scorer(tiny_traces), "tovva", [tiny_traces], _start(), config)
     with pytest.raises(ValueError, match="scope"):
         ShareTuner(_scorer(tiny_traces), "kvp", [tiny_traces], HeadShares(torch.tensor([0.5]), torch.full((1, 2, 2), 0.5), "layer"),
                    config)

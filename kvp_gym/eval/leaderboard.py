@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from kvp_gym import scorers
 from kvp_gym.eval.downstream import (compressed_length, continuation_nll, record_prefill, recording_window, ruler_answers,
                                      ruler_prompt)
 from kvp_gym.eval.ranking import SuiteRanking
-from kvp_gym.eval.oracle import ORACLE, TraceOracle, trace_importance
+from kvp_gym.eval.oracle import ORACLE, ORACLES, TraceOracle, oracle_rows, oracle_shares, trace_importance
 from kvp_gym.eval.suite import Suite, is_ruler, resolve_budget
 from kvp_gym.progress import progress_bar
 from kvp_gym.scorers import Scorer, is_future_only
@@ -159,20 +159,20 @@ class RecordStore:
 
 
 def downstream_units(
-    suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer], oracle: bool = False
+    suite: Suite, traces: Mapping[str, TraceDataset], policies: Mapping[str, Scorer], oracles: Sequence[str] = ()
 ) -> list[tuple]:
     """Every (kind, policy, source, trace, budget, placement) downstream evaluation of the suite (RULER: at
     each of the suite's question placements).
 
     ``budget`` is a suite budget setting (tokens, or a fraction label like "25%"; None = full cache).
-    Future-only policies have none: they cannot run in a real cache. ``oracle`` adds the future
-    oracle's units (``ORACLE``: the trace's own future attention, an upper bound). Units come grouped by
+    Future-only policies have none: they cannot run in a real cache. ``oracles`` adds the future
+    oracle's units of those rows (``oracle_rows``: the trace's own future attention, an upper bound, with equal
+    budgets and, where shares are tuned for it on the traces' model, with those). Units come grouped by
     prompt (kind, source, trace, placement), the full cache first, so that a ``DownstreamRunner`` prefills
     each prompt once.
     """
     real_cache = [name for name, scorer in policies.items() if not is_future_only(scorer)]
-    if oracle:
-        real_cache.append(ORACLE)
+    real_cache += oracles
     settings = [(FULL_CACHE, None)] + [(name, budget) for name in real_cache for budget in suite.budget_settings()]
     prompts = [("ppl", source, trace, "-") for source in suite.ppl_sources for trace in range(len(traces.get(source, [])))]
     prompts += [("ruler", source, trace, placement) for source in traces if is_ruler(source)
@@ -194,8 +194,8 @@ def run_leaderboard(
 ) -> dict[str, Any]:
     """Evaluate every policy on the suite; returns (and keeps under ``out/records``) every number.
 
-    ``oracle``: also run the future oracle downstream (``ORACLE``, built per unit from the test trace's
-    own future attention: an upper bound row next to the full cache). ``workers`` / ``address``: compute
+    ``oracle``: also run the future oracle downstream (``oracle_rows``, built per unit from the test trace's
+    own future attention: upper bound rows next to the full cache). ``workers`` / ``address``: compute
     the missing units on Ray workers first (kvp_gym.scale; a local Ray with ``workers`` CPUs, or the
     cluster at ``address``); the records are the serial run's."""
     from kvp_gym.scale import ray_session, wants_ray
@@ -218,6 +218,7 @@ def run_leaderboard(
     with ray_session(workers, address) if distributed else contextlib.nullcontext():  # one Ray for traces and units
         traces = suite.traces(show_progress=show_progress, workers=workers, address=address)
         spec = next(iter(traces.values())).spec
+        oracles = oracle_rows(spec) if downstream and oracle else []
         for path in checkpoints:
             spec.check_compatible(read_header(path).model_spec, f"--checkpoint {path}")
         store = RecordStore(out / "records" / suite.id)
@@ -226,7 +227,7 @@ def run_leaderboard(
         if distributed:  # the workers compute the missing units, the driver writes them; the loops below read them
             from kvp_gym.scale.leaderboard import compute_missing_units
 
-            compute_missing_units(suite, store, traces, policies, ids, registered, checkpoints, downstream, oracle,
+            compute_missing_units(suite, store, traces, policies, ids, registered, checkpoints, downstream, oracles,
                                   workers, address, show_progress)
 
     ranking = []
@@ -244,21 +245,20 @@ def run_leaderboard(
 
     results: list[dict[str, Any]] = []
     if downstream:
-        units = downstream_units(suite, traces, policies, oracle=oracle)
-        ids[ORACLE] = oracle_id()
+        units = downstream_units(suite, traces, policies, oracles)
+        ids.update(oracle_ids(spec))
         runner = DownstreamRunner(suite, traces, fresh, recording_window(policies.values()))
         with progress_bar(len(units), "leaderboard: downstream", enabled=show_progress) as bar:
             for batch in unit_batches(units):
                 keys = [(unit[0], ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
                 results += store.get_or_compute_missing(keys, lambda missing: runner([batch[i] for i in missing]))
                 bar.advance(len(batch), status=f"{batch[0][0]} {batch[0][1]}{' ...' if len(batch) > 1 else ''} b={batch[0][4]}")
-    future_only = sorted(name for name, scorer in policies.items() if is_future_only(scorer))
-    if downstream and oracle:
-        future_only = sorted({*future_only, ORACLE})
+    future_only = sorted({*(name for name, scorer in policies.items() if is_future_only(scorer)), *oracles})
     learned = sorted(name for name in policies if name not in registered or _is_trainable(name) or _has_weights(policies[name]))
     return {"suite": {**suite.to_dict(), "hash": suite.hash()}, "policies": sorted(policies), "future_only": future_only,
             "learned": learned,
-            "ranking": ranking, "downstream": results, "downstream_oracle": ORACLE if downstream and oracle else None}
+            "ranking": ranking, "downstream": results, "downstream_oracle": ORACLE if oracles else None,
+            "downstream_oracles": oracles}
 
 
 def _has_weights(scorer: Any) -> bool:
@@ -273,9 +273,10 @@ def _is_trainable(name: str) -> bool:
         return False
 
 
-def oracle_id() -> str:
-    """The future oracle's record id."""
-    return f"{ORACLE}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1)))[:12]}".replace(" ", "_")
+def oracle_ids(spec: Any) -> dict[str, str]:
+    """The record id of every downstream oracle row for traces of ``spec``'s model (``oracle_rows``)."""
+    return {row: f"{row}@{scorer_identity(TraceOracle(torch.zeros(1, 1, 1), oracle_shares(row)))[:12]}".replace(" ", "_")
+            for row in oracle_rows(spec)}
 
 
 def compressed_prefix(suite: Suite, kind: str, trace: Any, placement: str) -> int:
@@ -327,8 +328,8 @@ class DownstreamRunner:
             tokens = None if budget is None else resolve_budget(budget, prefix, suite.sink, suite.recent)
             records.append({"kind": kind, "policy": policy, "source": source, "trace": trace_index, "budget": budget,
                             "placement": placement, "budget_tokens": tokens})
-            scorer = (None if policy == FULL_CACHE else self._oracle(source, trace_index, prefix) if policy == ORACLE
-                      else self.scorer_of(policy))
+            scorer = (None if policy == FULL_CACHE else self._oracle(source, trace_index, prefix, policy)
+                      if policy in ORACLES else self.scorer_of(policy))
             rows.append((scorer, tokens))
         prompt = trace.tokens[None, :prefix] if kind == "ppl" else ruler_prompt(self.tokenizer, trace)[:, :prefix]
         prefill = self._shared(("prefill", source, trace_index, prefix),
@@ -342,10 +343,10 @@ class DownstreamRunner:
         return [{**record, "task": trace.meta.get("task"), "answer": answer, "score": score}
                 for record, (answer, score) in zip(records, answers)]
 
-    def _oracle(self, source: str, trace_index: int, prefix: int) -> Scorer:
+    def _oracle(self, source: str, trace_index: int, prefix: int, row: str) -> Scorer:
         importance = self._shared(("oracle", source, trace_index, prefix),
                                   lambda: trace_importance(self.traces[source][trace_index], prefix, agg=self.suite.agg))
-        return TraceOracle(importance)
+        return TraceOracle(importance, oracle_shares(row))
 
     def _shared(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key not in self.shared:

@@ -9,6 +9,11 @@ reference, not a policy). Only the leaderboard can build it, since it needs the 
 
 ``TraceOracle.score`` looks the importance up by (view.layer, view.kv_heads, view.positions), so the
 cache keeps, per (layer, KV head), the protected tokens plus the top entries of I_prefix.
+
+Every head keeps the same budget in the ``ORACLE`` row. A policy whose split of the budget across heads is tuned
+(``+tuned``) can beat that, so where shares are tuned for the oracle's own ranking on the suite's model
+(``python -m agents.share_tuning --policy oracle``) the leaderboard also runs ``ORACLE_TUNED``, the oracle cut at
+those shares (``oracle_rows``); a table's upper bound is the better of the two.
 """
 
 from __future__ import annotations
@@ -17,11 +22,30 @@ from typing import ClassVar
 
 import torch
 
+from kvp_gym.cache.head_shares import HeadShares, tuned_head_shares, tuned_policies
+from kvp_gym.models.spec import ModelSpec
 from kvp_gym.scorers import ScoringView
 from kvp_gym.traces import Trace
 from kvp_gym.utility.importance import _check_agg, _group_aggregate, attention_probs, check_prefix
 
 ORACLE = "future oracle"  # its row name in every downstream table
+ORACLE_TUNED = "future oracle+tuned"  # the same ranking with the split of the budget tuned for it
+ORACLES = (ORACLE, ORACLE_TUNED)
+TUNED_FOR_MODEL = "smollm2-135m"  # the model the shipped tuned shares were tuned through
+
+
+def oracle_rows(spec: ModelSpec) -> list[str]:
+    """The downstream oracle rows for traces of a model: ``ORACLE``, and ``ORACLE_TUNED`` where shares are tuned
+    for the oracle on that model."""
+    tuned = spec.name == TUNED_FOR_MODEL and "oracle" in tuned_policies()
+    return [ORACLE, ORACLE_TUNED] if tuned else [ORACLE]
+
+
+def oracle_shares(row: str) -> HeadShares | None:
+    """The head shares an oracle row evicts with: None (equal budgets) for ``ORACLE``, the tuned ones for ``ORACLE_TUNED``."""
+    if row not in ORACLES:
+        raise ValueError(f"not an oracle row: {row!r}")
+    return tuned_head_shares("oracle") if row == ORACLE_TUNED else None
 
 
 def trace_importance(trace: Trace, prefix: int, agg: str = "max", chunk: int = 256) -> torch.Tensor:
@@ -55,10 +79,12 @@ class TraceOracle:
     needs: ClassVar[frozenset[str]] = frozenset()
     upper_bound: ClassVar[bool] = True  # reads the future: a reference row, not a policy
 
-    def __init__(self, importance: torch.Tensor) -> None:
+    def __init__(self, importance: torch.Tensor, head_shares: HeadShares | None = None) -> None:
         if importance.dim() != 3:
             raise ValueError(f"importance must be [L, Hkv, n], got shape {tuple(importance.shape)}")
         self.importance = importance.float()
+        if head_shares is not None:  # the cache splits the budget by the scorer's ``head_shares`` when it has one
+            self.head_shares = head_shares
 
     def score(self, view: ScoringView) -> torch.Tensor:
         table = self.importance.to(view.keys.device)

@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
-from kvp_gym.eval.oracle import ORACLE
+from kvp_gym.eval.oracle import ORACLE, ORACLES
 from kvp_gym.eval.suite import fraction_label
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
 from kvp_gym.eval.stats import (
@@ -128,17 +129,31 @@ def paired_probability(a: dict, b: dict, lower_is_better: bool = True, weights: 
                                       weights=None if weights is None else [weights[u] for u in shared])
 
 
+def downstream_oracles(results: dict[str, Any]) -> list[str]:
+    """The downstream oracle rows a run has (``ORACLES``): results of older runs name one, ``downstream_oracle``."""
+    if "downstream_oracles" in results:
+        return list(results["downstream_oracles"])
+    return [results["downstream_oracle"]] if results.get("downstream_oracle") else []
+
+
+def reference_oracle(value: dict[str, float], lower_is_better: bool) -> str | None:
+    """The upper bound of one cell: the better of the oracle rows in ``value`` (policy -> estimate), None if none ran."""
+    rows = [row for row in ORACLES if row in value]
+    return (min if lower_is_better else max)(rows, key=value.__getitem__) if rows else None
+
+
 def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
     """Intervals, P(beats the next policy) and normalised scores of the downstream numbers.
 
     Units are texts (source, trace), stratified by source. Perplexity: the interval of exp(mean NLL
     per token), tokens as weights (so the estimate is the pooled perplexity); normalised between the
-    worse of random and StreamingLLM (0) and the downstream future oracle at that budget (1; the
-    full cache where the oracle did not run). Accuracy: the interval of the mean score; normalised the same way.
+    worse of random and StreamingLLM (0) and the downstream future oracle at that budget (1: the better of its
+    rows, ``ORACLES``; the full cache where no oracle ran). Accuracy: the interval of the mean score; normalised the
+    same way.
     Returns {"perplexity": {policy: {budget: {...}}}, "accuracy": {placement: {policy: {budget: {...}}}}}
     where each cell holds estimate, low, high, normalized with its interval (normalized_low/high: the
     policy's, the floor's and the oracle's means resampled together, texts paired) and p_beats_next (the
-    next policy by estimate at that budget; the oracle is left out of that order).
+    next policy by estimate at that budget; the oracle rows are left out of that order).
     """
     ppl_units: dict[str, dict[Any, dict]] = defaultdict(lambda: defaultdict(dict))
     acc_units: dict[str, dict[str, dict[Any, dict]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
@@ -163,13 +178,14 @@ def downstream_statistics(results: dict[str, Any]) -> dict[str, Any]:
         for budget in {b for per in table.values() for b in per}:
             drawn = {policy: draws(per[budget]) for policy, per in table.items() if budget in per}
             stats = {policy: percentile_interval(estimate, samples) for policy, (_, estimate, samples) in drawn.items()}
-            reference = drawn.get(ORACLE, full_draws)  # the downstream oracle (reads the future) is the 1 where it ran
+            best_oracle = reference_oracle({p: stats[p].estimate for p in stats}, lower_is_better)
+            reference = drawn[best_oracle] if best_oracle else full_draws  # the downstream oracle (reads the future) is the 1
             floors = [drawn[p] for p in FLOOR_POLICIES if p in drawn]
             floor = worse_of((f[1] for f in floors), lower_is_better)
-            order = sorted((p for p in stats if p != ORACLE),
+            order = sorted((p for p in stats if p not in ORACLES),
                            key=lambda p: stats[p].estimate if lower_is_better else -stats[p].estimate)
-            chain = list(zip(order, order[1:] + [None])) + ([(ORACLE, None)] if ORACLE in stats else [])
-            for policy, following in chain:  # the oracle, an upper bound, is nobody's next
+            chain = list(zip(order, order[1:] + [None])) + [(p, None) for p in ORACLES if p in stats]
+            for policy, following in chain:  # an oracle, an upper bound, is nobody's next
                 values = {u: v for u, (v, _) in table[policy][budget].items()}
                 weights = {u: w for u, (_, w) in table[policy][budget].items()}
                 beats = math.nan if following is None else paired_probability(
@@ -200,7 +216,7 @@ def headline_scores(results: dict[str, Any]) -> dict[str, Interval]:
 
     A task is one (metric, source, budget) cell: perplexity on a source (pooled, exp of the token-weighted
     mean NLL) or RULER accuracy at a placement. Its normalised score is ``normalized_score(policy, oracle,
-    floor)``: 0 = the worse of random and StreamingLLM, 1 = the downstream future oracle (the full cache
+    floor)``: 0 = the worse of random and StreamingLLM, 1 = the better downstream future oracle row (the full cache
     where it did not run). Each resample draws a source's texts with replacement, the same draw for every
     policy and budget, and recomputes every task mean, floor and oracle, then the IQM. Only units every
     policy of a task has are used. Policies without a real-cache row (future-only ones, the full cache,
@@ -228,15 +244,16 @@ def headline_scores(results: dict[str, Any]) -> dict[str, Interval]:
             return np.exp(drawn) if lower_is_better else drawn
 
         mean = {policy: means([per[u] for u in units]) for policy, per in table.items()}
-        if ORACLE in mean:
-            reference = mean[ORACLE]
+        best_oracle = reference_oracle({p: values[0] for p, values in mean.items()}, lower_is_better)
+        if best_oracle:
+            reference = mean[best_oracle]
         elif lower_is_better and all((source, u) in full for u in units):
             reference = means([unit_value(full[source, u]) for u in units])
         else:
             continue
         floors = [mean[p] for p in FLOOR_POLICIES if p in mean]
         for policy, values in mean.items():
-            if policy != ORACLE and policy not in results.get("future_only", ()):
+            if policy not in ORACLES and policy not in results.get("future_only", ()):
                 per_policy[policy].append(normalized_samples(values, floors, reference, lower_is_better))
     headline = {}
     for policy, scores in per_policy.items():
@@ -337,13 +354,13 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
     """headroom closed = (best heuristic - policy) / (best heuristic - oracle), per metric, source and budget.
 
     The best heuristic is the best non-learned, non-future policy at that budget and source; the oracle
-    is the downstream future oracle. Perplexity per perplexity source; RULER accuracy per question
+    is the better downstream future oracle row there (``reference_oracle``). Perplexity per perplexity source; RULER accuracy per question
     placement over every (scored) RULER sample. 1 = as good as the oracle, 0 = as the best heuristic,
     < 0 worse. Same formula for both orientations. One row per (metric, source, budget, policy), with a
     95% interval (the policy's, the best heuristic's and the oracle's means resampled together, texts
     paired; the best heuristic is the one of the full sample).
     """
-    if not results.get("downstream_oracle"):
+    if not downstream_oracles(results):
         return []
     units: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
     for index, record in enumerate(results["downstream"]):
@@ -356,7 +373,7 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
             key, value = (f"accuracy ({record['placement']})", "ruler", record["budget"]), (float(record["score"]), 1.0)
         units[key][record["policy"]][unit] = value
     learned = set(results.get("learned", ()))
-    future = set(results.get("future_only", ())) | {ORACLE}
+    future = set(results.get("future_only", ())) | set(ORACLES)
     rows = []
     for (metric, source, budget), by_policy in units.items():
         lower = metric == "perplexity"
@@ -364,19 +381,21 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
         drawn = {p: paired_draws(per) for p, per in by_policy.items()}
         value = {p: float(transform(estimate)) for p, (_, estimate, _) in drawn.items()}
         heuristics = [p for p in value if p not in learned and p not in future]
-        if ORACLE not in value or not heuristics:
+        oracle = reference_oracle(value, lower)
+        if oracle is None or not heuristics:
             continue
         best = (min if lower else max)(heuristics, key=lambda p: value[p])
         for policy, v in sorted(value.items()):
-            if policy == ORACLE:
+            if policy in ORACLES:
                 continue
-            closed = Interval(normalized_score(v, value[ORACLE], value[best]), math.nan, math.nan)
-            if drawn[policy][0] == drawn[best][0] == drawn[ORACLE][0]:  # the same texts: paired draws
+            closed = Interval(normalized_score(v, value[oracle], value[best]), math.nan, math.nan)
+            if drawn[policy][0] == drawn[best][0] == drawn[oracle][0]:  # the same texts: paired draws
                 samples = normalized_samples(transform(drawn[policy][2]), [transform(drawn[best][2])],
-                                             transform(drawn[ORACLE][2]), lower)
+                                             transform(drawn[oracle][2]), lower)
                 closed = percentile_interval(closed.estimate, samples)
             rows.append({"metric": metric, "source": source, "budget": budget, "policy": policy, "value": v,
-                         "best_heuristic": best, "best_heuristic_value": value[best], "oracle": value[ORACLE],
+                         "best_heuristic": best, "best_heuristic_value": value[best], "oracle": value[oracle],
+                         "oracle_row": oracle,
                          "headroom_closed": closed.estimate, "headroom_closed_low": closed.low,
                          "headroom_closed_high": closed.high})
     rows.sort(key=lambda r: (r["metric"], r["source"], str(r["budget"]), r["policy"]))
@@ -409,7 +428,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
     _write_csv(out / "results.csv", results)
     plots = _plots(results, ranking, ppl, accuracy, out, downstream_stats, taus)
     budgets = budget_keys(suite)
-    oracle = results.get("downstream_oracle")
+    oracles = downstream_oracles(results)
     m = meta["machine"]
     counts = ", ".join(f"{key}: {n}" for key, n in _trace_counts(results).items())
     lines = [f"# {title}", "",
@@ -423,7 +442,8 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              "P(beats next) is the bootstrap probability, over the same texts paired, that the policy's mean beats the "
              "next row's. Normalised: 0 = the worse of random and StreamingLLM, 1 = the oracle (ranking: the "
              "future-attention oracle; downstream: the future oracle in the real cache"
-             + ("" if oracle else ", here not run, so the full cache") + ").", "",
+             + (": the better of its rows" if len(oracles) > 1 else "" if oracles else ", here not run, so the full cache")
+             + ").", "",
              *_headline_section(headline),
              "## Ranking quality (KVEvict-v0, every layer x KV head x prefix)", "",
              "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle; [95% CI]. Kept@x% = share of the "
@@ -441,15 +461,18 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
                      + " | ".join(_with_interval(row, f"kept_{p}", 3) for p in (10, 25, 50)) + f" | {row['heads_won']} | "
                      f"{_number(row['p_beats_next'], 2)} | {_with_interval(row, 'normalized', 3)} | "
                      f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
-    oracle_note = (f" `{oracle}` evicts by the trace's own future attention in the real cache: an upper bound "
-                   "(reads the future), not a policy." if oracle else "")
+    oracle_note = (f" {' and '.join(f'`{row}`' for row in oracles)} evict{'s' if len(oracles) == 1 else ''} by the "
+                   "trace's own future attention in the real cache: an upper bound (reads the future), not a policy."
+                   + (f" `{ORACLE}` keeps the same budget in every head; `{ORACLES[1]}` splits it across heads by the "
+                      "shares tuned for it (`agents.share_tuning`), as the `+tuned` policies do theirs." if len(oracles) > 1 else "")
+                   if oracles else "")
     if ppl:
         lines += ["", "## Perplexity with the compressed cache (compressed once after the prefill)", "",
                   f"Prefill {suite['ppl_prefix']} tokens, compress to the budget, then score the rest of each "
                   f"{', '.join(suite['ppl_sources'])} test trace. Lower is better; [95% CI].{oracle_note}", ""]
         order = lambda p: ppl[p].get(budgets[0], math.inf)
-        lines += _downstream_table(ppl, downstream_stats["perplexity"], budgets, oracle, order)
-        lines += _beats_table(downstream_stats["perplexity"], budgets, "perplexity", oracle, order)
+        lines += _downstream_table(ppl, downstream_stats["perplexity"], budgets, oracles, order)
+        lines += _beats_table(downstream_stats["perplexity"], budgets, "perplexity", oracles, order)
     if calibrated["task_accuracy"]:
         threshold = calibrated["threshold"]
         lines += ["", "## RULER calibration (full cache)", "",
@@ -467,12 +490,13 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         cells = downstream_stats["accuracy"].get(placement, {})
         lines += ["", f"## RULER accuracy, question {where}", "", f"Higher is better; [95% CI].{oracle_note}", ""]
         order = lambda p, t=table: -np.mean([t[p].get(b, 0.0) for b in budgets])
-        lines += _downstream_table(table, cells, budgets, oracle, order)
-        lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracle, order)
+        lines += _downstream_table(table, cells, budgets, oracles, order)
+        lines += _beats_table(cells, budgets, f"accuracy (question {placement})", oracles, order)
     if closed:
         lines += ["", "## Headroom closed", "",
                   "(best heuristic - policy) / (best heuristic - oracle) at each budget and source [95% CI]: 1 = as good "
-                  "as the future oracle, 0 = as the best non-learned heuristic there, < 0 = worse than it.", "",
+                  "as the future oracle (the better of its rows there), 0 = as the best non-learned heuristic there, "
+                  "< 0 = worse than it.", "",
                   "| metric | source | budget | best heuristic | oracle | " + " | ".join(
                       sorted({r['policy'] for r in closed})) + " |", "|---|---|---|---|---|" + "---|" * len({r['policy'] for r in closed})]
         names = sorted({r["policy"] for r in closed})
@@ -482,7 +506,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
         for (metric, source, budget), per in groups.items():
             first = next(iter(per.values()))
             lines.append(f"| {metric} | {source} | {budget} | {first['best_heuristic']} ({first['best_heuristic_value']:.2f}) | "
-                         f"{first['oracle']:.2f} | " + " | ".join(_with_interval(per[n], "headroom_closed", 2) if n in per else "-" for n in names) + " |")
+                         f"{first['oracle']:.2f}{' (+tuned)' if first.get('oracle_row', ORACLE) != ORACLE else ''} | " + " | ".join(_with_interval(per[n], "headroom_closed", 2) if n in per else "-" for n in names) + " |")
     if taus:
         lines += ["", "## How far to trust the env's reward", "",
                   "Kendall's tau, across policies (future-only ones and the full cache left out), between the mean env "
@@ -527,19 +551,18 @@ def _trace_counts(results: dict[str, Any]) -> dict[str, int]:
     return {source: len(traces) for source, traces in sorted(seen.items())}
 
 
-def _downstream_table(table: dict, cells: dict, budgets: list, oracle: str | None, order) -> list[str]:
-    """Rows: every policy (by ``order``), then the oracle (upper bound); columns: budgets and the full cache."""
+def _downstream_table(table: dict, cells: dict, budgets: list, oracles: list[str], order) -> list[str]:
+    """Rows: every policy (by ``order``), then the oracle rows (upper bounds); columns: budgets and the full cache."""
     full = table.get(FULL_CACHE, {}).get("full", math.nan)
     lines = ["| policy | " + " | ".join(f"b={b}" for b in budgets) + " | full cache | |",
              "|---|" + "---|" * (len(budgets) + 2)]
-    names = sorted((p for p in table if p not in (FULL_CACHE, oracle)), key=order)
-    if oracle in table:
-        names.append(oracle)
+    names = sorted((p for p in table if p != FULL_CACHE and p not in oracles), key=order)
+    names += [p for p in oracles if p in table]
     for policy in names:
         lines.append(f"| {policy} | " + " | ".join(_cell(table[policy].get(b, math.nan), cells.get(policy, {}).get(b), 2)
                                                    for b in budgets)
                      + f" | {_cell(full, cells.get(FULL_CACHE, {}).get('full'), 2)} | "
-                     f"{'upper bound (reads the future)' if policy == oracle else ''} |")
+                     f"{'upper bound (reads the future)' if policy in oracles else ''} |")
     return lines
 
 
@@ -554,10 +577,10 @@ def _cell(value: float, stats: dict[str, Any] | None, digits: int) -> str:
     return f"{value:.{digits}f} [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
 
 
-def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracle: str | None, order) -> list[str]:
+def _beats_table(cells: dict[str, dict[Any, dict]], budgets: list, what: str, oracles: list[str], order) -> list[str]:
     """Per policy (by ``order``, as the table above) and budget: the normalised score with its interval, and
     P(beats the next policy at that budget) with that policy's name (the order can differ between budgets)."""
-    policies = [p for p in cells if p not in (FULL_CACHE, oracle) and any(b in cells[p] for b in budgets)]
+    policies = [p for p in cells if p != FULL_CACHE and p not in oracles and any(b in cells[p] for b in budgets)]
     if not policies:
         return []
     lines = ["", f"Normalised {what} score [95% CI] · P(beats the next policy at that budget, named):", "",
@@ -643,13 +666,13 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
 
     budgets = budget_keys(results["suite"])
     stats = stats or {"perplexity": {}, "accuracy": {}}
-    oracle = results.get("downstream_oracle")
+    oracles = downstream_oracles(results)
     colors.setdefault(FULL_CACHE, "black")
-    if oracle:
-        colors[oracle] = "dimgray"
+    for row, color in zip(oracles, ("dimgray", "darkgray")):
+        colors[row] = color
     if ppl and budgets:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        _budget_curves(ax, ppl, budgets, colors, stats["perplexity"], oracle)
+        _budget_curves(ax, ppl, budgets, colors, stats["perplexity"], oracles)
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title("Perplexity against budget (95% CI bands)")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
@@ -657,7 +680,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
     if any(accuracy.values()) and budgets:
         fig, axes = plt.subplots(1, len(accuracy), figsize=(12, 4), sharey=True)
         for ax, (placement, table) in zip(np.atleast_1d(axes), accuracy.items()):
-            _budget_curves(ax, table, budgets, colors, stats["accuracy"].get(placement, {}), oracle)
+            _budget_curves(ax, table, budgets, colors, stats["accuracy"].get(placement, {}), oracles)
             ax.set_title(f"RULER, question {placement}")
         np.atleast_1d(axes)[0].set_ylabel("accuracy")
         labelled = [ax for ax in np.atleast_1d(axes) if ax.get_legend_handles_labels()[0]]
@@ -665,7 +688,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
             labelled[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         written.append(_save(fig, out / "ruler_accuracy.png"))
     normalized = {policy: [cells[b]["normalized"] for b in budgets if b in cells]
-                  for policy, cells in stats["perplexity"].items() if policy not in (FULL_CACHE, oracle)}
+                  for policy, cells in stats["perplexity"].items() if policy != FULL_CACHE and policy not in oracles}
     normalized = {p: float(np.nanmean(v)) for p, v in normalized.items() if v and not all(math.isnan(x) for x in v)}
     if normalized:
         names = sorted(normalized, key=normalized.get, reverse=True)
@@ -674,7 +697,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
         ax.axhline(0, color="black", linewidth=0.8)
         ax.axhline(1, color="dimgray", linestyle="--", linewidth=0.8)
         ax.set_ylabel("normalised perplexity score (mean over budgets)")
-        ax.set_title("0 = worse of random/StreamingLLM, 1 = " + ("future oracle" if oracle else "full cache"))
+        ax.set_title("0 = worse of random/StreamingLLM, 1 = " + ("future oracle" if oracles else "full cache"))
         ax.tick_params(axis="x", rotation=30)
         for label in ax.get_xticklabels():
             label.set_ha("right")
@@ -702,7 +725,7 @@ def _plots(results: dict[str, Any], ranking: list[dict[str, Any]], ppl: dict, ac
 
 
 def _budget_curves(ax: Any, table: dict[str, dict[Any, float]], budgets: list, colors: dict[str, Any],
-                   cells: dict | None = None, oracle: str | None = None) -> None:
+                   cells: dict | None = None, oracles: Sequence[str] = ()) -> None:
     """One line per policy over the budgets, with its 95% CI band; the full cache as a dashed line.
 
     Token budgets alone are on a log2 axis; with fractional ones the budgets are evenly spaced categories."""
@@ -713,8 +736,8 @@ def _budget_curves(ax: Any, table: dict[str, dict[Any, float]], budgets: list, c
             if "full" in values:
                 ax.axhline(values["full"], color="black", linestyle="--", label=FULL_CACHE)
             continue
-        style = {"linestyle": ":", "marker": "*"} if policy == oracle else {"marker": "o"}
-        label = f"{policy} (upper bound)" if policy == oracle else policy
+        style = {"linestyle": ":", "marker": "*"} if policy in oracles else {"marker": "o"}
+        label = f"{policy} (upper bound)" if policy in oracles else policy
         ax.plot(x, [values.get(b, math.nan) for b in budgets], label=label, color=colors.get(policy, "C0"), **style)
         band = (cells or {}).get(policy, {})
         if band:

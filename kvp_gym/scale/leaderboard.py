@@ -5,7 +5,7 @@ only read them back: identical records."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,11 @@ class LeaderboardWorker:
 
 def compute_missing_units(
     suite: Any, store: Any, traces: Mapping[str, Any], policies: Mapping[str, Any], ids: Mapping[str, str],
-    registered: Iterable[str], checkpoints: Iterable[str | Path], downstream: bool, oracle: bool,
+    registered: Iterable[str], checkpoints: Iterable[str | Path], downstream: bool, oracles: Sequence[str],
     workers: int | None, address: str | None, show_progress: bool = True,
 ) -> int:
     """Compute every unit ``store`` lacks on Ray workers and write its record (driver only); returns how many."""
-    from kvp_gym.eval.leaderboard import downstream_units, oracle_id, unit_batches
-    from kvp_gym.eval.oracle import ORACLE
+    from kvp_gym.eval.leaderboard import downstream_units, oracle_ids, unit_batches
     from kvp_gym.progress import progress_bar
 
     jobs = []
@@ -73,9 +72,9 @@ def compute_missing_units(
             if missing:  # one job per trace: its grid's importance is built once for all its policies
                 jobs.append(("ranking", missing))
     if downstream:
-        all_ids = {**ids, ORACLE: oracle_id()}
+        all_ids = {**ids, **oracle_ids(next(iter(traces.values())).spec)}
         by_prompt: dict[tuple, list] = {}
-        for batch in unit_batches(downstream_units(suite, traces, policies, oracle=oracle)):
+        for batch in unit_batches(downstream_units(suite, traces, policies, oracles)):
             keys = [(unit[0], all_ids.get(unit[1], unit[1]), *unit[2:]) for unit in batch]
             missing = [(key, unit) for key, unit in zip(keys, batch) if not store.path(key).exists()]
             if missing:
