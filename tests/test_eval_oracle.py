@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -199,3 +201,59 @@ def test_runner_sharing_one_prefill_per_prompt_gives_each_unit_its_own_record(ti
             alone = DownstreamRunner(tiny_suite, traces, get, window)
             alone.model, alone.tokenizer = shared.model, shared.tokenizer  # the same weights object (bit-exact matmuls)
             assert alone([unit]) == [record], unit
+
+
+def test_the_tuned_oracle_row_runs_where_shares_are_tuned_for_the_model(tiny_suite, monkeypatch):
+    """``oracle_rows`` adds ``ORACLE_TUNED`` only for the model the oracle's shares were tuned through; the runner's
+    tuned row is the oracle's ranking cut at those shares in the real cache (here far from equal), not the equal
+    row's numbers."""
+    import kvp_gym.eval.oracle as oracle_module
+    from kvp_gym.cache.head_shares import HeadShares
+    from kvp_gym.eval.downstream import continuation_nll, recording_window
+    from kvp_gym.eval.leaderboard import DownstreamRunner, oracle_ids
+    from kvp_gym.eval.oracle import ORACLE_TUNED, TUNED_FOR_MODEL, oracle_rows
+    from kvp_gym.models import load_model
+
+    traces = tiny_suite.traces(show_progress=False)
+    spec = traces["prose"].spec
+    assert oracle_rows(spec) == [ORACLE]  # the tiny model has no tuned shares
+    monkeypatch.setattr(oracle_module, "tuned_policies", lambda: ["kvp", "oracle"])
+    assert oracle_rows(dataclasses.replace(spec, name=TUNED_FOR_MODEL)) == [ORACLE, ORACLE_TUNED]
+    shares = HeadShares(torch.tensor([0.5]), torch.tensor([[[0.55, 0.05], [0.3, 0.1]]]), "model")  # 2 layers x 2 heads
+    monkeypatch.setattr(oracle_module, "tuned_head_shares", lambda policy: shares)
+    units = [unit for unit in downstream_units(tiny_suite, traces, {}, [ORACLE, ORACLE_TUNED])
+             if unit[0] == "ppl" and unit[4] == 48]
+    assert [unit[1] for unit in units] == [ORACLE, ORACLE_TUNED]
+    runner = DownstreamRunner(tiny_suite, traces, get, recording_window([]))
+    equal, tuned = (runner([unit])[0] for unit in units)
+    model, _ = load_model(tiny_suite.model)
+    trace = traces["prose"][0]
+    oracle = TraceOracle(trace_importance(trace, tiny_suite.ppl_prefix), shares)
+    expected, _ = continuation_nll(model, trace, tiny_suite.ppl_prefix, oracle, 48, tiny_suite.sink, tiny_suite.recent)
+    assert tuned["nll_sum"] == pytest.approx(expected, rel=1e-5) and tuned["nll_sum"] != pytest.approx(equal["nll_sum"], rel=1e-5)
+    ids = oracle_ids(dataclasses.replace(spec, name=TUNED_FOR_MODEL))
+    assert set(ids) == {ORACLE, ORACLE_TUNED} and ids[ORACLE] != ids[ORACLE_TUNED]
+
+
+def test_the_upper_bound_of_a_cell_is_the_better_oracle_row(tmp_path):
+    """With both oracle rows, each cell's 1 (normalised scores, headroom) is the better of them there."""
+    from kvp_gym.eval.oracle import ORACLE_TUNED
+    from kvp_gym.eval.report import downstream_statistics, headroom, reference_oracle, write_report
+
+    assert reference_oracle({ORACLE: 4.0, ORACLE_TUNED: 3.9, "a": 3.0}, True) == ORACLE_TUNED
+    assert reference_oracle({ORACLE: 0.9, ORACLE_TUNED: 0.8}, False) == ORACLE
+    assert reference_oracle({"a": 1.0}, True) is None
+    results = v2_results()
+    tuned = [{**record, "policy": ORACLE_TUNED, "nll_sum": record["nll_sum"] - (3.0 if record["budget"] == 16 else -3.0)}
+             for record in results["downstream"] if record["policy"] == ORACLE and record["kind"] == "ppl"]
+    results["downstream"] += tuned
+    results["future_only"] = sorted({*results["future_only"], ORACLE_TUNED})
+    results["downstream_oracles"] = [ORACLE, ORACLE_TUNED]
+    stats = downstream_statistics(results)["perplexity"]
+    assert stats[ORACLE_TUNED][16]["normalized"] == pytest.approx(1.0) and stats[ORACLE][16]["normalized"] < 1.0
+    assert stats[ORACLE][32]["normalized"] == pytest.approx(1.0) and stats[ORACLE_TUNED][32]["normalized"] < 1.0
+    rows = {(r["budget"], r["policy"]): r for r in headroom(results) if r["metric"] == "perplexity"}
+    assert rows[16, "good"]["oracle_row"] == ORACLE_TUNED and rows[32, "good"]["oracle_row"] == ORACLE
+    assert (16, ORACLE_TUNED) not in rows and (32, ORACLE) not in rows  # the oracle rows are references, not rows
+    markdown = write_report(results, tmp_path).read_text()
+    assert f"| {ORACLE_TUNED} |" in markdown and "(+tuned)" in markdown
