@@ -41,7 +41,7 @@ from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
 from kvp_gym.cache.head_shares import HeadShares
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
-from kvp_gym.ranking import split_budget
+from kvp_gym.ranking import ranking_order, split_budget
 from kvp_gym.scorers import Scorer, ScoringView, is_future_only, score_view
 from kvp_gym.traces import Trace, TraceDataset
 
@@ -77,13 +77,18 @@ def prefix_view(trace: Trace, layer: int, n: int, spec: ModelSpec, needs: frozen
 
 def heuristic_scores(scorer: Scorer, trace: Trace, n: int, heads: torch.Tensor, entries: torch.Tensor,
                      spec: ModelSpec) -> torch.Tensor:
-    """``scorer``'s scores [S, M] of the heads [S, 2] (layer, KV head) on ``entries`` [M] at prefix n, each layer
-    scored once on its ``prefix_view``."""
+    """``scorer``'s ranking of the heads [S, 2] (layer, KV head) on ``entries`` [M] at prefix n, each layer scored once
+    on its ``prefix_view``, as ranks [S, M] (M - 1 for the entry kept first, 0 for the last; ties by position, as
+    ``kvp_gym.ranking``): heuristics' scores have every scale (probabilities, norms, pinned entries), ranks give the
+    soft keep-mask the same width around every head's cut."""
     window = getattr(scorer, "window_size", DEFAULT_QUERY_WINDOW)
     layers = sorted({int(layer) for layer in heads[:, 0]})
     scores = {layer: score_view(scorer, prefix_view(trace, layer, n, spec, scorer.needs, window))[0].float()
               for layer in layers}  # [H, n] each
-    return torch.stack([scores[int(layer)][head, entries] for layer, head in heads.tolist()])
+    chosen = torch.stack([scores[int(layer)][head, entries] for layer, head in heads.tolist()])
+    order = ranking_order(chosen, torch.ones_like(chosen, dtype=torch.bool))
+    places = torch.arange(chosen.shape[1] - 1, -1, -1, dtype=torch.float).expand_as(chosen)
+    return torch.empty_like(chosen).scatter_(-1, order, places)
 
 
 class ShareTuner:

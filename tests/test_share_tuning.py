@@ -12,12 +12,13 @@ import torch
 
 from agents.finetune import FinetuneConfig, continuation_loss, soft_keep_mask
 from agents.kvp_scorer import PerHeadKVPScorer
-from agents.share_tuning import ShareTuner, prefix_view, tune_shares
+from agents.share_tuning import ShareTuner, heuristic_scores, prefix_view, tune_shares
 from kvp_gym.cache import EvictingCache
 from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
 from kvp_gym.cache.head_shares import HeadShares, default_head_shares, tuned_head_shares, tuned_policies
 from kvp_gym.eval.leaderboard import scorer_identity
 from kvp_gym.models import load_model
+from kvp_gym.ranking import ranking_order
 from kvp_gym.scorers import declared_view, get, score_view
 
 PREFIX = 64
@@ -95,6 +96,12 @@ def test_the_prefix_view_is_what_the_cache_shows_after_the_prefill(tiny_traces, 
                 torch.testing.assert_close(getattr(ours, field), expected.to(getattr(ours, field).dtype),
                                            atol=5e-3, rtol=5e-3, msg=f"{name}, layer {layer}: {field}")
         torch.testing.assert_close(score_view(scorer, ours), score_view(scorer, theirs), atol=2e-2, rtol=1e-2)
+    heads, entries = torch.tensor([[1, 0], [0, 1]]), torch.arange(4, n - 8)
+    ranks = heuristic_scores(scorer, trace, n, heads, entries, tiny_traces.spec)  # M - 1 = kept first, ties by position
+    for row, (layer, head) in enumerate(heads.tolist()):
+        scores = score_view(scorer, prefix_view(trace, layer, n, tiny_traces.spec, scorer.needs, window))[0, head, entries]
+        assert torch.equal(ranks[row].sort().values, torch.arange(len(entries), dtype=torch.float))
+        assert torch.equal(ranks[row].argsort(descending=True), ranking_order(scores, torch.ones_like(scores, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("policy", ["kvp", "h2o-norm", "oracle", "expected-attention"])
