@@ -38,6 +38,7 @@ from agents.finetune import FinetuneAgent, FinetuneConfig, continuation_loss, lo
 from agents.kvp_scorer import PerHeadKVPScorer
 from kvp_gym import scorers
 from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
+from kvp_gym.checkpoint import load_scorer
 from kvp_gym.cache.head_shares import HeadShares
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
@@ -165,12 +166,18 @@ class ShareTuner:
 
 
 def tune_shares(policy: str, traces: Sequence[str | Path], out: str | Path, steps: int = 500, lr: float = 0.02,
-                start: str = "default", seed: int = 0, save_every: int = 20, **options: object) -> HeadShares:
+                start: str = "default", seed: int = 0, save_every: int = 20, checkpoint: str | Path | None = None,
+                **options: object) -> HeadShares:
     """Runs ``steps`` updates, writing the tuned shares to ``out`` every ``save_every`` and at the end.
-    ``options``: ``FinetuneConfig`` fields (prefixes, set_weights, fractions, continuation, temperature)."""
+    ``checkpoint``: the KVP network that ranks for ``policy="kvp"`` (a run directory or checkpoint file; default the
+    shipped ``kvp``). ``options``: ``FinetuneConfig`` fields (prefixes, set_weights, fractions, continuation,
+    temperature)."""
     if steps < 1 or save_every < 1:
         raise ValueError(f"steps and save_every must be >= 1, got {steps}, {save_every}")
-    scorer = scorers.get("kvp")  # the shipped policy: for "kvp" it ranks; for both, the examples are read as it reads them
+    if checkpoint is not None and policy != "kvp":
+        raise ValueError(f"--checkpoint ranks for --policy kvp only, got --policy {policy!r}")
+    # the network ranks for "kvp"; for every policy, the examples are read as it reads them
+    scorer = scorers.get("kvp") if checkpoint is None else load_scorer(checkpoint)
     tuner = ShareTuner(scorer, policy, [TraceDataset(path) for path in traces], load_shares(start),
                        FinetuneConfig(**options), lr, seed)
     ema = None
@@ -196,6 +203,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=20, help="write the shares every K steps (and at the end)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"a fine-tuning option ({', '.join(OPTION_TYPES)}; agents.finetune)")
+    parser.add_argument("--checkpoint", type=Path, help="with --policy kvp: rank with this trained KVP network (a run "
+                        "directory or checkpoint) instead of the shipped kvp")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     options: dict[str, object] = {}
@@ -208,7 +217,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--set {option}: {key} must be a {OPTION_TYPES[key].__name__}")
     shares = tune_shares(args.policy, args.traces, args.out, args.steps, args.lr, args.start, args.seed,
-                         args.save_every, **options)
+                         args.save_every, args.checkpoint, **options)
     print(f"wrote {args.out}: shares for {args.policy}, {shares.num_layers} layers x {shares.num_kv_heads} KV heads, "
           f"model-wide, at fractions {shares.fractions.tolist()}")
 

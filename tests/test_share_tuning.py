@@ -149,6 +149,8 @@ def test_bad_inputs_are_named(tiny_traces, tmp_path: Path) -> None:
         ShareTuner(_scorer(tiny_traces), "kvp", [tiny_traces], HeadShares(torch.tensor([0.5]), torch.full((1, 3, 2), 1 / 6), "model"), config)
     with pytest.raises(ValueError, match="steps"):
         tune_shares("kvp", [str(tiny_traces.directory)], tmp_path / "out.safetensors", steps=0)
+    with pytest.raises(ValueError, match="--checkpoint ranks for --policy kvp only"):
+        tune_shares("h2o-norm", [str(tiny_traces.directory)], tmp_path / "out.safetensors", checkpoint=tmp_path / "run")
     run = subprocess.run([sys.executable, "-m", "agents.share_tuning", "--policy", "kvp", "--traces", "x", "--out",
                           str(tmp_path / "o"), "--set", "horizon=3"], capture_output=True, text=True)
     assert run.returncode != 0 and "unknown option 'horizon'" in run.stderr
@@ -165,3 +167,21 @@ def test_the_tuned_suffix_carries_the_shares_tuned_for_that_policy() -> None:
         assert scorer_identity(tuned) != scorer_identity(fitted)  # the leaderboard keeps their records apart
     with pytest.raises(KeyError, match=r"kvp\+tuned"):
         get("tova+tuned")
+
+
+def test_tune_shares_ranks_with_a_given_checkpoint_and_writes_loadable_shares(tiny_traces, tmp_path: Path) -> None:
+    """``--checkpoint`` (a trained run, e.g. after fine-tuning) ranks instead of the shipped policy; the file written
+    is model-wide shares for the traces' model, a valid ``HeadShares``."""
+    from kvp_gym.checkpoint import save_scorer
+
+    scorer = _scorer(tiny_traces)
+    save_scorer(scorer, tmp_path / "run", registry_name="kvp-net", config=scorer.config(), model_spec=tiny_traces.spec,
+                protected={"sink": 4, "recent": 16}, training={})
+    start = tmp_path / "start.safetensors"
+    _start().save(start)
+    out = tmp_path / "tuned.safetensors"
+    shares = tune_shares("kvp", [str(tiny_traces.directory)], out, steps=3, lr=0.2, start=str(start),
+                         checkpoint=tmp_path / "run", prefixes=str(PREFIX), window=8, continuation=24, fractions="0.5")
+    saved = HeadShares.load(out)
+    assert saved.scope == "model" and (saved.num_layers, saved.num_kv_heads) == (2, 2)
+    assert torch.allclose(saved.shares, shares.shares) and not torch.allclose(saved.shares, _start().shares)
