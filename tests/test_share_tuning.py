@@ -157,7 +157,7 @@ def test_bad_inputs_are_named(tiny_traces, tmp_path: Path) -> None:
 
 
 def test_the_tuned_suffix_carries_the_shares_tuned_for_that_policy() -> None:
-    assert tuned_policies() == ["h2o-norm", "kvp"]
+    assert tuned_policies() == ["expected-attention", "h2o-norm", "kvp", "oracle"]
     for name in tuned_policies():
         tuned, fitted = get(f"{name}+tuned"), get(f"{name}+shares")
         assert tuned.head_shares is tuned_head_shares(name) and tuned.head_shares.scope == "model"
