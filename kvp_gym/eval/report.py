@@ -16,7 +16,7 @@ import numpy as np
 
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
-from kvp_gym.eval.oracle import ORACLE, ORACLES
+from kvp_gym.eval.oracle import ORACLE, ORACLE_TUNED, ORACLES
 from kvp_gym.eval.suite import fraction_label
 from kvp_gym.eval.ranking import CURVE_FRACTIONS
 from kvp_gym.eval.stats import (
@@ -354,8 +354,8 @@ def headroom(results: dict[str, Any]) -> list[dict[str, Any]]:
     """headroom closed = (best heuristic - policy) / (best heuristic - oracle), per metric, source and budget.
 
     The best heuristic is the best non-learned, non-future policy at that budget and source; the oracle
-    is the better downstream future oracle row there (``reference_oracle``). Perplexity per perplexity source; RULER accuracy per question
-    placement over every (scored) RULER sample. 1 = as good as the oracle, 0 = as the best heuristic,
+    is the better downstream future oracle row there (``reference_oracle``). Perplexity per perplexity source;
+    RULER accuracy per question placement over every (scored) RULER sample. 1 = as good as the oracle, 0 = as the best heuristic,
     < 0 worse. Same formula for both orientations. One row per (metric, source, budget, policy), with a
     95% interval (the policy's, the best heuristic's and the oracle's means resampled together, texts
     paired; the best heuristic is the one of the full sample).
@@ -463,7 +463,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
                      f"{'upper bound (reads the future)' if row['upper_bound'] else ''} |")
     oracle_note = (f" {' and '.join(f'`{row}`' for row in oracles)} evict{'s' if len(oracles) == 1 else ''} by the "
                    "trace's own future attention in the real cache: an upper bound (reads the future), not a policy."
-                   + (f" `{ORACLE}` keeps the same budget in every head; `{ORACLES[1]}` splits it across heads by the "
+                   + (f" `{ORACLE}` keeps the same budget in every head; `{ORACLE_TUNED}` splits it across heads by the "
                       "shares tuned for it (`agents.share_tuning`), as the `+tuned` policies do theirs." if len(oracles) > 1 else "")
                    if oracles else "")
     if ppl:
