@@ -157,7 +157,7 @@ def test_bad_inputs_are_named(tiny_traces, tmp_path: Path) -> None:
 
 
 def test_the_tuned_suffix_carries_the_shares_tuned_for_that_policy() -> None:
-    assert tuned_policies() == ["expected-attention", "h2o-norm", "kvp", "oracle"]
+    assert tuned_policies() == ["expected-attention", "h2o-norm", "kvp", "oracle", "snapkv", "tova"]
     for name in tuned_policies():
         tuned, fitted = get(f"{name}+tuned"), get(f"{name}+shares")
         assert tuned.head_shares is tuned_head_shares(name) and tuned.head_shares.scope == "model"
@@ -166,7 +166,7 @@ def test_the_tuned_suffix_carries_the_shares_tuned_for_that_policy() -> None:
         assert not torch.allclose(tuned.head_shares.shares, fitted.head_shares.shares, atol=1e-3)
         assert scorer_identity(tuned) != scorer_identity(fitted)  # the leaderboard keeps their records apart
     with pytest.raises(KeyError, match=r"kvp\+tuned"):
-        get("tova+tuned")
+        get("knorm+tuned")
 
 
 def test_tune_shares_ranks_with_a_given_checkpoint_and_writes_loadable_shares(tiny_traces, tmp_path: Path) -> None:
