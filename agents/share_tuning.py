@@ -38,13 +38,14 @@ from agents.finetune import FinetuneAgent, FinetuneConfig, continuation_loss, lo
 from agents.kvp_scorer import PerHeadKVPScorer
 from kvp_gym import scorers
 from kvp_gym.cache.evicting_cache import DEFAULT_QUERY_WINDOW
-from kvp_gym.checkpoint import load_scorer
 from kvp_gym.cache.head_shares import HeadShares
+from kvp_gym.checkpoint import load_scorer
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.progress import progress_bar
 from kvp_gym.ranking import ranking_order, split_budget
 from kvp_gym.scorers import Scorer, ScoringView, is_future_only, score_view
 from kvp_gym.traces import Trace, TraceDataset
+from kvp_gym.utility.importance import attention_probs
 
 STORE_POLICIES = ("kvp", "h2o-norm", "oracle")  # ranked from the importance stores; any other heuristic from the trace
 OPTION_TYPES = {"prefixes": str, "set_weights": str, "fractions": str, "continuation": int, "temperature": float}
@@ -57,22 +58,20 @@ def prefix_view(trace: Trace, layer: int, n: int, spec: ModelSpec, needs: frozen
     [1, H, G, n] (causal softmax of q.k / sqrt(d), as the model attends)."""
     h, d = spec.num_kv_heads, spec.head_dim
     group = spec.num_heads // h
+    keys = trace.k(layer)[:, :n].float()  # [H, n, d]
+    queries = trace.q(layer).float() if needs & {"queries", "attention"} else None  # [Hq, T, d]
     optional: dict[str, torch.Tensor] = {}
-    if "queries" in needs or "attention" in needs:
-        queries = trace.q(layer)[:, :n].float()  # [Hq, n, d]
-        if "queries" in needs:
-            w = min(query_window, n)
-            optional["queries"] = queries[:, n - w:].reshape(1, h, group, w, d)
-            optional["query_positions"] = torch.arange(n - w, n)[None]
-        if "attention" in needs:
-            keys = trace.k(layer)[:, :n].float().repeat_interleave(group, 0)  # [Hq, n, d]
-            logits = queries @ keys.transpose(1, 2) / d ** 0.5
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
-            optional["attention"] = logits.masked_fill(~causal, -torch.inf).softmax(-1).sum(1).view(1, h, group, n)
+    if "queries" in needs:
+        w = min(query_window, n)
+        optional["queries"] = queries[:, n - w:n].reshape(1, h, group, w, d)
+        optional["query_positions"] = torch.arange(n - w, n)[None]
+    if "attention" in needs:
+        probs = attention_probs(queries, keys, 0, n, pad=False)  # [Hq, n, n], causal
+        optional["attention"] = probs.sum(1).view(1, h, group, n)
     return ScoringView(
-        keys=trace.k(layer)[None, :, :n].float(), values=trace.v(layer)[None, :, :n].float(),
-        positions=torch.arange(n)[None], mask=torch.ones(1, n, dtype=torch.bool), layer=torch.tensor([layer]),
-        kv_heads=torch.arange(h)[None], num_layers=spec.num_layers, num_kv_heads=h, rope_theta=spec.rope_theta, **optional,
+        keys=keys[None], values=trace.v(layer)[None, :, :n].float(), positions=torch.arange(n)[None],
+        mask=torch.ones(1, n, dtype=torch.bool), layer=torch.tensor([layer]), kv_heads=torch.arange(h)[None],
+        num_layers=spec.num_layers, num_kv_heads=h, rope_theta=spec.rope_theta, **optional,
     )
 
 
@@ -112,10 +111,9 @@ class ShareTuner:
         self.policy = policy
         self.agent = FinetuneAgent(scorer, traces, {}, config, total_steps=1)
         self.spec = traces[0].spec
-        spec = self.agent.model.config
-        if (start.num_layers, start.num_kv_heads) != (spec.num_hidden_layers, spec.num_key_value_heads):
+        if (start.num_layers, start.num_kv_heads) != (self.spec.num_layers, self.spec.num_kv_heads):
             raise ValueError(f"the starting shares are for {start.num_layers} layers x {start.num_kv_heads} KV heads, "
-                             f"the traces' model has {spec.num_hidden_layers} x {spec.num_key_value_heads}")
+                             f"the traces' model has {self.spec.num_layers} x {self.spec.num_kv_heads}")
         self.agent.reseed(seed)
         self.start = start
         self.log_start = start.shares.clamp_min(1e-6).log()  # [F, L, H]
