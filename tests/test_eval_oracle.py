@@ -208,17 +208,17 @@ def test_the_tuned_oracle_row_runs_where_shares_are_tuned_for_the_model(tiny_sui
     tuned row is the oracle's ranking cut at those shares in the real cache (here far from equal), not the equal
     row's numbers."""
     import kvp_gym.eval.oracle as oracle_module
-    from kvp_gym.cache.head_shares import HeadShares
+    from kvp_gym.cache.head_shares import TUNED_MODEL, HeadShares
     from kvp_gym.eval.downstream import continuation_nll, recording_window
     from kvp_gym.eval.leaderboard import DownstreamRunner, oracle_ids
-    from kvp_gym.eval.oracle import ORACLE_TUNED, TUNED_FOR_MODEL, oracle_rows
+    from kvp_gym.eval.oracle import ORACLE_TUNED, oracle_rows
     from kvp_gym.models import load_model
 
     traces = tiny_suite.traces(show_progress=False)
     spec = traces["prose"].spec
     assert oracle_rows(spec) == [ORACLE]  # the tiny model has no tuned shares
     monkeypatch.setattr(oracle_module, "tuned_policies", lambda: ["kvp", "oracle"])
-    assert oracle_rows(dataclasses.replace(spec, name=TUNED_FOR_MODEL)) == [ORACLE, ORACLE_TUNED]
+    assert oracle_rows(dataclasses.replace(spec, name=TUNED_MODEL)) == [ORACLE, ORACLE_TUNED]
     shares = HeadShares(torch.tensor([0.5]), torch.tensor([[[0.55, 0.05], [0.3, 0.1]]]), "model")  # 2 layers x 2 heads
     monkeypatch.setattr(oracle_module, "tuned_head_shares", lambda policy: shares)
     units = [unit for unit in downstream_units(tiny_suite, traces, {}, [ORACLE, ORACLE_TUNED])
@@ -231,7 +231,7 @@ def test_the_tuned_oracle_row_runs_where_shares_are_tuned_for_the_model(tiny_sui
     oracle = TraceOracle(trace_importance(trace, tiny_suite.ppl_prefix), shares)
     expected, _ = continuation_nll(model, trace, tiny_suite.ppl_prefix, oracle, 48, tiny_suite.sink, tiny_suite.recent)
     assert tuned["nll_sum"] == pytest.approx(expected, rel=1e-5) and tuned["nll_sum"] != pytest.approx(equal["nll_sum"], rel=1e-5)
-    ids = oracle_ids(dataclasses.replace(spec, name=TUNED_FOR_MODEL))
+    ids = oracle_ids(dataclasses.replace(spec, name=TUNED_MODEL))
     assert set(ids) == {ORACLE, ORACLE_TUNED} and ids[ORACLE] != ids[ORACLE_TUNED]
 
 

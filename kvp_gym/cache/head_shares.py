@@ -35,7 +35,8 @@ from kvp_gym.ranking import shared_head_budgets, split_budget
 
 SCOPES = ("layer", "model")
 DEFAULT_FILE = Path(__file__).parent / "smollm2-135m-head-shares.safetensors"
-TUNED_DIR = Path(__file__).parent / "tuned_shares"  # smollm2-135m-<policy>.safetensors
+TUNED_MODEL = "smollm2-135m"  # the model the shipped tuned shares were tuned through
+TUNED_DIR = Path(__file__).parent / "tuned_shares"  # <TUNED_MODEL>-<policy>.safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,13 +144,13 @@ def default_head_shares() -> HeadShares:
 
 def tuned_policies() -> list[str]:
     """The policies with shares tuned for their ranking on the default model."""
-    return sorted(path.stem.removeprefix("smollm2-135m-") for path in TUNED_DIR.glob("smollm2-135m-*.safetensors"))
+    return sorted(path.stem.removeprefix(f"{TUNED_MODEL}-") for path in TUNED_DIR.glob(f"{TUNED_MODEL}-*.safetensors"))
 
 
 @functools.cache
 def tuned_head_shares(policy: str) -> HeadShares:
     """The shares tuned through SmolLM2-135M for ``policy``'s ranking (``python -m agents.share_tuning``)."""
-    path = TUNED_DIR / f"smollm2-135m-{policy}.safetensors"
+    path = TUNED_DIR / f"{TUNED_MODEL}-{policy}.safetensors"
     if not path.is_file():
         raise KeyError(f"no head shares are tuned for {policy!r}; tuned for: {', '.join(tuned_policies())}")
     return HeadShares.load(path)

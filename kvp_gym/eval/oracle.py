@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from kvp_gym.cache.head_shares import HeadShares, tuned_head_shares, tuned_policies
+from kvp_gym.cache.head_shares import TUNED_MODEL, HeadShares, tuned_head_shares, tuned_policies
 from kvp_gym.models.spec import ModelSpec
 from kvp_gym.scorers import ScoringView
 from kvp_gym.traces import Trace
@@ -31,13 +31,12 @@ from kvp_gym.utility.importance import _check_agg, _group_aggregate, attention_p
 ORACLE = "future oracle"  # its row name in every downstream table
 ORACLE_TUNED = "future oracle+tuned"  # the same ranking with the split of the budget tuned for it
 ORACLES = (ORACLE, ORACLE_TUNED)
-TUNED_FOR_MODEL = "smollm2-135m"  # the model the shipped tuned shares were tuned through
 
 
 def oracle_rows(spec: ModelSpec) -> list[str]:
     """The downstream oracle rows for traces of a model: ``ORACLE``, and ``ORACLE_TUNED`` where shares are tuned
     for the oracle on that model."""
-    tuned = spec.name == TUNED_FOR_MODEL and "oracle" in tuned_policies()
+    tuned = spec.name == TUNED_MODEL and "oracle" in tuned_policies()
     return [ORACLE, ORACLE_TUNED] if tuned else [ORACLE]
 
 
