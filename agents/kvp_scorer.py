@@ -215,10 +215,13 @@ class PerHeadKVPScorer(PerHeadModule):
         def norm(x: torch.Tensor) -> torch.Tensor:
             return F.layer_norm(x, (width,))
 
-        x = norm(project(keys, self.key_w, self.key_b)) + norm(project(values, self.value_w, self.value_b))
-        x = x + embed(self.relative, recency) + embed(self.absolute, positions)
+        # summed in place: each term is a fresh [R, N, W] tensor that no backward reads (LayerNorm keeps its input)
+        x = norm(project(keys, self.key_w, self.key_b))
+        x += norm(project(values, self.value_w, self.value_b))
+        x += embed(self.relative, recency)
+        x += embed(self.absolute, positions)
         if attention is not None:
-            x = x + norm(project(attention, self.attention_w, self.attention_b))
+            x += norm(project(attention, self.attention_w, self.attention_b))
         x = F.silu(project(norm(x), self.hidden1_w, self.hidden1_b))
         x = F.silu(project(norm(x), self.hidden2_w, self.hidden2_b))
         scores = project(x, self.out_w, self.out_b)[..., 0]

@@ -34,14 +34,16 @@ def window_attention(view: ScoringView, window: int) -> torch.Tensor:
     queries = view.queries[..., -window:, :]
     query_positions = view.query_positions[:, -window:]
     dtype = torch.promote_types(as_float(queries).dtype, as_float(view.keys).dtype)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", queries.to(dtype), view.keys.to(dtype))
-    logits = logits / math.sqrt(queries.shape[-1])
-    # [B, w, N] -> [B, 1, 1, w, N]
-    visible = view.mask[:, None, :] & (view.positions[:, None, :] <= query_positions[:, :, None])
-    visible = visible[:, None, None]
-    probs = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
-    # a query that sees no real key has an all -inf row (NaN after softmax): it attends to nothing
-    return torch.where(visible, probs, 0.0)
+    # scaling the w queries rather than the w x N logits: the same numbers (exactly, for a power-of-two d), one
+    # pass over the logits fewer; the softmax is the scoring's largest cost after the networks (cache_overhead.py)
+    scaled = queries.to(dtype) / math.sqrt(queries.shape[-1])
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", scaled, view.keys.to(dtype))
+    visible = view.mask[:, None, :] & (view.positions[:, None, :] <= query_positions[:, :, None])  # [B, w, N]
+    hidden = ~visible[:, None, None]
+    probs = torch.softmax(logits.masked_fill_(hidden, -math.inf), dim=-1)
+    if not bool(visible.any(-1).all()):  # a query that sees no real key has a NaN row: it attends to nothing
+        probs.masked_fill_(hidden, 0.0)
+    return probs
 
 
 def position_order(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from baselines import H2O, TOVA, KeyDiff, KNorm, LagKV, Oracle, RandomScorer, SnapKV, StreamingLLM
+from baselines._attention import window_attention
 from kvp_gym import scorers
 from kvp_gym.scorers import MissingInputError, Scorer, ScoringView
 
@@ -167,6 +168,18 @@ def test_snapkv_hand_causal_window():
     # A(q@1) = [1, 3] / 4 on keys 0, 1; A(q@2) = [1, 3, 1] / 5; key 0: (1/4 + 1/5) / 2 = 9/40
     expected = torch.tensor([[[9 / 40, 49 / 40, 49 / 40]]])
     torch.testing.assert_close(SnapKV(window_size=2, kernel_size=1).score(view), expected)
+
+
+def test_window_attention_hand():
+    # d = 1, keys log(1), log(3), log(2): a padding query (position -1) sees no key and attends to nothing; the one
+    # at 1 sees keys 0, 1 (A = [1, 3] / 4); the one at 2 all three (A = [1, 3, 2] / 6). Exact zeros where unseen.
+    keys = torch.tensor([0.0, math.log(3), math.log(2)]).view(1, 1, 3, 1)
+    view = make_view(keys, queries=torch.ones(1, 1, 1, 3, 1), query_positions=torch.tensor([[-1, 1, 2]]))
+    expected = torch.tensor([[0.0, 0.0, 0.0], [1 / 4, 3 / 4, 0.0], [1 / 6, 3 / 6, 2 / 6]]).view(1, 1, 1, 3, 3)
+    attention = window_attention(view, 3)
+    torch.testing.assert_close(attention, expected)
+    assert bool((attention[..., 0, :] == 0).all()) and attention[..., 1, 2].item() == 0.0
+    torch.testing.assert_close(window_attention(view, 2), expected[..., 1:, :])
 
 
 def test_tova_hand():
