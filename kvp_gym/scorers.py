@@ -212,14 +212,23 @@ def available() -> list[str]:
     return sorted(_registry)
 
 
+def split_base(name: str) -> str | None:
+    """The scorer whose ranking ``name`` splits across heads by shares (``kvp`` for ``kvp+shares`` or ``kvp+tuned``),
+    or None when ``name`` is no such split (a scorer registered under a name with that suffix included)."""
+    _load_entry_points()
+    key = name.lower()
+    if key in _registry:
+        return None
+    return next((key[: -len(suffix)] for suffix in (HEAD_SHARES_SUFFIX, TUNED_SHARES_SUFFIX) if key.endswith(suffix)), None)
+
+
 def factory(name: str) -> Callable[..., Scorer]:
     """The factory registered as ``name`` (an entry point's target is imported)."""
     _load_entry_points()
     key = name.lower()
-    for suffix in (HEAD_SHARES_SUFFIX, TUNED_SHARES_SUFFIX):
-        if key.endswith(suffix) and key not in _registry:
-            base = key[: -len(suffix)]
-            return _WithHeadShares(factory(base), None if suffix == HEAD_SHARES_SUFFIX else base)
+    base = split_base(key)
+    if base is not None:
+        return _WithHeadShares(factory(base), None if key.endswith(HEAD_SHARES_SUFFIX) else base)
     if key not in _registry:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(available())}")
     found = _registry[key]

@@ -53,6 +53,21 @@ def test_ranking_table_statistics():
     assert math.isnan(table["random"]["p_beats_next"])  # the last row has no next
 
 
+def test_a_split_ranks_as_its_base_policy(tmp_path):
+    """`good+tuned` splits `good`'s ranking across heads: the env ranks within heads, so its records are `good`'s,
+    and the ranking table names it instead of repeating the row (or splitting `good`'s heads won)."""
+    results = fake_results()
+    results["ranking"] += [dict(record, policy="good+tuned") for record in results["ranking"] if record["policy"] == "good"]
+    alone = {row["policy"]: row for row in ranking_table(fake_results())}
+    table = {row["policy"]: row for row in ranking_table(results)}
+    assert set(table) == set(alone) and table["good"]["heads_won"] == alone["good"]["heads_won"] > 0
+    markdown = write_report(results, tmp_path).read_text()
+    ranking_section = markdown.split("## Ranking quality")[1].split("\n## ")[0]
+    assert "`good+tuned` as `good`" in ranking_section and "| good+tuned |" not in ranking_section
+    del results["ranking"][: len(fake_results()["ranking"])]  # only the split's records: it keeps its own row
+    assert "good+tuned" in {row["policy"] for row in ranking_table(results)}
+
+
 def test_downstream_statistics_and_report(tmp_path):
     results = fake_results()
     stats = downstream_statistics(results)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from kvp_gym import scorers
 from kvp_gym.eval.downstream import QUESTION_PLACEMENTS, perplexity
 from kvp_gym.eval.leaderboard import FULL_CACHE
 from kvp_gym.eval.oracle import ORACLE, ORACLE_TUNED, ORACLES
@@ -42,11 +43,21 @@ def machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def ranking_twins(results: dict[str, Any]) -> dict[str, str]:
+    """{policy: its base policy} for the policies that split a ranking also in the results across heads (``kvp+tuned``
+    when ``kvp`` ran): the env ranks within each head, so their ranking records are their base's."""
+    ranked = {record["policy"] for record in results["ranking"]}
+    return {policy: base for policy in ranked if (base := scorers.split_base(policy)) in ranked}
+
+
 def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per policy: mean (and std) cost ratio overall and per source, kept fractions (each mean with its 95%
-    interval over texts: ``<key>_low``, ``<key>_high``), heads won."""
+    """Per policy (``ranking_twins`` left out): mean (and std) cost ratio overall and per source, kept fractions
+    (each mean with its 95% interval over texts: ``<key>_low``, ``<key>_high``), heads won."""
     by_policy: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    twins = ranking_twins(results)
     for record in results["ranking"]:
+        if record["policy"] in twins:
+            continue
         rows = by_policy[record["policy"]]
         rows["all"] += record["cost_ratio"]
         rows[record["source"]] += record["cost_ratio"]
@@ -291,10 +302,21 @@ def head_means(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, int
     return means, layers, heads
 
 
+def _twins_note(twins: dict[str, str]) -> str:
+    """The ranking table's sentence on the policies it leaves out (``ranking_twins``); "" when none."""
+    if not twins:
+        return ""
+    named = ", ".join(f"`{policy}` as `{base}`" for policy, base in sorted(twins.items()))
+    return (f" A split of the budget across heads is not a ranking, so these rank as their base policy and have no row "
+            f"of their own: {named}.")
+
+
 def heads_won(results: dict[str, Any]) -> dict[str, int]:
-    """How many (layer, KV head) each policy has the lowest mean cost ratio on (future-only policies excluded)."""
+    """How many (layer, KV head) each policy has the lowest mean cost ratio on (future-only policies and
+    ``ranking_twins`` excluded)."""
     means, _, _ = head_means(results)
-    names = [name for name in means if name not in results["future_only"]]
+    skip = {*results["future_only"], *ranking_twins(results)}
+    names = [name for name in means if name not in skip]
     if not names:
         return {}
     stacked = np.stack([means[name] for name in names])
@@ -449,7 +471,7 @@ def write_report(results: dict[str, Any], out: str | Path, title: str = "kvp-gym
              "Cost ratio = cost(sigma)/cost(sigma*), lower is better, 1 is the oracle; [95% CI]. Kept@x% = share of the "
              "future attention kept by the top x% of the ranked tokens. Heads won: (layer, KV head) cells where the "
              "policy has the lowest mean cost ratio (oracle excluded). Upper bounds read the true future "
-             "(future-only scorers): they are references, not policies.", ""]
+             "(future-only scorers): they are references, not policies." + _twins_note(ranking_twins(results)), ""]
     sources = suite["sources"]
     lines.append("| policy | cost ratio (mean ± std) | 95% CI | " + " | ".join(sources)
                  + " | kept@10% | kept@25% | kept@50% | heads won | P(beats next) | normalised [95% CI] | |")
