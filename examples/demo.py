@@ -1,4 +1,4 @@
-"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (11.4 minutes on 2 CPU cores with the
+"""The whole kvp-gym story on the embedded SmolLM2-135M, end to end (8.9 minutes on 2 CPU cores with the
 model already converted, measured).
 
     python examples/demo.py [--out demo] [--budget 96]
@@ -9,10 +9,11 @@ model already converted, measured).
                 statistics the cache has, distilled from the future-attention oracle and validated by
                 downstream perplexity with the compressed cache (best checkpoint in OUT/policy/best);
 3. leaderboard: on the held-out ``quick`` suite, real perplexity and RULER accuracy with the compressed
-                cache at 10% and 25% budgets: StreamingLLM (the floor), kvpress's normalised H2O (the
-                strongest heuristic downstream in our measurements), SnapKV, the shipped ``kvp`` policy
-                and the policy trained in step 2, between the full cache and the future oracle (an
-                upper bound: it reads the future);
+                cache at 10% and 25% budgets: StreamingLLM (the floor), kvpress's normalised H2O, SnapKV,
+                ExpectedAttention with its budget split across heads by shares tuned for it (the strongest
+                heuristic in our measurements), the shipped ``kvp`` policy with equal budgets and with its own
+                tuned split, and the policy trained in step 2, between the full cache and the future oracle
+                (an upper bound: it reads the future);
 4. generate:    SmolLM2 answering a note's question at the same KV budget with the full cache, the
                 heuristics and the learned policy evicting its cache, on 8 notes with other codes: the
                 note stated four times, the question after the compressed note or inside it; then the
@@ -43,9 +44,11 @@ from kvp_gym.models import load_model
 from kvp_gym.traces.dataset import sha256_of
 
 RECIPE = "smollm2-quick"
-HEURISTICS = ["streamingllm", "h2o-norm", "snapkv"]  # the floor, the strongest downstream, a classic
+# the floor, kvpress's normalised H2O, a classic, the strongest (ExpectedAttention at its tuned split)
+HEURISTICS = ["streamingllm", "h2o-norm", "snapkv", "expected-attention+tuned"]
 GENERATION_HEURISTICS = [*HEURISTICS, "tova"]  # + the one heuristic that keeps a note buried under filler
 SHIPPED = "kvp"  # the registered policy shipped with kvp-gym (agents/shipped.py)
+SHIPPED_TUNED = "kvp+tuned"  # the same, its budget split across heads by the shares tuned for it
 TRAINED = "kvp-demo"  # the leaderboard name of the policy this demo trains
 SECTIONS = ("Perplexity", "RULER accuracy", "Headroom closed")  # of the report, printed here
 QUESTION = "What is the locker code, and when is the meeting?"
@@ -101,7 +104,7 @@ if not trained.exists() or sha256_of(trained) != sha256_of(best_file):
 suite = get_suite("quick")
 print(f"== 3/4 leaderboard: held-out suite {suite.id}, real perplexity and RULER accuracy with the compressed cache "
       f"{elapsed()} ==")
-results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED], checkpoints=[trained.parent])
+results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED, SHIPPED_TUNED], checkpoints=[trained.parent])
 report = write_report(results, out / "leaderboard", title="kvp-gym demo leaderboard")
 print("\nRanking quality on the env (cost ratio, 1 = the future-attention oracle, lower is better):")
 for row in ranking_table(results):
@@ -159,7 +162,7 @@ def print_answers(prompts: list[tuple[torch.Tensor, int]], title: str) -> None:
     for label, policy in rows:
         answers = [answer(ids, compressed, policy) for ids, compressed in prompts]
         right = sum(code in text for text, (code, _) in zip(answers, codes))
-        print(f"  {label:<44}{right}/{NOTES} right  {answers[0][:60]!r}")
+        print(f"  {label:<46}{right}/{NOTES} right  {answers[0][:60]!r}")
 
 
 notes = [note_prompt(code, day) for code, day in codes]
@@ -168,7 +171,8 @@ print(f"prompt ({first.shape[1]} tokens, {before} before the question): 4 x the 
       f"\"Here is a note: the locker code is 4821 and the meeting moved to Thursday ...\" + \"{QUESTION}\"; "
       f"right = the code in the answer, over {NOTES} notes with other codes (this one first)")
 rows = [("full cache", None), *((f"{name}, {args.budget} per KV head", name) for name in GENERATION_HEURISTICS),
-        (f"{SHIPPED} (learned, shipped), {args.budget} per KV head", SHIPPED)]
+        (f"{SHIPPED} (learned, shipped), {args.budget} per KV head", SHIPPED),
+        (f"{SHIPPED_TUNED} (learned, shipped), {args.budget} per KV head", SHIPPED_TUNED)]
 print_answers(notes, f"question {PLACEMENTS[0]}")
 print_answers([(ids, ids.shape[1] - 1) for ids, _ in notes], f"question {PLACEMENTS[1]}")
 fillers = [filler_prompt(code, day) for code, day in codes]
