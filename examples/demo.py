@@ -104,7 +104,8 @@ if not trained.exists() or sha256_of(trained) != sha256_of(best_file):
 suite = get_suite("quick")
 print(f"== 3/4 leaderboard: held-out suite {suite.id}, real perplexity and RULER accuracy with the compressed cache "
       f"{elapsed()} ==")
-results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED, SHIPPED_TUNED], checkpoints=[trained.parent])
+results = run_leaderboard(suite, out / "leaderboard", policy_names=[*HEURISTICS, SHIPPED, SHIPPED_TUNED],
+                          checkpoints=[trained.parent])
 report = write_report(results, out / "leaderboard", title="kvp-gym demo leaderboard")
 print("\nRanking quality on the env (cost ratio, 1 = the future-attention oracle, lower is better):")
 for row in ranking_table(results):
