@@ -38,15 +38,17 @@ def interval(values):
     return values.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5), (means < 0).mean()
 
 
-policies = sorted({p for p, _, b in ppl if b is not None}, key=lambda p: np.mean(ratios(p, "prose", "25%")))
-for source in ("prose", "dialogue"):
+ppl_sources = sorted({source for _, source, _ in ppl}, key=lambda source: (source != "prose", source))  # prose first
+acc_sources = sorted({source for _, source, _ in acc})
+policies = sorted({p for p, _, b in ppl if b is not None}, key=lambda p: np.mean(ratios(p, ppl_sources[0], "25%")))
+for source in ppl_sources:
     print(f"\n{source}: ratio - 1 (%) at " + " / ".join(label[b] for b in budgets))
     for policy in policies:
         print(f"  {policy:<26}" + " / ".join(f"{ratios(policy, source, b).mean():+6.2f}" for b in budgets))
     for a, b in pairs:
         cells = [interval(ratios(a, source, x) - ratios(b, source, x)) for x in budgets]
         print(f"  {a} - {b}: " + " / ".join(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] (P<0 {p:.2f})" for m, lo, hi, p in cells))
-for source in ("ruler", "ruler-512"):
+for source in acc_sources:
     print(f"\n{source}: accuracy, question outside, at " + " / ".join(label[b] for b in budgets))
     for a, b in pairs:
         cells = []
