@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def ranking_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows[record["source"]] += record["cost_ratio"]
         for p in (10, 25, 50):
             rows[f"kept_{p}"] += record[f"kept_fraction_{p}"]
-    wins = heads_won(results)
+    wins = heads_won(results, twins)
     table = []
     for policy, rows in by_policy.items():
         row = {"policy": policy, "cost_ratio": float(np.mean(rows["all"])), "cost_ratio_std": float(np.std(rows["all"]))}
@@ -311,11 +311,11 @@ def _twins_note(twins: dict[str, str]) -> str:
             f"of their own: {named}.")
 
 
-def heads_won(results: dict[str, Any]) -> dict[str, int]:
-    """How many (layer, KV head) each policy has the lowest mean cost ratio on (future-only policies and
-    ``ranking_twins`` excluded)."""
+def heads_won(results: dict[str, Any], twins: Collection[str] = ()) -> dict[str, int]:
+    """How many (layer, KV head) each policy has the lowest mean cost ratio on (future-only policies and ``twins``,
+    the ``ranking_twins``, excluded)."""
     means, _, _ = head_means(results)
-    skip = {*results["future_only"], *ranking_twins(results)}
+    skip = {*results["future_only"], *twins}
     names = [name for name in means if name not in skip]
     if not names:
         return {}
